@@ -129,7 +129,7 @@ class ModelConfig:
                 head_dim=int(d.get("head_dim") or hidden // heads),
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6 if arch == "qwen2" else 1e-5)),
                 rope_theta=float(d.get("rope_theta", _rope_theta_from_params(d))),
-                rope_scaling=_rope_scaling_tuple(d.get("rope_scaling")),
+                rope_scaling=_rope_scaling_tuple(d.get("rope_scaling") or d.get("rope_parameters")),
                 max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 attention_bias=bool(d.get("attention_bias", arch == "qwen2")),
@@ -201,7 +201,9 @@ def _rope_scaling_tuple(v) -> tuple:
     kind = v.get("rope_type", v.get("type"))
     if kind in (None, "default"):
         return ()
-    return tuple(sorted((str(k), v[k]) for k in v if not isinstance(v[k], (list, dict))))
+    # rope_theta sits inside rope_parameters in newer configs; it is a field of its own here
+    return tuple(sorted((str(k), v[k]) for k in v
+                        if k != "rope_theta" and not isinstance(v[k], (list, dict))))
 
 
 _LLAMA3_SCALING = _rope_scaling_tuple({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

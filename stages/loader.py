@@ -1,0 +1,121 @@
+"""Build one stage's model on its device: from a HF safetensors folder, or random (``dummy``).
+
+A stage reads only the tensors of its own layers (plus embedding / head at the ends): with a
+sharded checkpoint it opens only the shard files its tensors are in.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from pipemax.model_config import ModelConfig
+from stages.model import StageModel, rope_inv_freq
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message is one line for the user."""
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Map tensor name -> file holding it (from the index json, or by listing single files)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
+        return {name: folder / fname for name, fname in wm.items()}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"model folder {folder} has no *.safetensors weights")
+    out = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for name in fh.keys():
+                    out[name] = f
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{f} is not a readable safetensors file: {e}") from None
+    return out
+
+
+def _hf_names(cfg: ModelConfig, model: StageModel) -> dict[str, list[str]]:
+    """Our parameter name -> the HF tensor names concatenated (dim 0) to make it."""
+    m = {}
+    if model.is_first:
+        m["embed_tokens.weight"] = ["model.embed_tokens.weight"]
+    for i in range(model.num_layers):
+        g = f"model.layers.{model.layer_start + i}."
+        p = f"layers.{i}."
+        m[p + "input_layernorm.weight"] = [g + "input_layernorm.weight"]
+        m[p + "post_attention_layernorm.weight"] = [g + "post_attention_layernorm.weight"]
+        m[p + "qkv.weight"] = [g + f"self_attn.{x}_proj.weight" for x in "qkv"]
+        if cfg.attention_bias:
+            m[p + "qkv.bias"] = [g + f"self_attn.{x}_proj.bias" for x in "qkv"]
+        m[p + "o_proj.weight"] = [g + "self_attn.o_proj.weight"]
+        m[p + "gate_up.weight"] = [g + "mlp.gate_proj.weight", g + "mlp.up_proj.weight"]
+        m[p + "down_proj.weight"] = [g + "mlp.down_proj.weight"]
+    if model.is_last:
+        m["norm.weight"] = ["model.norm.weight"]
+        m["lm_head.weight"] = ["lm_head.weight"]
+    return m
+
+
+def build_stage_model(cfg: ModelConfig, layer_start: int, layer_end: int, is_first: bool,
+                      is_last: bool, *, folder: Path | None, dtype: torch.dtype,
+                      device: torch.device, seed: int = 0) -> StageModel:
+    with torch.device("meta"):
+        model = StageModel(cfg, layer_start, layer_end, is_first, is_last)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.inv_freq = rope_inv_freq(cfg).to(device)  # float32 always, like HF
+    params = dict(model.named_parameters())
+    if folder is None:
+        _init_random(params, seed + 7919 * layer_start)
+    else:
+        _load(params, cfg, model, Path(folder))
+    return model.eval().requires_grad_(False)
+
+
+def _init_random(params: dict, seed: int) -> None:
+    gen = torch.Generator(device=next(iter(params.values())).device).manual_seed(seed)
+    for name, p in params.items():
+        with torch.no_grad():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+
+
+def _load(params: dict, cfg: ModelConfig, model: StageModel, folder: Path) -> None:
+    where = checkpoint_files(folder)
+    wanted = _hf_names(cfg, model)
+    if model.is_last and "lm_head.weight" not in where:
+        if cfg.tie_word_embeddings or "model.embed_tokens.weight" in where:
+            wanted["lm_head.weight"] = ["model.embed_tokens.weight"]
+    missing = sorted({n for names in wanted.values() for n in names if n not in where})
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise CheckpointError(f"checkpoint in {folder} lacks tensors {', '.join(missing[:3])}{more}")
+    by_file: dict[Path, list[str]] = {}
+    for names in wanted.values():
+        for n in names:
+            by_file.setdefault(where[n], []).append(n)
+    tensors = {}
+    for f, names in by_file.items():
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as fh:
+                for n in names:
+                    tensors[n] = fh.get_tensor(n)
+        except Exception as e:
+            raise CheckpointError(f"cannot read {f}: {e}") from None
+    for ours, names in wanted.items():
+        p = params[ours]
+        t = tensors[names[0]] if len(names) == 1 else torch.cat([tensors[n] for n in names], 0)
+        if tuple(t.shape) != tuple(p.shape):
+            raise CheckpointError(f"tensor {names[0]} has shape {tuple(t.shape)}, "
+                                  f"config.json implies {tuple(p.shape)}")
+        with torch.no_grad():
+            p.copy_(t)

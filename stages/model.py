@@ -1,0 +1,126 @@
+"""One stage's shard of a Llama-family decoder, written out plainly.
+
+Covers Llama 2/3 (incl. ``rope_scaling`` of type llama3), Mistral and Qwen2/2.5 (qkv bias, tied
+embeddings). The first stage owns the embedding, the last the final norm and lm_head; every
+stage owns a contiguous range of layers. q/k/v and gate/up are fused into one matmul each.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipemax.model_config import ModelConfig
+from stages.attention import StepLayout, paged_attention
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = cfg.rope_scaling_dict
+    kind = rs.get("rope_type", rs.get("type")) if rs else None
+    if kind == "linear":
+        inv = inv / float(rs["factor"])
+    elif kind == "llama3":
+        factor = float(rs["factor"])
+        low, high = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+        old = float(rs["original_max_position_embeddings"])
+        low_wl, high_wl = old / low, old / high
+        wl = 2 * math.pi / inv
+        scaled = torch.where(wl > low_wl, inv / factor, inv)
+        smooth = (old / wl - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wl < high_wl) & ~(wl > low_wl)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dt)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.cfg = cfg
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.qkv = nn.Linear(h, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.q_size, h, bias=False)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+
+    def forward(self, x, cos, sin, kv, layer: int, lay: StepLayout):
+        cfg = self.cfg
+        N = x.shape[0]
+        qkv = self.qkv(self.input_layernorm(x))
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(N, cfg.num_heads, cfg.head_dim)
+        k = k.view(N, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(N, cfg.num_kv_heads, cfg.head_dim)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        a = paged_attention(q, k, v, kv, layer, lay, cfg.head_dim ** -0.5)
+        x = x + self.o_proj(a)
+        gate, up = self.gate_up(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class StageModel(nn.Module):
+    """Layers ``[layer_start, layer_end)`` of the model, plus embedding / head at the ends."""
+
+    def __init__(self, cfg: ModelConfig, layer_start: int, layer_end: int,
+                 is_first: bool, is_last: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_start, self.layer_end = layer_start, layer_end
+        self.is_first, self.is_last = is_first, is_last
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if is_first else None
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(layer_end - layer_start))
+        if is_last:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        else:
+            self.norm = self.lm_head = None
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_end - self.layer_start
+
+    def forward(self, x: torch.Tensor, lay: StepLayout, kv: torch.Tensor) -> torch.Tensor:
+        """x: token ids [N] on the first stage, hidden states [N, H] elsewhere.
+
+        Returns hidden states [N, H]; on the last stage, the final-normed hidden states of each
+        sequence's last token [B, H] (feed them to ``logits``).
+        """
+        if self.is_first:
+            x = self.embed_tokens(x)
+        freqs = lay.positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv, i, lay)
+        if self.is_last:
+            x = self.norm(x[lay.last_index])
+        return x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h).float()
