@@ -1,0 +1,24 @@
+"""Typed messages of the pipeline: small integer op codes in the msgpack ``meta`` of a ring message.
+
+Every message goes driver -> stage 0 -> ... -> stage S-1 -> driver, so each stage learns what to
+do from the message it is handed and the driver knows that a message came back only once all
+stages handled it.
+
+    op      meta                              tensors
+    HELLO   reports: [stage report, ...]      -            each stage appends its report
+    ALLOC   num_blocks, acks: [stage, ...]    -            each stage allocates its KV cache
+    STEP    mb, step, num_top                 q_lens, ctx_lens, block_tables, tokens|hidden,
+                                              sample_rows, temperature, top_p, top_k, u
+            (back to the driver)              token_ids, logprobs, top_ids, top_logprobs
+    STOP    -                                 -            each stage forwards it, then exits
+    ERROR   stage, message                    -            a stage failed; later stages forward it
+"""
+OP_HELLO = 1
+OP_ALLOC = 2
+OP_STEP = 3
+OP_STOP = 4
+OP_ERROR = 5
+
+# tensors every stage forwards unchanged with a STEP
+STEP_META_TENSORS = ("q_lens", "ctx_lens", "block_tables", "sample_rows",
+                     "temperature", "top_p", "top_k", "u")

@@ -1,0 +1,157 @@
+"""The run's configuration: one frozen, validated object, built from the command line.
+
+Everything a run needs is here and passed explicitly; the model's own shape lives in
+``ModelConfig`` (pipemax/model_config.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipemax.model_config import (BUILTIN_MODELS, ModelConfig, ModelConfigError, apply_overrides,
+                                  builtin_config)
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+class ConfigError(ValueError):
+    """A bad flag or model folder: one line for the user, exit code 2."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    gpus: int = 1
+    device: str = "cpu"                 # "cuda" | "cpu"
+    model: str | None = None            # folder, or a built-in name with load_format="dummy"
+    load_format: str = "auto"           # "auto" | "dummy"
+    dtype: str = "float32"              # resolved (never "auto")
+    input: str | None = None
+    output: str | None = None
+    errors: str | None = None
+    gpu_memory_gb: float | None = None
+    kv_cache_gb: float | None = None
+    block_size: int = 16
+    max_num_seqs: int = 256
+    micro_batches: int | None = None    # None: stages + 1
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    seed: int = 0
+    threads: int | None = None          # torch threads per CPU stage
+    overrides: tuple[str, ...] = ()
+    quiet: bool = False
+
+    def __post_init__(self):
+        if self.gpus < 1:
+            raise ConfigError(f"--gpus must be at least 1, got {self.gpus}")
+        if self.device not in ("cuda", "cpu"):
+            raise ConfigError(f"--device must be cuda or cpu, got {self.device!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ConfigError(f"--load-format must be auto or dummy, got {self.load_format!r}")
+        if self.dtype not in DTYPES[1:]:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.micro_batches is not None and self.micro_batches < 1:
+            raise ConfigError("--micro-batches must be at least 1")
+        for name in ("gpu_memory_gb", "kv_cache_gb"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if (self.input is None) != (self.output is None):
+            raise ConfigError("--input and --output go together")
+
+    @property
+    def num_micro_batches(self) -> int:
+        return self.micro_batches or (self.gpus + 1)
+
+    @property
+    def max_seqs_per_mb(self) -> int:
+        return max(1, -(-self.max_num_seqs // self.num_micro_batches))
+
+    def model_config(self) -> ModelConfig:
+        """The model's shape (from the folder or the built-in name), with overrides applied."""
+        try:
+            if self.model and self.load_format == "dummy" and self.model in BUILTIN_MODELS:
+                cfg = builtin_config(self.model)
+            elif self.model and Path(self.model).is_dir():
+                cfg = ModelConfig.from_dir(self.model)
+            elif self.load_format == "dummy":
+                cfg = builtin_config(self.model)  # raises with the list of names
+            elif self.model in BUILTIN_MODELS:
+                raise ConfigError(f"{self.model!r} is a built-in shape without weights: "
+                                  "add --load-format dummy, or give a model folder")
+            else:
+                raise ConfigError(f"model folder {self.model} does not exist")
+            return apply_overrides(cfg, list(self.overrides))
+        except ModelConfigError as e:
+            raise ConfigError(str(e)) from None
+
+    @property
+    def model_folder(self) -> str | None:
+        """Where weights and tokenizer come from (None for built-in shapes)."""
+        if self.model and Path(self.model).is_dir():
+            return self.model
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipemax.launch",
+        description="Offline batch LLM inference: pipeline stages on shared-memory rings.")
+    p.add_argument("--gpus", type=int, default=1, help="pipeline stages, one per GPU")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="cuda if a GPU is present, else cpu")
+    p.add_argument("--model", default=None,
+                   help="HF model folder, or a built-in name with --load-format dummy "
+                        f"({', '.join(sorted(BUILTIN_MODELS))}); default: the built-in tiny model")
+    p.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="auto: bfloat16 on cuda (float16 if the checkpoint is), float32 on cpu")
+    p.add_argument("--input", default=None, help="requests, OpenAI batch JSONL")
+    p.add_argument("--output", default=None, help="results JSONL (appended)")
+    p.add_argument("--errors", default=None, help="write error lines here instead of --output")
+    p.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="most memory a stage may use on its device")
+    p.add_argument("--kv-cache-gb", type=float, default=None, help="cap on a stage's KV cache")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences in flight in all")
+    p.add_argument("--micro-batches", type=int, default=None, help="default: stages + 1")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens per micro-batch step (prompts longer than this are chunked)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per CPU stage")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a model field, e.g. num_layers=4")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def resolve_device(requested: str | None) -> str:
+    if requested:
+        return requested
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def from_args(argv: list[str] | None = None) -> RunConfig:
+    a = build_parser().parse_args(argv)
+    device = resolve_device(a.device)
+    dtype = a.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    cfg = RunConfig(gpus=a.gpus, device=device, model=a.model, load_format=a.load_format,
+                    dtype=dtype, input=a.input, output=a.output, errors=a.errors,
+                    gpu_memory_gb=a.gpu_memory_gb, kv_cache_gb=a.kv_cache_gb,
+                    block_size=a.block_size, max_num_seqs=a.max_num_seqs,
+                    micro_batches=a.micro_batches,
+                    max_num_batched_tokens=a.max_num_batched_tokens,
+                    max_model_len=a.max_model_len, seed=a.seed, threads=a.threads,
+                    overrides=tuple(a.override), quiet=a.quiet)
+    if a.dtype == "auto" and device == "cuda" and cfg.model_folder:
+        if cfg.model_config().torch_dtype == "float16":
+            cfg = RunConfig(**{**cfg.__dict__, "dtype": "float16"})
+    return cfg

@@ -1,0 +1,195 @@
+"""The driver loop: requests in, micro-batch steps through the pipeline, results out.
+
+    while engine.step(): pass
+
+One step: take in requests while the queue is short, launch every idle micro-batch, wait for
+the next micro-batch to come back from the last stage, and land its tokens (finishing and
+writing the requests that are done). Micro-batches are launched as soon as they come back, so
+with at least as many micro-batches as stages every stage always has work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from pipemax.pipeline import Pipeline
+from pipemax.requests import Parser, Request, RequestError
+from pipemax.results import chat_body, completion_body, error_line, ok_line
+from pipemax.scheduler import Scheduler, SchedulerConfig, StepPlan
+from pipemax.sequence import Sequence
+from pipemax.tokenizer import IncrementalDetokenizer
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass
+class Stats:
+    requests_ok: int = 0
+    requests_error: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    steps: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def summary(self) -> str:
+        s = self.seconds()
+        return (f"requests {self.requests_ok} ok, {self.requests_error} failed | tokens in "
+                f"{self.prompt_tokens}, out {self.output_tokens} | {s:.2f} s | "
+                f"{self.output_tokens / s if s > 0 else 0.0:.1f} output tok/s")
+
+
+class Engine:
+    def __init__(self, *, pipeline: Pipeline, sched: Scheduler, tokenizer, eos_ids: tuple,
+                 max_model_len: int, vocab_size: int, model_name: str, seed: int,
+                 write: Callable[[dict], None], lines: Iterator[tuple[int, bytes]],
+                 log: Callable[[str], None] | None = None):
+        self.pipeline = pipeline
+        self.sched = sched
+        self.tokenizer = tokenizer
+        self.eos_ids = frozenset(eos_ids)
+        self.max_model_len = max_model_len
+        self.parser = Parser(tokenizer, max_model_len=max_model_len, vocab_size=vocab_size)
+        self.model_name = model_name
+        self.write = write
+        self.lines = lines
+        self.lines_done = False
+        self.log = log
+        self.seed_rng = np.random.Generator(np.random.Philox(seed))
+        self.inflight: dict[int, tuple[StepPlan, list[Sequence]]] = {}
+        self.detok: dict[int, IncrementalDetokenizer] = {}
+        self.stats = Stats()
+        self.step_no = 0
+        self.queue_target = 2 * sched.cfg.max_seqs_per_mb * sched.cfg.num_micro_batches
+        self.last_log = time.monotonic()
+
+    # ---- the loop -------------------------------------------------------------------------
+    def run(self) -> Stats:
+        self.stats = Stats()
+        while self.step():
+            pass
+        return self.stats
+
+    def step(self) -> bool:
+        self.intake()
+        for mb in self.idle_micro_batches():
+            self.launch(mb)
+        if not self.inflight:
+            return False
+        self.land(*self.pipeline.recv())
+        return True
+
+    # ---- pieces ---------------------------------------------------------------------------
+    def intake(self) -> None:
+        while not self.lines_done and len(self.sched.waiting) < self.queue_target:
+            try:
+                index, raw = next(self.lines)
+            except StopIteration:
+                self.lines_done = True
+                break
+            r = self.parser.parse(raw, index)
+            if isinstance(r, Request):
+                r = self.check_fits(r)
+            if isinstance(r, RequestError):
+                self.write(error_line(r))
+                self.stats.requests_error += 1
+                continue
+            seed = r.params.seed if r.params.seed is not None else int(
+                self.seed_rng.integers(1 << 62))
+            seq = Sequence(r, seed)
+            if self.tokenizer is not None:
+                self.detok[id(seq)] = IncrementalDetokenizer(self.tokenizer, list(r.params.stop))
+            self.sched.add(seq)
+
+    def check_fits(self, r: Request) -> Request | RequestError:
+        """A sequence must fit the KV cache alone: refuse the prompt or clamp max_tokens."""
+        cap = self.sched.max_tokens_servable()
+        if len(r.prompt_ids) + 1 > cap:
+            return RequestError(r.index, r.custom_id, "prompt_too_long",
+                                f"prompt of {len(r.prompt_ids)} tokens does not fit the KV "
+                                f"cache of {cap} tokens")
+        if len(r.prompt_ids) + r.params.max_tokens > cap:
+            params = dataclasses.replace(r.params, max_tokens=cap - len(r.prompt_ids))
+            r = dataclasses.replace(r, params=params)
+        return r
+
+    def idle_micro_batches(self) -> list[int]:
+        return [m for m in range(self.sched.cfg.num_micro_batches) if m not in self.inflight]
+
+    def launch(self, mb: int) -> None:
+        plan = self.sched.schedule(mb)
+        if plan is None:
+            return
+        rows = [plan.seqs[r] for r in plan.sample_rows]
+        n = len(rows)
+        temp = np.fromiter((s.params.temperature for s in rows), np.float32, n)
+        top_p = np.fromiter((s.params.top_p for s in rows), np.float32, n)
+        top_k = np.fromiter((s.params.top_k for s in rows), np.int64, n)
+        u = np.fromiter((0.0 if s.params.greedy else s.rng.random() for s in rows),
+                        np.float32, n)
+        num_top = max((s.params.logprobs or 0 for s in rows), default=0)
+        self.pipeline.send_step(plan, self.step_no,
+                                {"temperature": temp, "top_p": top_p, "top_k": top_k, "u": u},
+                                min(num_top, MAX_TOP_LOGPROBS))
+        self.inflight[mb] = (plan, rows)
+        self.step_no += 1
+
+    def land(self, meta: dict, t: dict) -> None:
+        plan, rows = self.inflight.pop(meta["mb"])
+        tokens = t["token_ids"].tolist()
+        self.sched.complete(plan, tokens)
+        self.stats.steps += 1
+        lps = t["logprobs"].tolist()
+        top_ids = t["top_ids"].tolist()
+        top_lps = t["top_logprobs"].tolist()
+        for i, (s, tok) in enumerate(zip(rows, tokens)):
+            if s.logprobs is not None:
+                k = s.params.logprobs
+                s.logprobs.append((tok, lps[i], list(zip(top_ids[i][:k], top_lps[i][:k]))))
+            reason = self.finish_reason(s, tok)
+            if reason:
+                s.finish_reason = reason
+                self.sched.finish(s)
+                self.emit(s)
+        self.maybe_log()
+
+    def finish_reason(self, s: Sequence, tok: int) -> str | None:
+        p = s.params
+        is_stop_token = (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids
+        d = self.detok.get(id(s))
+        if is_stop_token:
+            return "stop"
+        if d is not None and d.add(tok):
+            return "stop"
+        if s.num_output >= p.max_tokens or len(s.token_ids) >= self.max_model_len:
+            return "length"
+        return None
+
+    def emit(self, s: Sequence) -> None:
+        d = self.detok.pop(id(s), None)
+        text = d.text if d is not None else ""
+        req = s.req
+        body_fn = chat_body if req.kind == "chat" else completion_body
+        body = body_fn(req, text=text, token_ids=s.output_ids, finish_reason=s.finish_reason,
+                       logprobs=s.logprobs, model_name=req.model or self.model_name,
+                       created=int(time.time()), tokenizer=self.tokenizer)
+        self.write(ok_line(req, body))
+        self.stats.requests_ok += 1
+        self.stats.prompt_tokens += s.num_prompt
+        self.stats.output_tokens += s.num_output
+
+    def maybe_log(self) -> None:
+        now = time.monotonic()
+        if self.log is None or now - self.last_log < 10.0:
+            return
+        self.last_log = now
+        st = self.stats
+        self.log(f"done {st.requests_ok + st.requests_error} requests, running "
+                 f"{self.sched.num_running()}, waiting {len(self.sched.waiting)}, "
+                 f"{st.output_tokens / max(st.seconds(), 1e-9):.1f} output tok/s")

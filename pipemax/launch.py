@@ -1,0 +1,175 @@
+"""``python -m pipemax.launch``: check the inputs, start the stages, run the batch, clean up.
+
+Everything that can be wrong with the flags, the model folder or the input file is found
+before any process starts, and reported in one line with exit code 2. Every exit path
+(normal, error, Ctrl-C, SIGTERM, a stage killed) runs ``Pipeline.close()``, which removes
+every shared-memory object of the run; finished results are already on disk, line by line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from ipc.names import cleanup_stale, new_run_id
+from pipemax.config import ConfigError, RunConfig, from_args
+from pipemax.engine import Engine
+from pipemax.model_config import ModelConfig
+from pipemax.pipeline import Pipeline, StageFailed
+from pipemax.requests import read_requests
+from pipemax.results import ResultWriter
+from pipemax.scheduler import Scheduler, SchedulerConfig
+from pipemax.tiny import DEFAULT_PROMPTS, ensure_tiny_model
+from pipemax.tokenizer import Tokenizer, TokenizerError
+from stages.loader import CheckpointError, checkpoint_files
+
+
+class Terminated(BaseException):
+    """SIGTERM: unwind like Ctrl-C so that every ``finally`` runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def err(msg: str) -> None:
+    print(f"pipemax: error: {msg}", file=sys.stderr, flush=True)
+
+
+def info(cfg: RunConfig, msg: str) -> None:
+    if not cfg.quiet:
+        print(f"pipemax: {msg}", file=sys.stderr, flush=True)
+
+
+def prepare(cfg: RunConfig) -> tuple[RunConfig, ModelConfig, Tokenizer | None, int]:
+    """All checks that need no stage process. Raises ConfigError with one line."""
+    if cfg.model is None:
+        cfg = RunConfig(**{**cfg.__dict__, "model": str(ensure_tiny_model())})
+    model = cfg.model_config()
+    tokenizer = None
+    if cfg.model_folder:
+        try:
+            if cfg.load_format == "auto":
+                checkpoint_files(Path(cfg.model_folder))
+            tokenizer = Tokenizer.from_dir(cfg.model_folder)
+        except (CheckpointError, TokenizerError) as e:
+            raise ConfigError(str(e)) from None
+    if cfg.gpus > model.num_layers:
+        raise ConfigError(f"--gpus {cfg.gpus} is more stages than the model's "
+                          f"{model.num_layers} layers")
+    if cfg.device == "cuda":
+        import torch
+        n = torch.cuda.device_count()
+        if cfg.gpus > n:
+            raise ConfigError(f"--gpus {cfg.gpus} but only {n} CUDA device(s) are present")
+    max_len = model.max_position_embeddings
+    if cfg.max_model_len:
+        if cfg.max_model_len > max_len:
+            raise ConfigError(f"--max-model-len {cfg.max_model_len} exceeds the model's "
+                              f"{max_len} positions")
+        max_len = cfg.max_model_len
+    if cfg.input is not None:
+        try:
+            with open(cfg.input, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise ConfigError(f"cannot read input file {cfg.input}: {e.strerror}") from None
+        out_dir = Path(cfg.output).resolve().parent
+        if not out_dir.is_dir() or not os.access(out_dir, os.W_OK):
+            raise ConfigError(f"cannot write output file {cfg.output}: folder {out_dir} "
+                              "is missing or not writable")
+    return cfg, model, tokenizer, max_len
+
+
+class PrintWriter:
+    """The built-in default run: show each completion on the terminal."""
+
+    def __init__(self, prompts: list[str]):
+        self.prompts = prompts
+
+    def write(self, line: dict) -> None:
+        i = int(line["custom_id"].split("-")[-1]) - 1
+        if line["error"]:
+            print(f"[{i}] error: {line['error']['message']}")
+            return
+        text = line["response"]["body"]["choices"][0]["text"]
+        print(f"[{i}] {self.prompts[i]!r} -> {text!r}")
+
+    def close(self) -> None:
+        pass
+
+
+def default_lines(prompts: list[str]):
+    for i, p in enumerate(prompts):
+        body = {"prompt": p, "max_tokens": 24, "temperature": 0}
+        yield i, json.dumps({"custom_id": f"request-{i + 1}", **body}).encode()
+
+
+def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int) -> int:
+    run_id = new_run_id()
+    stale = cleanup_stale()
+    if stale:
+        info(cfg, f"removed shared memory left by dead runs {', '.join(stale)}")
+    if cfg.input is not None:
+        writer = ResultWriter(cfg.output, cfg.errors)
+        lines = read_requests(cfg.input)
+    else:
+        writer = PrintWriter(DEFAULT_PROMPTS)
+        lines = default_lines(DEFAULT_PROMPTS)
+    pipeline = Pipeline(cfg, model, run_id, max_len)
+    t0 = time.monotonic()
+    try:
+        pipeline.start()
+        num_blocks, reports = pipeline.handshake()
+        for r in reports:
+            a, b = r["layers"]
+            info(cfg, f"stage {r['stage']} on {r['device']}: layers {a}-{b - 1}, weights "
+                      f"{r['weight_bytes'] / 2**30:.2f} GiB, room for {r['max_blocks']} KV blocks")
+        info(cfg, f"loaded in {time.monotonic() - t0:.1f} s; KV cache {num_blocks} blocks of "
+                  f"{cfg.block_size} tokens; {cfg.num_micro_batches} micro-batches of up to "
+                  f"{cfg.max_seqs_per_mb} sequences")
+        sched = Scheduler(SchedulerConfig(cfg.num_micro_batches, cfg.max_seqs_per_mb,
+                                          cfg.max_num_batched_tokens, cfg.block_size, num_blocks))
+        engine = Engine(pipeline=pipeline, sched=sched, tokenizer=tokenizer,
+                        eos_ids=tuple(model.eos_token_ids) + (
+                            tokenizer.eos_token_ids if tokenizer else ()),
+                        max_model_len=max_len, vocab_size=model.vocab_size,
+                        model_name=Path(cfg.model).name, seed=cfg.seed, write=writer.write,
+                        lines=lines, log=None if cfg.quiet else lambda m: info(cfg, m))
+        stats = engine.run()
+        print(f"pipemax: {stats.summary()}", file=sys.stderr if cfg.input is None else sys.stdout,
+              flush=True)
+        return 0
+    except StageFailed as e:
+        err(str(e))
+        return 1
+    except (KeyboardInterrupt, Terminated):
+        err("interrupted; results finished so far are kept"
+            + (f" in {cfg.output}" if cfg.output else ""))
+        return 130
+    finally:
+        try:
+            pipeline.close()
+        finally:
+            writer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = from_args(argv)
+        cfg, model, tokenizer, max_len = prepare(cfg)
+    except ConfigError as e:
+        err(str(e))
+        return 2
+    prev = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return run(cfg, model, tokenizer, max_len)
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The stage processes and the rings between them, seen from the driver.
+
+    driver ─ring0─► stage 0 ─ring1─► stage 1 ─► … ─► stage S-1 ─ringS─► driver
+
+Every shared-memory object is named ``/pipemax-<run id>-ring<i>`` (see ipc/names.py), so
+``close()`` (called from the launcher's ``finally``) and the next start's stale-run sweep can
+remove all of them. A stage that dies is noticed within one ring wait slice: the driver's
+waits check every stage process and raise ``StageFailed`` naming it.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+
+import numpy as np
+import torch
+
+from ipc import protocol as P
+from ipc.names import cleanup_run, shm_name
+from ipc.ring import PeerGone, Ring
+from pipemax.config import RunConfig
+from pipemax.model_config import ModelConfig
+from pipemax.partition import split_layers
+from pipemax.scheduler import StepPlan
+from stages.worker import StageSpec, main as stage_main
+
+
+class StageFailed(RuntimeError):
+    """A stage process died or reported an error; the message names it."""
+
+
+def ring_capacity(cfg: RunConfig, model: ModelConfig, max_model_len: int) -> int:
+    esize = 4 if cfg.dtype == "float32" else 2
+    hidden = cfg.max_num_batched_tokens * model.hidden_size * esize
+    tokens = cfg.max_num_batched_tokens * 8
+    seqs = cfg.max_seqs_per_mb
+    tables = seqs * (-(-max_model_len // cfg.block_size)) * 4
+    per_seq = seqs * (4 * 4 + 8 * 3 + 2 * 20 * 8)
+    one = hidden + tokens + tables + per_seq + (64 << 10)
+    return 2 * one + (1 << 20)
+
+
+class Pipeline:
+    def __init__(self, cfg: RunConfig, model: ModelConfig, run_id: str, max_model_len: int):
+        self.cfg = cfg
+        self.model = model
+        self.run_id = run_id
+        self.max_model_len = max_model_len
+        self.ranges = split_layers(model, cfg.gpus)
+        self.rings: list[Ring] = []
+        self.procs: list[mp.Process] = []
+        self.to_first: Ring | None = None
+        self.from_last: Ring | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.cfg
+        cap = ring_capacity(cfg, self.model, self.max_model_len)
+        names = [shm_name(self.run_id, f"ring{i}") for i in range(cfg.gpus + 1)]
+        for n in names:
+            self.rings.append(Ring.create(n, cap))
+        self.to_first, self.from_last = self.rings[0], self.rings[-1]
+        ctx = mp.get_context("spawn")
+        threads = cfg.threads
+        if cfg.device == "cpu" and threads is None:
+            threads = max(1, (os.cpu_count() or 1) // cfg.gpus)
+        max_blocks_useful = cfg.max_num_seqs * (-(-self.max_model_len // cfg.block_size))
+        for i, (a, b) in enumerate(self.ranges):
+            spec = StageSpec(
+                index=i, num_stages=cfg.gpus, layer_start=a, layer_end=b, model=self.model,
+                folder=cfg.model_folder if cfg.load_format == "auto" else None,
+                dtype=cfg.dtype, device="cpu" if cfg.device == "cpu" else f"cuda:{i}",
+                ring_in=names[i], ring_out=names[i + 1], block_size=cfg.block_size,
+                max_blocks_useful=max_blocks_useful, memory_gb=cfg.gpu_memory_gb,
+                kv_cache_gb=cfg.kv_cache_gb, max_tokens_per_step=cfg.max_num_batched_tokens,
+                max_seqs_per_step=cfg.max_seqs_per_mb, max_model_len=self.max_model_len,
+                parent_pid=os.getpid(), threads=threads, seed=cfg.seed)
+            p = ctx.Process(target=stage_main, args=(spec,), name=f"pipemax-stage{i}")
+            p.start()
+            self.procs.append(p)
+
+    def handshake(self) -> tuple[int, list[dict]]:
+        """Load (stages report), then allocate the KV cache: returns (num_blocks, reports)."""
+        self.to_first.write({"op": P.OP_HELLO, "reports": []}, timeout=30.0, alive=self.check)
+        meta, _ = self.recv(expect=P.OP_HELLO)
+        reports = meta["reports"]
+        num_blocks = min(r["max_blocks"] for r in reports)
+        if num_blocks < 1:
+            worst = min(reports, key=lambda r: r["max_blocks"])
+            raise StageFailed(
+                f"stage {worst['stage']} has no memory left for the KV cache: weights take "
+                f"{worst['weight_bytes'] / 2**30:.2f} GiB, KV budget "
+                f"{worst['kv_budget_bytes'] / 2**30:.2f} GiB (raise --gpu-memory-gb or use "
+                f"more stages)")
+        self.to_first.write({"op": P.OP_ALLOC, "num_blocks": num_blocks, "acks": []},
+                            timeout=30.0, alive=self.check)
+        self.recv(expect=P.OP_ALLOC)
+        return num_blocks, reports
+
+    def check(self) -> bool:
+        """Liveness callback for ring waits: raises StageFailed if a stage process died."""
+        for i, p in enumerate(self.procs):
+            if p.exitcode is not None:
+                raise StageFailed(f"stage {i} (pid {p.pid}) exited with code {p.exitcode}"
+                                  + (" (killed by a signal)" if p.exitcode < 0 else ""))
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask every stage to exit, then make sure they are gone."""
+        alive = [p for p in self.procs if p.exitcode is None]
+        if alive and self.to_first is not None:
+            try:
+                self.to_first.write({"op": P.OP_STOP}, timeout=2.0, alive=lambda: all(
+                    p.exitcode is None for p in self.procs))
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    try:
+                        with self.from_last.read(timeout=0.5, alive=lambda: True) as m:
+                            if m.meta.get("op") == P.OP_STOP:
+                                break
+                    except TimeoutError:
+                        if any(p.exitcode is not None for p in self.procs):
+                            break
+            except Exception:
+                pass
+        for p in self.procs:
+            p.join(timeout=max(0.1, timeout / 4))
+        for p in self.procs:
+            if p.exitcode is None:
+                p.terminate()
+                p.join(timeout=3.0)
+            if p.exitcode is None:
+                p.kill()
+                p.join(timeout=3.0)
+
+    def close(self) -> None:
+        """Stop the stages and remove every shared-memory object of the run."""
+        try:
+            self.stop()
+        finally:
+            for r in self.rings:
+                r.close()
+                r.unlink()
+            self.rings.clear()
+            cleanup_run(self.run_id)
+
+    # ---- steps ----------------------------------------------------------------------------
+    def send_step(self, plan: StepPlan, step: int, sampling: dict[str, np.ndarray],
+                  num_top: int) -> None:
+        tensors = {
+            "q_lens": torch.from_numpy(plan.q_lens),
+            "ctx_lens": torch.from_numpy(plan.ctx_lens),
+            "block_tables": torch.from_numpy(plan.block_tables),
+            "sample_rows": torch.from_numpy(plan.sample_rows),
+            **{k: torch.from_numpy(v) for k, v in sampling.items()},
+            "tokens": torch.from_numpy(plan.tokens),
+        }
+        self.to_first.write({"op": P.OP_STEP, "mb": plan.mb, "step": step, "num_top": num_top},
+                            tensors, timeout=None, alive=self.check)
+
+    def recv(self, expect: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+        try:
+            with self.from_last.read(timeout=None, alive=self.check) as m:
+                meta = dict(m.meta)
+                tensors = {k: v.clone() for k, v in m.tensors.items()}
+        except PeerGone:
+            self.check()
+            raise StageFailed("the last stage went away") from None
+        op = meta.get("op")
+        if op == P.OP_ERROR:
+            raise StageFailed(f"stage {meta.get('stage')} failed: {meta.get('message')}")
+        if expect is not None and op != expect:
+            raise StageFailed(f"pipeline protocol error: expected op {expect}, got {op}")
+        return meta, tensors

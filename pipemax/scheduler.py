@@ -1,0 +1,149 @@
+"""Continuous batching in micro-batches: which sequences run in a micro-batch's next step.
+
+Pure planning, no I/O. Sequences are bound to one micro-batch while they run. A step of a
+micro-batch gives each of its running sequences its next tokens (one when decoding, a chunk of
+the prompt while prefilling) within a token budget, then admits waiting sequences into free
+places. A sequence samples a token in the step that brings all its tokens into the cache.
+
+When a running sequence needs a block and none is free, the newest sequence of the same
+micro-batch is preempted: its blocks are freed and it goes back to the front of the queue, to
+be recomputed (prompt and output so far) later. Only the micro-batch being planned is touched,
+so blocks in use by micro-batches in flight are never given away.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipemax.block_manager import BlockManager
+from pipemax.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_micro_batches: int
+    max_seqs_per_mb: int
+    max_tokens_per_step: int
+    block_size: int
+    num_blocks: int
+
+    def __post_init__(self):
+        for f in ("num_micro_batches", "max_seqs_per_mb", "max_tokens_per_step", "block_size",
+                  "num_blocks"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f} must be at least 1")
+
+
+@dataclass
+class StepPlan:
+    mb: int
+    seqs: list[Sequence]
+    q_lens: np.ndarray        # [B] int32, tokens each sequence brings this step
+    ctx_lens: np.ndarray      # [B] int32, context after the step
+    block_tables: np.ndarray  # [B, max blocks] int32
+    tokens: np.ndarray        # [N] int64
+    sample_rows: np.ndarray   # [n] int64, rows of seqs that sample a token this step
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.q_lens.sum())
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig):
+        self.cfg = cfg
+        self.blocks = BlockManager(cfg.num_blocks, cfg.block_size)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[list[Sequence]] = [[] for _ in range(cfg.num_micro_batches)]
+        self.num_preemptions = 0
+        self.watermark = max(1, cfg.num_blocks // 100)
+
+    def max_tokens_servable(self) -> int:
+        return self.cfg.num_blocks * self.cfg.block_size
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def num_running(self) -> int:
+        return sum(len(r) for r in self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        self.running[seq.mb].remove(seq)
+        self.blocks.release(seq.blocks)
+        seq.mb = -1
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running[seq.mb].remove(seq)
+        self.blocks.release(seq.blocks)
+        seq.num_computed = 0
+        seq.mb = -1
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self, mb: int) -> StepPlan | None:
+        cfg = self.cfg
+        run = self.running[mb]
+        budget = cfg.max_tokens_per_step
+        items: list[tuple[Sequence, int]] = []
+        i = 0
+        while i < len(run) and budget > 0:
+            s = run[i]
+            n = min(s.remaining, budget)
+            while not self.blocks.grow(s.blocks, s.num_computed + n):
+                victim = run[-1]
+                self._preempt(victim)
+                if victim is s:
+                    break
+            else:
+                items.append((s, n))
+                budget -= n
+                i += 1
+                continue
+            break  # s itself was preempted: it was the newest, nothing after it
+        while self.waiting and len(run) < cfg.max_seqs_per_mb and budget > 0:
+            s = self.waiting[0]
+            need = self.blocks.blocks_for(len(s.token_ids))
+            if need + self.watermark > self.blocks.num_free and run:
+                break
+            n = min(s.remaining, budget)
+            if not self.blocks.grow(s.blocks, n):
+                break
+            self.waiting.popleft()
+            s.mb = mb
+            run.append(s)
+            items.append((s, n))
+            budget -= n
+        if not items:
+            return None
+        return self._plan(mb, items)
+
+    def _plan(self, mb: int, items: list[tuple[Sequence, int]]) -> StepPlan:
+        B = len(items)
+        q_lens = np.fromiter((n for _, n in items), dtype=np.int32, count=B)
+        ctx = np.fromiter((s.num_computed + n for s, n in items), dtype=np.int32, count=B)
+        width = max(len(s.blocks) for s, _ in items)
+        bt = np.zeros((B, width), dtype=np.int32)
+        toks = []
+        rows = []
+        for r, (s, n) in enumerate(items):
+            bt[r, :len(s.blocks)] = s.blocks
+            toks.extend(s.token_ids[s.num_computed:s.num_computed + n])
+            if s.num_computed + n == len(s.token_ids):
+                rows.append(r)
+        return StepPlan(mb, [s for s, _ in items], q_lens, ctx, bt,
+                        np.asarray(toks, dtype=np.int64), np.asarray(rows, dtype=np.int64))
+
+    def complete(self, plan: StepPlan, new_tokens: list[int]) -> list[Sequence]:
+        """Account for a finished step; returns the sequences that got a new token."""
+        for s, n in zip(plan.seqs, plan.q_lens):
+            s.num_computed += int(n)
+        sampled = [plan.seqs[r] for r in plan.sample_rows]
+        for s, t in zip(sampled, new_tokens):
+            s.token_ids.append(int(t))
+        return sampled

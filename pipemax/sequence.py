@@ -1,0 +1,34 @@
+"""A request while it is being served: its tokens, how many of them are in the KV cache, its blocks."""
+from __future__ import annotations
+
+import numpy as np
+
+from pipemax.requests import Request
+
+
+class Sequence:
+    def __init__(self, req: Request, seed: int):
+        self.req = req
+        self.params = req.params
+        self.token_ids: list[int] = list(req.prompt_ids)
+        self.num_prompt = len(req.prompt_ids)
+        self.num_computed = 0          # tokens whose KV is in the cache
+        self.blocks: list[int] = []
+        self.mb = -1                   # micro-batch it runs in; -1 while waiting
+        self.rng = np.random.Generator(np.random.Philox(seed))
+        self.logprobs: list | None = [] if req.params.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.num_preemptions = 0
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt:]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
+    def remaining(self) -> int:
+        """Tokens to run through the model before the next token can be sampled."""
+        return len(self.token_ids) - self.num_computed

@@ -1,0 +1,58 @@
+"""A stage's KV cache: fixed-size blocks, block-major (see stages/attention.py for the layout).
+
+The driver owns allocation (which block holds which tokens); a stage only holds the memory,
+sized from what is left on its device after the weights.
+"""
+from __future__ import annotations
+
+import torch
+
+from pipemax.model_config import ModelConfig
+
+GiB = 1 << 30
+CPU_DEFAULT_KV_GB = 1.0
+CUDA_CONTEXT_BYTES = 600 << 20   # the CUDA context and cuBLAS workspaces, outside torch's allocator
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, num_layers: int, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.data = torch.empty(num_blocks, num_layers, 2, block_size, cfg.num_kv_heads,
+                                cfg.head_dim, dtype=dtype, device=device)
+
+    @staticmethod
+    def block_bytes(cfg: ModelConfig, num_layers: int, block_size: int, dtype: torch.dtype) -> int:
+        esize = torch.empty(0, dtype=dtype).element_size()
+        return num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * esize
+
+
+def workspace_bytes(spec, dtype: torch.dtype) -> int:
+    """Rough upper bound of one step's activations: what the KV cache must leave free."""
+    cfg = spec.model
+    esize = torch.empty(0, dtype=dtype).element_size()
+    T = spec.max_tokens_per_step
+    per_token = 4 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + 3 * cfg.intermediate_size
+    act = T * per_token * esize * 2
+    # attention gathers the context of each sequence of the step: bounded by the step's seqs
+    ctx = min(spec.max_model_len, 2048)
+    gather = 3 * spec.max_seqs_per_step * ctx * cfg.kv_size * esize
+    logits = 5 * spec.max_seqs_per_step * cfg.vocab_size * 4 if spec.is_last else 0
+    return act + gather + logits + 256 * (1 << 20)
+
+
+def kv_budget_bytes(spec, device: torch.device, weight_bytes: int, dtype: torch.dtype) -> int:
+    """Bytes this stage may give its KV cache."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        cap = spec.memory_gb * GiB if spec.memory_gb else total
+        used_by_us = torch.cuda.memory_reserved(device) + CUDA_CONTEXT_BYTES
+        budget = min(cap - used_by_us, free) * 0.95 - workspace_bytes(spec, dtype)
+    else:
+        budget = (spec.kv_cache_gb or CPU_DEFAULT_KV_GB) * GiB
+        if spec.memory_gb:
+            budget = min(budget, spec.memory_gb * GiB - weight_bytes - workspace_bytes(spec, dtype))
+    if spec.kv_cache_gb:
+        budget = min(budget, spec.kv_cache_gb * GiB)
+    return int(max(0, budget))
