@@ -10,7 +10,7 @@ import torch
 from pipemax.model_config import ModelConfig
 
 GiB = 1 << 30
-CPU_DEFAULT_KV_GB = 1.0
+CPU_DEFAULT_KV_GB = 0.25
 CUDA_CONTEXT_BYTES = 600 << 20   # the CUDA context and cuBLAS workspaces, outside torch's allocator
 
 
@@ -19,7 +19,8 @@ class KVCache:
                  dtype: torch.dtype, device: torch.device):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.data = torch.empty(num_blocks, num_layers, 2, block_size, cfg.num_kv_heads,
+        # zeros, not empty: attention reads whole blocks, and masked garbage can still be NaN
+        self.data = torch.zeros(num_blocks, num_layers, 2, block_size, cfg.num_kv_heads,
                                 cfg.head_dim, dtype=dtype, device=device)
 
     @staticmethod

@@ -1,0 +1,177 @@
+"""Output lines: OpenAI response objects and the append-only result-file writer.
+
+A result line is OpenAI's batch output format::
+
+    {"id": "batch_req_<hex>", "custom_id": ..., "response": {"status_code": 200,
+     "request_id": "req_<hex>", "body": <text_completion | chat.completion>}, "error": null}
+    {"id": "batch_req_<hex>", "custom_id": ..., "response": null,
+     "error": {"code": ..., "message": ...}}
+
+Logprobs come from the engine as one entry per generated token:
+``(token_id, logprob, [(alt_id, alt_logprob), ...])``. Token text is ``tokenizer.token_str(id)``
+(``str(id)`` without a tokenizer). Non-finite logprobs are written as -9999.0 (as vLLM does),
+so every line is strict JSON.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+
+from pipemax.requests import Request, RequestError
+
+LOGPROB_FLOOR = -9999.0
+
+
+def _hex() -> str:
+    return secrets.token_hex(16)
+
+
+def _lp(x) -> float:
+    x = float(x)
+    return x if math.isfinite(x) and x > LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
+def _tok(tokenizer, token_id: int) -> str:
+    return str(token_id) if tokenizer is None else tokenizer.token_str(int(token_id))
+
+
+def _usage(req: Request, token_ids) -> dict:
+    n_prompt, n_out = len(req.prompt_ids), len(token_ids)
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+
+
+def _completion_logprobs(logprobs, tokenizer) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = 0
+    for token_id, lp, alts in logprobs:
+        tok = _tok(tokenizer, token_id)
+        tokens.append(tok)
+        token_lps.append(_lp(lp))
+        top = {}
+        for alt_id, alt_lp in alts:
+            top.setdefault(_tok(tokenizer, alt_id), _lp(alt_lp))
+        top.setdefault(tok, _lp(lp))  # OpenAI: the chosen token is always in top_logprobs
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(tok)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def _chat_entry(tok: str, lp) -> dict:
+    return {"token": tok, "logprob": _lp(lp), "bytes": list(tok.encode("utf-8", "replace"))}
+
+
+def _chat_logprobs(logprobs, tokenizer) -> dict:
+    content = []
+    for token_id, lp, alts in logprobs:
+        entry = _chat_entry(_tok(tokenizer, token_id), lp)
+        entry["top_logprobs"] = [_chat_entry(_tok(tokenizer, a), alp) for a, alp in alts]
+        content.append(entry)
+    return {"content": content}
+
+
+def completion_body(req: Request, *, text: str, token_ids: list[int], finish_reason: str,
+                    logprobs: list | None, model_name: str, created: int,
+                    tokenizer=None) -> dict:
+    """OpenAI ``text_completion`` object. ``model`` is the request's own model name if it gave one."""
+    choice = {"index": 0, "text": text,
+              "logprobs": None if logprobs is None else _completion_logprobs(logprobs, tokenizer),
+              "finish_reason": finish_reason}
+    if req.return_token_ids:
+        choice["token_ids"] = [int(t) for t in token_ids]
+    return {"id": f"cmpl-{_hex()}", "object": "text_completion", "created": int(created),
+            "model": req.model or model_name, "choices": [choice],
+            "usage": _usage(req, token_ids)}
+
+
+def chat_body(req: Request, *, text: str, token_ids: list[int], finish_reason: str,
+              logprobs: list | None, model_name: str, created: int, tokenizer=None) -> dict:
+    """OpenAI ``chat.completion`` object."""
+    choice = {"index": 0, "message": {"role": "assistant", "content": text},
+              "logprobs": None if logprobs is None else _chat_logprobs(logprobs, tokenizer),
+              "finish_reason": finish_reason}
+    if req.return_token_ids:
+        choice["token_ids"] = [int(t) for t in token_ids]
+    return {"id": f"chatcmpl-{_hex()}", "object": "chat.completion", "created": int(created),
+            "model": req.model or model_name, "choices": [choice],
+            "usage": _usage(req, token_ids)}
+
+
+def response_body(req: Request, **kw) -> dict:
+    """completion_body or chat_body, by ``req.kind``."""
+    return (chat_body if req.kind == "chat" else completion_body)(req, **kw)
+
+
+def ok_line(req: Request, body: dict) -> dict:
+    return {"id": f"batch_req_{_hex()}", "custom_id": req.custom_id,
+            "response": {"status_code": 200, "request_id": f"req_{_hex()}", "body": body},
+            "error": None}
+
+
+def error_line(err: RequestError) -> dict:
+    return {"id": f"batch_req_{_hex()}", "custom_id": err.custom_id, "response": None,
+            "error": {"code": err.code, "message": err.message}}
+
+
+def encode_line(line: dict) -> bytes:
+    """One compact JSON line, UTF-8, ending in a newline.
+
+    A lone surrogate (possible in a custom_id read from ``"\\ud800"``) is written back as its
+    JSON escape instead of failing the write.
+    """
+    s = json.dumps(line, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return s.encode("utf-8", "backslashreplace") + b"\n"
+
+
+def _open_append(path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "ab")
+    # A run killed mid-write may have left a last line without its newline: end it, so the
+    # lines appended now stay parseable.
+    if f.tell() > 0:
+        with open(path, "rb") as r:
+            r.seek(-1, os.SEEK_END)
+            if r.read(1) != b"\n":
+                f.write(b"\n")
+                f.flush()
+    return f
+
+
+class ResultWriter:
+    """Appends result lines to ``path`` (error lines to ``errors_path`` when given).
+
+    Each line is written in one call and flushed at once (plus ``os.fsync`` with ``fsync=True``),
+    so a reader sees it before close. ``counts`` = {"ok": n, "error": n} lines written.
+    """
+
+    def __init__(self, path, errors_path=None, *, fsync: bool = False):
+        self.fsync = fsync
+        self.counts = {"ok": 0, "error": 0}
+        self._f = _open_append(path)
+        same = errors_path is None or os.path.abspath(errors_path) == os.path.abspath(path)
+        self._ef = self._f if same else _open_append(errors_path)
+
+    def write(self, line: dict) -> None:
+        is_error = line.get("error") is not None
+        f = self._ef if is_error else self._f
+        f.write(encode_line(line))
+        f.flush()
+        if self.fsync:
+            os.fsync(f.fileno())
+        self.counts["error" if is_error else "ok"] += 1
+
+    def close(self) -> None:
+        for f in {id(self._f): self._f, id(self._ef): self._ef}.values():
+            if not f.closed:
+                f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,33 @@
+"""Run the CLI as a user would, in a subprocess, and read its result file."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(args: list[str], timeout: float = 180, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "pipemax.launch", "--device", "cpu",
+                           "--threads", "1", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        d = json.loads(line)
+        assert d["custom_id"] not in out, f"duplicate result for {d['custom_id']}"
+        out[d["custom_id"]] = d
+    return out

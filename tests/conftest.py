@@ -1,0 +1,46 @@
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+_OWNER = re.compile(r"^(?:sem\.)?pipemax-(\d+)-")
+
+
+def _ours() -> set[str]:
+    """pipemax objects in /dev/shm owned by this process or by a process that is gone
+    (objects of other live processes, e.g. a concurrent test run, are not ours to judge)."""
+    from ipc.names import pid_alive
+    out = set()
+    for n in os.listdir("/dev/shm"):
+        m = _OWNER.match(n)
+        if m and (int(m.group(1)) == os.getpid() or not pid_alive(int(m.group(1)))):
+            out.add(n)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_shm_left_behind():
+    """Every test must leave /dev/shm as it found it."""
+    before = _ours()
+    yield
+    left = _ours() - before
+    assert not left, f"shared-memory objects left behind: {sorted(left)}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def tiny_cache(tmp_path_factory):
+    """Keep the built-in tiny model out of the user's cache."""
+    d = tmp_path_factory.mktemp("pipemax-cache")
+    old = os.environ.get("PIPEMAX_CACHE")
+    os.environ["PIPEMAX_CACHE"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("PIPEMAX_CACHE", None)
+    else:
+        os.environ["PIPEMAX_CACHE"] = old
