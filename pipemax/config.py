@@ -97,8 +97,13 @@ class RunConfig:
         return None
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the whole usage)
+        self.exit(2, f"pipemax: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m pipemax.launch",
         description="Offline batch LLM inference: pipeline stages on shared-memory rings.")
     p.add_argument("--gpus", type=int, default=1, help="pipeline stages, one per GPU")

@@ -24,15 +24,41 @@ from pipemax.results import ResultWriter
 from pipemax.scheduler import Scheduler, SchedulerConfig
 from pipemax.tiny import DEFAULT_PROMPTS, ensure_tiny_model
 from pipemax.tokenizer import Tokenizer, TokenizerError
-from stages.loader import CheckpointError, checkpoint_files
+from stages.loader import CheckpointError, check_checkpoint
 
 
 class Terminated(BaseException):
-    """SIGTERM: unwind like Ctrl-C so that every ``finally`` runs."""
+    """SIGTERM or SIGINT: unwind so that every ``finally`` runs."""
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+class Interrupts:
+    """SIGTERM / SIGINT handler. The first signal raises ``Terminated``; since a C call may
+    swallow that exception (a semaphore wait returns EINTR), the signal is also remembered and
+    ``check()`` (called from every ring wait slice) raises it again. Later signals are ignored
+    so that nothing interrupts the cleanup, which is bounded in time."""
+
+    def __init__(self):
+        self.signum = None
+        self.handled = False     # set once the launcher has caught Terminated
+        self.prev = {}
+
+    def install(self) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self.prev[s] = signal.signal(s, self._handle)
+
+    def uninstall(self) -> None:
+        for s, h in self.prev.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            self.check()
+
+    def check(self) -> bool:
+        if self.signum is not None and not self.handled:
+            raise Terminated()
+        return True
 
 
 def err(msg: str) -> None:
@@ -53,7 +79,7 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, ModelConfig, Tokenizer | None, i
     if cfg.model_folder:
         try:
             if cfg.load_format == "auto":
-                checkpoint_files(Path(cfg.model_folder))
+                check_checkpoint(Path(cfg.model_folder), model)
             tokenizer = Tokenizer.from_dir(cfg.model_folder)
         except (CheckpointError, TokenizerError) as e:
             raise ConfigError(str(e)) from None
@@ -108,7 +134,8 @@ def default_lines(prompts: list[str]):
         yield i, json.dumps({"custom_id": f"request-{i + 1}", **body}).encode()
 
 
-def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int) -> int:
+def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
+        interrupts: Interrupts) -> int:
     run_id = new_run_id()
     stale = cleanup_stale()
     if stale:
@@ -119,7 +146,7 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int) -> int:
     else:
         writer = PrintWriter(DEFAULT_PROMPTS)
         lines = default_lines(DEFAULT_PROMPTS)
-    pipeline = Pipeline(cfg, model, run_id, max_len)
+    pipeline = Pipeline(cfg, model, run_id, max_len, interrupts.check)
     t0 = time.monotonic()
     try:
         pipeline.start()
@@ -147,6 +174,7 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int) -> int:
         err(str(e))
         return 1
     except (KeyboardInterrupt, Terminated):
+        interrupts.handled = True
         err("interrupted; results finished so far are kept"
             + (f" in {cfg.output}" if cfg.output else ""))
         return 130
@@ -164,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         err(str(e))
         return 2
-    prev = signal.signal(signal.SIGTERM, _on_sigterm)
+    interrupts = Interrupts()
+    interrupts.install()
     try:
-        return run(cfg, model, tokenizer, max_len)
+        return run(cfg, model, tokenizer, max_len, interrupts)
     finally:
-        signal.signal(signal.SIGTERM, prev)
+        interrupts.uninstall()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,11 +43,13 @@ def ring_capacity(cfg: RunConfig, model: ModelConfig, max_model_len: int) -> int
 
 
 class Pipeline:
-    def __init__(self, cfg: RunConfig, model: ModelConfig, run_id: str, max_model_len: int):
+    def __init__(self, cfg: RunConfig, model: ModelConfig, run_id: str, max_model_len: int,
+                 interrupted: Callable[[], bool] = lambda: True):
         self.cfg = cfg
         self.model = model
         self.run_id = run_id
         self.max_model_len = max_model_len
+        self.interrupted = interrupted   # raises if the user asked the run to stop
         self.ranges = split_layers(model, cfg.gpus)
         self.rings: list[Ring] = []
         self.procs: list[mp.Process] = []
@@ -100,6 +103,7 @@ class Pipeline:
 
     def check(self) -> bool:
         """Liveness callback for ring waits: raises StageFailed if a stage process died."""
+        self.interrupted()
         for i, p in enumerate(self.procs):
             if p.exitcode is not None:
                 raise StageFailed(f"stage {i} (pid {p.pid}) exited with code {p.exitcode}"

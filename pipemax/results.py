@@ -124,6 +124,8 @@ def encode_line(line: dict) -> bytes:
     JSON escape instead of failing the write.
     """
     s = json.dumps(line, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    # characters that some line readers (Python's str.splitlines) take for line breaks
+    s = s.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
     return s.encode("utf-8", "backslashreplace") + b"\n"
 
 

@@ -1,8 +1,9 @@
 """Text <-> token ids for a HF model folder, matching transformers' fast tokenizers.
 
 ``Tokenizer`` wraps ``tokenizer.json`` (the ``tokenizers`` library) plus the bits of
-``tokenizer_config.json`` that change ids or text: special tokens and the chat template. ``IncrementalDetokenizer`` turns generated ids into
-text one token at a time and finds stop strings.
+``tokenizer_config.json`` that change ids or text: special tokens and the chat template.
+``IncrementalDetokenizer`` turns generated ids into text one token at a time and finds stop
+strings.
 """
 from __future__ import annotations
 
@@ -80,6 +81,8 @@ def _pick_chat_template(folder: Path, cfg: dict) -> str | None:
 
 
 class Tokenizer:
+    """ids <-> text as transformers' fast tokenizer (AutoTokenizer) does for the same folder."""
+
     def __init__(self, tok: tokenizers.Tokenizer, config: dict | None = None,
                  chat_template: str | None = None):
         config = config or {}
@@ -109,6 +112,7 @@ class Tokenizer:
             self._tok.add_special_tokens(to_add)
         # Like transformers (v5, and v4's generic fast class), the post-processor in tokenizer.json
         # alone decides BOS/EOS: add_bos_token / add_eos_token in tokenizer_config are ignored.
+
         # transformers v5 ignores clean_up_tokenization_spaces for BPE models (it would corrupt them)
         self._cleanup = bool(config.get("clean_up_tokenization_spaces", False)) and (
             type(tok.model).__name__ != "BPE" or bool(config.get(
@@ -117,6 +121,15 @@ class Tokenizer:
         eos = self._id_of(self.special_tokens.get("eos_token"))
         self.eos_token_ids: tuple[int, ...] = () if eos is None else (eos,)
         self.vocab_size: int = tok.get_vocab_size(with_added_tokens=True)
+        self.special_ids: frozenset[int] = frozenset(
+            i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+        # SentencePiece-style byte fallback decodes a run of <0xHH> tokens as one UTF-8 string
+        self.byte_tokens: dict[int, int] = {}  # id -> byte value, for <0xHH> tokens
+        if "ByteFallback" in repr(tok.decoder):
+            for b in range(256):
+                i = tok.token_to_id(f"<0x{b:02X}>")
+                if i is not None:
+                    self.byte_tokens[i] = b
 
     # ---- construction ----------------------------------------------------------------------
     @staticmethod
@@ -149,7 +162,7 @@ class Tokenizer:
         return self._finish(self.raw_decode(ids, skip_special_tokens))
 
     def raw_decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        """Decode without transformers' clean-up pass (only differs for non-BPE models that ask for it)."""
+        """Decode without transformers' clean-up pass (differs only for non-BPE models asking for it)."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def _finish(self, text: str) -> str:
@@ -193,7 +206,7 @@ class Tokenizer:
             return self._compiled.render(messages=msgs, tools=None, documents=None,
                                          add_generation_prompt=add_generation_prompt,
                                          **self.special_tokens)
-        except jinja2.TemplateError as e:
+        except Exception as e:  # TemplateError, or e.g. TypeError on unexpected message content
             raise TokenizerError(f"chat template failed: {_first_line(e)}") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -229,7 +242,10 @@ class IncrementalDetokenizer:
     Each step decodes only a short trailing window (ids from ``prefix_offset``): the text new
     to this step is what the window decodes to beyond what its first part (up to
     ``read_offset``) decoded to. Text ending in U+FFFD (a character split across tokens) is
-    held back until the character completes.
+    held back until the character completes. With SentencePiece byte fallback a run of <0xHH>
+    ids decodes as one string, so the window never starts inside such a run (up to 64 ids).
+    If later ids ever change earlier text (invalid bytes), everything is decoded once again,
+    so ``text`` always equals ``tokenizer.decode(token_ids)``.
     """
 
     _MAX_PENDING = 4  # a UTF-8 character is at most 4 bytes
@@ -254,8 +270,9 @@ class IncrementalDetokenizer:
             return True
         self.token_ids.append(int(token_id))
         before = len(self._out)
-        self._out += self._step()
-        return self._find_stop(before)
+        new = self._step()  # may rewrite self._out (rare, see _resync)
+        self._out += new
+        return self._find_stop(min(before, len(self._out) - len(new)))
 
     def _decode(self, start: int, end: int | None = None) -> str:
         return self._tok.raw_decode(self.token_ids[start:end], skip_special_tokens=True)
@@ -266,9 +283,11 @@ class IncrementalDetokenizer:
         prefix = self._decode(p, r)
         window = self._decode(p)
         if not window.startswith(prefix):
+            if window.endswith(REPLACEMENT_CHAR):
+                return ""  # e.g. an unfinished character makes a whole byte-fallback run U+FFFD
             return self._resync()
         if len(window) > len(prefix) and not window.endswith(REPLACEMENT_CHAR):
-            self._prefix_offset, self._read_offset = r, len(ids)
+            self._prefix_offset, self._read_offset = self._window_start(r), len(ids)
             return window[len(prefix):]
         if len(ids) - r > self._MAX_PENDING:
             # A long run of bytes that never forms a character: emit all but the last few ids
@@ -276,29 +295,56 @@ class IncrementalDetokenizer:
             s = len(ids) - (self._MAX_PENDING - 1)
             head = self._decode(p, s)
             if head.startswith(prefix) and window == head + self._decode(s):
-                self._prefix_offset, self._read_offset = r, s
+                self._prefix_offset, self._read_offset = self._window_start(r), s
                 return head[len(prefix):]
         return ""
+
+    _MAX_BYTE_RUN = 64
+
+    def _window_start(self, p: int) -> int:
+        """Move a window start off the middle of a byte-fallback run (decoded as a whole)."""
+        byte_of, special, ids = self._tok.byte_tokens, self._tok.special_ids, self.token_ids
+        if not byte_of:
+            return p
+        j = p
+        while j < len(ids) and ids[j] in special:  # skipped on decode: runs join across them
+            j += 1
+        if j >= len(ids) or ids[j] not in byte_of:
+            return p
+
+        def in_run(i):
+            return ids[i] in byte_of or ids[i] in special
+
+        q = p
+        while q > 0 and in_run(q - 1) and p - q < self._MAX_BYTE_RUN:
+            q -= 1
+        if q > 0 and in_run(q - 1):  # a very long run: start at a character boundary
+            while q < p and (ids[q] in special or 0x80 <= byte_of[ids[q]] < 0xC0):
+                q += 1
+            return q
+        # and one ordinary id before the run, so that a decoder stripping the window's leading
+        # space (Metaspace) cannot hide a change in how the run decodes
+        return max(q - 1, 0)
 
     def _resync(self) -> str:
         """Rare: the window does not extend its prefix. Re-decode everything once."""
         full = self._decode(0)
-        self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
+        self._prefix_offset = self._window_start(self._read_offset)
+        self._read_offset = len(self.token_ids)
         if full.startswith(self._out):
             return full[len(self._out):]
         self._out = full  # earlier text changed under later ids: take the full decode
         return ""
 
-    def _pending(self) -> str:
-        """Text of ids not emitted yet (e.g. a trailing partial character)."""
+    def _raw_text(self) -> str:
+        """Emitted text plus the text of ids held back (e.g. a trailing partial character)."""
         if self._read_offset == len(self.token_ids):
-            return ""
+            return self._out
         prefix = self._decode(self._prefix_offset, self._read_offset)
         window = self._decode(self._prefix_offset)
         if window.startswith(prefix):
-            return window[len(prefix):]
-        full = self._decode(0)
-        return full[len(self._out):] if full.startswith(self._out) else ""
+            return self._out + window[len(prefix):]
+        return self._decode(0)
 
     def _find_stop(self, before: int) -> bool:
         if not self._stop or len(self._out) == before:
@@ -315,9 +361,10 @@ class IncrementalDetokenizer:
 
     @property
     def stable_text(self) -> str:
-        """Text that later ids cannot change: ``text`` minus a trailing partial character.
+        """``text`` minus a trailing partial character: safe to stream.
 
-        Streams of this never carry a U+FFFD for a character still split across tokens."""
+        It never carries a U+FFFD for a character still split across tokens; only invalid
+        byte-fallback sequences can make later ids change it."""
         end = len(self._out) if self._stop_at is None else self._stop_at
         return self._tok._finish(self._out[:end])
 
@@ -326,11 +373,11 @@ class IncrementalDetokenizer:
         """Text so far; cut before the first stop string once one was hit (OpenAI semantics)."""
         if self._stop_at is not None:
             return self._tok._finish(self._out[:self._stop_at])
-        pending = self._pending()
-        raw = self._out + pending
-        if pending and self._stop:
-            hits = [i for i in (raw.find(s, max(0, len(self._out) - len(s) + 1))
-                                for s in self._stop) if i >= 0]
+        raw = self._raw_text()
+        if raw != self._out and self._stop:
+            start = len(self._out) if raw.startswith(self._out) else 0
+            hits = [i for i in (raw.find(s, max(0, start - len(s) + 1)) for s in self._stop)
+                    if i >= 0]
             if hits:
                 raw = raw[:min(hits)]
         return self._tok._finish(raw)

@@ -42,6 +42,50 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     return out
 
 
+def check_checkpoint(folder: Path, cfg: ModelConfig) -> None:
+    """Check, from the file headers only, that every tensor of the model is there in the right
+    shape, so a bad folder stops the run before any stage starts."""
+    where = checkpoint_files(folder)
+    with torch.device("meta"):
+        model = StageModel(cfg, 0, cfg.num_layers, True, True)
+    wanted = _resolve_tied(_hf_names(cfg, model), where, cfg)
+    _check_missing(wanted, where, folder)
+    shapes = dict(model.named_parameters())
+    handles = {}
+    try:
+        for ours, names in wanted.items():
+            rows = 0
+            for n in names:
+                f = where[n]
+                if f not in handles:
+                    handles[f] = safe_open(str(f), framework="pt")
+                shape = handles[f].get_slice(n).get_shape()
+                rows += shape[0]
+            expect = tuple(shapes[ours].shape)
+            got = (rows, *shape[1:])
+            if got != expect:
+                raise CheckpointError(f"tensor {names[0]} has shape {tuple(shape)}, config.json "
+                                      f"implies {expect} for the model")
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot read the checkpoint in {folder}: {e}") from None
+
+
+def _resolve_tied(wanted: dict, where: dict, cfg: ModelConfig) -> dict:
+    if "lm_head.weight" in wanted and "lm_head.weight" not in where:
+        if cfg.tie_word_embeddings or "model.embed_tokens.weight" in where:
+            wanted["lm_head.weight"] = ["model.embed_tokens.weight"]
+    return wanted
+
+
+def _check_missing(wanted: dict, where: dict, folder: Path) -> None:
+    missing = sorted({n for names in wanted.values() for n in names if n not in where})
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise CheckpointError(f"checkpoint in {folder} lacks tensors {', '.join(missing[:3])}{more}")
+
+
 def _hf_names(cfg: ModelConfig, model: StageModel) -> dict[str, list[str]]:
     """Our parameter name -> the HF tensor names concatenated (dim 0) to make it."""
     m = {}
@@ -91,14 +135,8 @@ def _init_random(params: dict, seed: int) -> None:
 
 def _load(params: dict, cfg: ModelConfig, model: StageModel, folder: Path) -> None:
     where = checkpoint_files(folder)
-    wanted = _hf_names(cfg, model)
-    if model.is_last and "lm_head.weight" not in where:
-        if cfg.tie_word_embeddings or "model.embed_tokens.weight" in where:
-            wanted["lm_head.weight"] = ["model.embed_tokens.weight"]
-    missing = sorted({n for names in wanted.values() for n in names if n not in where})
-    if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise CheckpointError(f"checkpoint in {folder} lacks tensors {', '.join(missing[:3])}{more}")
+    wanted = _resolve_tied(_hf_names(cfg, model), where, cfg)
+    _check_missing(wanted, where, folder)
     by_file: dict[Path, list[str]] = {}
     for names in wanted.values():
         for n in names:

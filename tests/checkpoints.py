@@ -1,12 +1,12 @@
 """Tiny HF checkpoints for tests, built with transformers, plus transformers reference outputs.
 
 ``make_checkpoint(tmp_path, kind)`` builds a folder once per test session (later calls with the
-same kind/dtype/seed return the folder already built, whatever ``tmp_path`` they pass), so a
-session-scoped folder is best:
+same kind/dtype/seed return the folder already built, whatever ``tmp_path`` they pass). Use the
+session's shared folder so every test module reuses the same builds:
 
     @pytest.fixture(scope="session")
     def llama_dir(tmp_path_factory):
-        return make_checkpoint(tmp_path_factory.mktemp("ckpt"), "llama-gqa-sharded")
+        return make_checkpoint(checkpoint_root(tmp_path_factory), "llama-gqa-sharded")
 
 Weights are drawn with a fixed seed at std ``INIT_STD`` (large enough that greedy continuations
 change token to token instead of repeating one token); norm weights are 1 + noise and biases
@@ -14,6 +14,7 @@ are noise, so code that ignores them fails.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from pathlib import Path
@@ -106,6 +107,13 @@ def _build(folder: Path, kind: str, dtype: torch.dtype, seed: int) -> None:
         assert (folder / "model.safetensors.index.json").is_file()
 
 
+def checkpoint_root(tmp_path_factory) -> Path:
+    """One folder per pytest session (pass the ``tmp_path_factory`` fixture) for all builds."""
+    root = Path(tmp_path_factory.getbasetemp()) / "pipemax-checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def make_checkpoint(tmp_path, kind: str, *, dtype=torch.float32, seed=0) -> Path:
     """A tiny HF checkpoint folder of ``kind`` (one of KINDS), built once per session."""
     if kind not in KINDS:
@@ -119,13 +127,26 @@ def make_checkpoint(tmp_path, kind: str, *, dtype=torch.float32, seed=0) -> Path
     if not (folder / "config.json").is_file():
         tmp = Path(tmp_path) / (name + ".partial")
         tmp.mkdir(parents=True, exist_ok=True)
-        _build(tmp, kind, dtype, seed)
+        with _one_thread():
+            _build(tmp, kind, dtype, seed)
         tmp.rename(folder)
     _BUILT[key] = folder
     return folder
 
 
 # ---- transformers references ---------------------------------------------------------------
+@contextlib.contextmanager
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine (parallel test
+    processes) OpenMP threads contending for cores make each forward ~100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @functools.lru_cache(maxsize=8)
 def _load(path: str):
     from transformers import AutoModelForCausalLM
@@ -145,7 +166,7 @@ def hf_greedy(path, prompt_ids_list, max_new_tokens: int) -> list[list[int]]:
                           eos_token_id=None, pad_token_id=None, bos_token_id=None,
                           num_beams=1, use_cache=True)
     outs = []
-    with torch.no_grad():
+    with torch.no_grad(), _one_thread():
         for ids in prompt_ids_list:
             x = torch.tensor([list(ids)], dtype=torch.long)
             y = model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc)
@@ -158,6 +179,6 @@ def hf_greedy(path, prompt_ids_list, max_new_tokens: int) -> list[list[int]]:
 def hf_logprobs(path, ids) -> torch.Tensor:
     """log_softmax of the last position's logits (float32, shape [vocab])."""
     model = _load(str(path))
-    with torch.no_grad():
+    with torch.no_grad(), _one_thread():
         logits = model(torch.tensor([list(ids)], dtype=torch.long)).logits
     return torch.log_softmax(logits[0, -1].float(), dim=-1)

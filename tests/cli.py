@@ -26,7 +26,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def read_results(path: Path) -> dict[str, dict]:
     out = {}
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_text().split("\n")[:-1]:   # JSONL: lines end in "\n" only
         d = json.loads(line)
         assert d["custom_id"] not in out, f"duplicate result for {d['custom_id']}"
         out[d["custom_id"]] = d
