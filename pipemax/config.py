@@ -41,6 +41,7 @@ class RunConfig:
     threads: int | None = None          # torch threads per CPU stage
     overrides: tuple[str, ...] = ()
     quiet: bool = False
+    stats_json: str | None = None       # write the run's figures here (for tools/bench.py)
 
     def __post_init__(self):
         if self.gpus < 1:
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="change a model field, e.g. num_layers=4")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--stats-json", default=None, help="write the run's figures to this file")
     return p
 
 
@@ -155,7 +157,7 @@ def from_args(argv: list[str] | None = None) -> RunConfig:
                     micro_batches=a.micro_batches,
                     max_num_batched_tokens=a.max_num_batched_tokens,
                     max_model_len=a.max_model_len, seed=a.seed, threads=a.threads,
-                    overrides=tuple(a.override), quiet=a.quiet)
+                    overrides=tuple(a.override), quiet=a.quiet, stats_json=a.stats_json)
     if a.dtype == "auto" and device == "cuda" and cfg.model_folder:
         if cfg.model_config().torch_dtype == "float16":
             cfg = RunConfig(**{**cfg.__dict__, "dtype": "float16"})

@@ -38,6 +38,15 @@ class Stats:
     def seconds(self) -> float:
         return time.monotonic() - self.started
 
+    def as_dict(self) -> dict:
+        s = self.seconds()
+        return {"requests_ok": self.requests_ok, "requests_error": self.requests_error,
+                "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
+                "steps": self.steps, "seconds": s,
+                "output_tok_s": self.output_tokens / s if s > 0 else 0.0,
+                "total_tok_s": (self.prompt_tokens + self.output_tokens) / s if s > 0 else 0.0,
+                "requests_s": self.requests_ok / s if s > 0 else 0.0}
+
     def summary(self) -> str:
         s = self.seconds()
         return (f"requests {self.requests_ok} ok, {self.requests_error} failed | tokens in "

@@ -166,7 +166,17 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
                         max_model_len=max_len, vocab_size=model.vocab_size,
                         model_name=Path(cfg.model).name, seed=cfg.seed, write=writer.write,
                         lines=lines, log=None if cfg.quiet else lambda m: info(cfg, m))
+        load_s = time.monotonic() - t0
         stats = engine.run()
+        finals = pipeline.stop()
+        if cfg.stats_json:
+            figures = {**stats.as_dict(), "load_seconds": load_s, "num_blocks": num_blocks,
+                       "peak_gpu_gb": [f["peak_gpu_bytes"] / 2**30 for f in finals],
+                       "block_size": cfg.block_size, "stages": reports,
+                       "preemptions": sched.num_preemptions,
+                       "micro_batches": cfg.num_micro_batches,
+                       "max_seqs_per_mb": cfg.max_seqs_per_mb}
+            Path(cfg.stats_json).write_text(json.dumps(figures, indent=1) + "\n")
         print(f"pipemax: {stats.summary()}", file=sys.stderr if cfg.input is None else sys.stdout,
               flush=True)
         return 0

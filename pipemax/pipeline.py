@@ -110,8 +110,10 @@ class Pipeline:
                                   + (" (killed by a signal)" if p.exitcode < 0 else ""))
         return True
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Ask every stage to exit, then make sure they are gone."""
+    def stop(self, timeout: float = 10.0) -> list[dict]:
+        """Ask every stage to exit, then make sure they are gone. Returns the stages' final
+        reports (peak memory) when they all got to give one."""
+        finals = []
         alive = [p for p in self.procs if p.exitcode is None]
         if alive and self.to_first is not None:
             try:
@@ -122,6 +124,7 @@ class Pipeline:
                     try:
                         with self.from_last.read(timeout=0.5, alive=lambda: True) as m:
                             if m.meta.get("op") == P.OP_STOP:
+                                finals = list(m.meta.get("finals", []))
                                 break
                     except TimeoutError:
                         if any(p.exitcode is not None for p in self.procs):
@@ -137,6 +140,7 @@ class Pipeline:
             if p.exitcode is None:
                 p.kill()
                 p.join(timeout=3.0)
+        return finals
 
     def close(self) -> None:
         """Stop the stages and remove every shared-memory object of the run."""

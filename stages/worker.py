@@ -87,6 +87,11 @@ class Stage:
                 "max_blocks": int(min(budget // block_bytes, s.max_blocks_useful)),
                 "kv_budget_bytes": int(budget), "device": str(self.device)}
 
+    def final_report(self) -> dict:
+        peak = (torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda"
+                else 0)
+        return {"stage": self.spec.index, "peak_gpu_bytes": int(peak)}
+
     def alloc(self, num_blocks: int) -> None:
         s = self.spec
         self.kv = KVCache(s.model, s.layer_end - s.layer_start, num_blocks, s.block_size,
@@ -142,7 +147,9 @@ def serve(spec: StageSpec) -> int:
             elif op == P.OP_ALLOC:
                 stage.alloc(int(meta["num_blocks"]))
                 meta["acks"] = list(meta.get("acks", [])) + [spec.index]
-            elif op in (P.OP_STOP, P.OP_ERROR):
+            elif op == P.OP_STOP:
+                meta["finals"] = list(meta.get("finals", [])) + [stage.final_report()]
+            elif op == P.OP_ERROR:
                 pass
             else:
                 raise RuntimeError(f"unknown op {op!r}")

@@ -1,0 +1,56 @@
+"""Benchmark workloads: seeded request files with token-id prompts, EOS ignored.
+
+    fixed:512/256   every request has 512 prompt tokens and 256 output tokens
+    chat            log-normal prompt and output lengths, like chat logs (seeded)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+
+def lengths(spec: str, n: int, seed: int, max_len: int) -> list[tuple[int, int]]:
+    rng = np.random.default_rng(seed)
+    if spec.startswith("fixed:"):
+        i, o = (int(x) for x in spec[len("fixed:"):].split("/"))
+        return [(i, o)] * n
+    if spec == "chat":
+        # medians ~ 600 in / 250 out, long tails, clipped to the context
+        ins = np.clip(rng.lognormal(np.log(600), 0.8, n), 16, max_len // 2).astype(int)
+        outs = np.clip(rng.lognormal(np.log(250), 0.7, n), 8, max_len // 2).astype(int)
+        return list(zip(ins.tolist(), outs.tolist()))
+    raise ValueError(f"unknown workload {spec!r}: fixed:IN/OUT or chat")
+
+
+def requests(spec: str, n: int, vocab_size: int, seed: int = 0, max_len: int = 4096) -> list[dict]:
+    rng = np.random.default_rng(seed + 1)
+    rows = []
+    for k, (i, o) in enumerate(lengths(spec, n, seed, max_len)):
+        ids = rng.integers(10, vocab_size - 10, size=i).tolist()
+        rows.append({"custom_id": f"b{k}", "method": "POST", "url": "/v1/completions",
+                     "body": {"prompt": ids, "max_tokens": o, "temperature": 0,
+                              "ignore_eos": True}})
+    return rows
+
+
+def write(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, separators=(",", ":")) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--workload", default="fixed:512/256")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True)
+    a = p.parse_args()
+    write(a.output, requests(a.workload, a.num_requests, a.vocab_size, a.seed))
+
+
+if __name__ == "__main__":
+    main()
