@@ -2,7 +2,11 @@
 
 A step carries B sequences; sequence b brings ``q_lens[b]`` new tokens and, after the step, has
 ``ctx_lens[b]`` tokens of context (the new ones included). Tokens are laid out flat ``[N, ...]``
-(N = sum of q_lens) for every matmul; only attention needs the per-sequence shape.
+(N = sum of q_lens) for every matmul; only attention needs the per-sequence shape, and it
+splits the step in two groups so that neither pays for the other's shape:
+
+- decode: sequences bringing one token; batched as [B_d, 1 query] over their context;
+- prefill: sequences bringing a chunk of prompt; padded to [B_p, Q_p] queries, causal.
 
 KV cache of one stage (block-major, so one block of one sequence is one contiguous run of bytes
 across all the stage's layers, which is what offload moves)::
@@ -22,19 +26,52 @@ import torch.nn.functional as F
 
 
 @dataclass
-class StepLayout:
+class Group:
+    """One attention group (decode or prefill) of a step."""
+    tokens: torch.Tensor | None   # [n] flat token indices of the group (None: all N, in order)
     num_seqs: int
     max_q: int
     max_ctx: int
+    read_blocks: torch.Tensor     # [B, C] int64, block of context position c of sequence b
+    read_offsets: torch.Tensor    # [C] int64
+    mask: torch.Tensor | None     # [B, Q, C] bool, True where a query may attend; None: all
+    q_gather: torch.Tensor | None  # prefill: [B, Q] index into the group's tokens (n = padding)
+    out_gather: torch.Tensor | None  # prefill: [n] index into the [B*Q] padded layout
+
+
+@dataclass
+class StepLayout:
     positions: torch.Tensor       # [N] int64, absolute position of each new token
     write_blocks: torch.Tensor    # [N] int64, cache block the new token's k/v goes to
     write_offsets: torch.Tensor   # [N] int64, slot inside that block
-    read_blocks: torch.Tensor     # [B, C] int64, block of context position c of sequence b
-    read_offsets: torch.Tensor    # [C] int64
-    q_gather: torch.Tensor        # [B, Q] int64, flat token index (N = padding row)
-    out_gather: torch.Tensor      # [N] int64, index into the [B*Q] padded layout
-    mask: torch.Tensor | None     # [B, Q, C] bool, True where a query may attend; None: decode with no padding
     last_index: torch.Tensor      # [B] int64, flat index of each sequence's last new token
+    decode: Group | None
+    prefill: Group | None
+
+
+def _group(rows: np.ndarray, tok: np.ndarray, q_lens: np.ndarray, ctx_lens: np.ndarray,
+           bt: np.ndarray, N: int, block_size: int, t) -> Group:
+    q = q_lens[rows]
+    ctx = ctx_lens[rows]
+    B, Q, C = len(rows), int(q.max()), int(ctx.max())
+    c = np.arange(C)
+    read_blocks = bt[rows][:, np.minimum(c // block_size, bt.shape[1] - 1)]
+    all_tokens = len(tok) == N and bool((tok == np.arange(N)).all())
+    if Q == 1:
+        mask = None if bool((ctx == C).all()) else t(c[None, None, :] < ctx[:, None, None])
+        return Group(None if all_tokens else t(tok), B, 1, C, t(read_blocks),
+                     t(c % block_size), mask, None, None)
+    n = len(tok)
+    gcu = np.zeros(B + 1, dtype=np.int64)
+    np.cumsum(q, out=gcu[1:])
+    seq_of = np.repeat(np.arange(B), q)
+    offs = np.arange(n) - gcu[seq_of]
+    q_gather = np.full((B, Q), n, dtype=np.int64)
+    q_gather[seq_of, offs] = np.arange(n)
+    qpos = (ctx - q)[:, None] + np.arange(Q)[None, :]
+    mask = (c[None, None, :] <= qpos[:, :, None]) & (c[None, None, :] < ctx[:, None, None])
+    return Group(None if all_tokens else t(tok), B, Q, C, t(read_blocks), t(c % block_size),
+                 t(mask), t(q_gather), t(seq_of * Q + offs))
 
 
 def build_layout(q_lens: np.ndarray, ctx_lens: np.ndarray, block_tables: np.ndarray,
@@ -44,31 +81,41 @@ def build_layout(q_lens: np.ndarray, ctx_lens: np.ndarray, block_tables: np.ndar
     bt = np.asarray(block_tables, dtype=np.int64)
     B = len(q_lens)
     N = int(q_lens.sum())
-    Q = int(q_lens.max())
-    C = int(ctx_lens.max())
-    starts = ctx_lens - q_lens
     cu = np.zeros(B + 1, dtype=np.int64)
     np.cumsum(q_lens, out=cu[1:])
     seq_of = np.repeat(np.arange(B), q_lens)
-    offs = np.arange(N) - cu[seq_of]
-    positions = starts[seq_of] + offs
-    write_blocks = bt[seq_of, positions // block_size]
-    write_offsets = positions % block_size
-    c = np.arange(C)
-    read_blocks = bt[:, np.minimum(c // block_size, bt.shape[1] - 1)]
-    read_offsets = c % block_size
-    q_gather = np.full((B, Q), N, dtype=np.int64)
-    q_gather[seq_of, offs] = np.arange(N)
-    out_gather = seq_of * Q + offs
-    if Q == 1 and bool((ctx_lens == C).all()):
-        mask = None
-    else:
-        qpos = starts[:, None] + np.arange(Q)[None, :]                       # [B, Q]
-        m = (c[None, None, :] <= qpos[:, :, None]) & (c[None, None, :] < ctx_lens[:, None, None])
-        mask = torch.from_numpy(m).to(device)
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
-    return StepLayout(B, Q, C, t(positions), t(write_blocks), t(write_offsets), t(read_blocks),
-                      t(read_offsets), t(q_gather), t(out_gather), mask, t(cu[1:] - 1))
+    positions = (ctx_lens - q_lens)[seq_of] + np.arange(N) - cu[seq_of]
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
+    dec = np.flatnonzero(q_lens == 1)
+    pre = np.flatnonzero(q_lens > 1)
+    pre_tok = np.flatnonzero(q_lens[seq_of] > 1)
+    return StepLayout(
+        t(positions), t(bt[seq_of, positions // block_size]), t(positions % block_size),
+        t(cu[1:] - 1),
+        _group(dec, cu[dec], q_lens, ctx_lens, bt, N, block_size, t) if len(dec) else None,
+        _group(pre, pre_tok, q_lens, ctx_lens, bt, N, block_size, t) if len(pre) else None)
+
+
+def _attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, g: Group,
+            scale: float) -> torch.Tensor:
+    """q [n, H, D] of one group -> [n, H*D]."""
+    n, H, D = q.shape
+    KVH = kc.shape[-2]
+    G = H // KVH
+    B, Q, C = g.num_seqs, g.max_q, g.max_ctx
+    K = kc[g.read_blocks, g.read_offsets].permute(0, 2, 1, 3)      # [B, KVH, C, D]
+    V = vc[g.read_blocks, g.read_offsets].permute(0, 2, 1, 3)
+    if Q == 1:
+        qp = q.view(B, KVH, G, D)            # query head h uses kv head h // G
+        mask = None if g.mask is None else g.mask.view(B, 1, 1, C)
+        return F.scaled_dot_product_attention(qp, K, V, attn_mask=mask,
+                                              scale=scale).reshape(B, H * D)
+    qpad = torch.cat([q, q.new_zeros(1, H, D)])[g.q_gather]             # [B, Q, H, D]
+    qp = qpad.view(B, Q, KVH, G, D).permute(0, 2, 3, 1, 4).reshape(B, KVH, G * Q, D)
+    mask = g.mask[:, None, None].expand(B, 1, G, Q, C).reshape(B, 1, G * Q, C)
+    o = F.scaled_dot_product_attention(qp, K, V, attn_mask=mask, scale=scale)
+    o = o.view(B, KVH, G, Q, D).permute(0, 3, 1, 2, 4).reshape(B * Q, H * D)
+    return o[g.out_gather]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
@@ -78,26 +125,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch
     Returns [N, H*D]. Batched over sequences: no Python loop over them.
     """
     N, H, D = q.shape
-    KVH = k.shape[1]
-    G = H // KVH
-    B, Q, C = lay.num_seqs, lay.max_q, lay.max_ctx
     kc = kv[:, layer, 0]      # [nb, bs, KVH, D] view
     vc = kv[:, layer, 1]
     kc[lay.write_blocks, lay.write_offsets] = k
     vc[lay.write_blocks, lay.write_offsets] = v
-    K = kc[lay.read_blocks, lay.read_offsets]          # [B, C, KVH, D]
-    V = vc[lay.read_blocks, lay.read_offsets]
-    K = K.permute(0, 2, 1, 3)                           # [B, KVH, C, D]
-    V = V.permute(0, 2, 1, 3)
-    if Q == 1 and N == B:
-        qp = q.view(B, KVH, G, D)                       # rows are the G query heads of each kv head
-        mask = None if lay.mask is None else lay.mask.view(B, 1, 1, C)
-    else:
-        qpad = torch.cat([q, q.new_zeros(1, H, D)])[lay.q_gather]            # [B, Q, H, D]
-        qp = qpad.view(B, Q, KVH, G, D).permute(0, 2, 3, 1, 4).reshape(B, KVH, G * Q, D)
-        mask = lay.mask[:, None, None].expand(B, 1, G, Q, C).reshape(B, 1, G * Q, C)
-    o = F.scaled_dot_product_attention(qp, K, V, attn_mask=mask, scale=scale)  # [B, KVH, G*Q, D]
-    if Q == 1 and N == B:
-        return o.reshape(B, H * D)
-    o = o.view(B, KVH, G, Q, D).permute(0, 3, 1, 2, 4).reshape(B * Q, H * D)
-    return o[lay.out_gather]
+    groups = [g for g in (lay.decode, lay.prefill) if g is not None]
+    if len(groups) == 1 and groups[0].tokens is None:
+        return _attend(q, kc, vc, groups[0], scale)
+    out = q.new_empty(N, H * D)
+    for g in groups:
+        out[g.tokens] = _attend(q[g.tokens], kc, vc, g, scale)
+    return out

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
                                     "max_tokens": a.max_tokens, "ignore_eos": True,
                                     "return_token_ids": True}) + "\n")
         out = Path(d) / "out.jsonl"
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         cmd = [sys.executable, "-m", "pipemax.launch", "--device", a.device, "--dtype", a.dtype,
                "--gpus", str(a.gpus), "--model", folder, "--input", str(req), "--output",
                str(out)]

@@ -1,0 +1,182 @@
+"""stages.triton_decode: paged decode attention against a float64 torch reference.
+
+Runs on the GPU when there is one, else on CPU tensors under Triton's interpreter
+(TRITON_INTERPRET=1, set only while the kernel module is imported). Skipped only when
+neither is possible.
+"""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+
+def _setup():
+    """(module, device, why-skipped)."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:                                   # pragma: no cover
+        return None, None, f"triton is not importable ({e!r}): no GPU kernel and no interpreter"
+    if torch.cuda.is_available():
+        import stages.triton_decode as td
+        return td, torch.device("cuda"), None
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        if "stages.triton_decode" in sys.modules:            # imported compiled: rebuild the
+            td = importlib.reload(sys.modules["stages.triton_decode"])  # kernels interpreted
+        else:
+            import stages.triton_decode as td
+    except Exception as e:                                   # pragma: no cover
+        return None, None, f"no GPU and the triton interpreter fails ({e!r})"
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    return td, torch.device("cpu"), None
+
+
+td, DEV, WHY = _setup()
+if WHY:
+    print(f"test_triton_decode skipped: {WHY}")
+pytestmark = pytest.mark.skipif(WHY is not None, reason=WHY or "")
+ON_GPU = DEV is not None and DEV.type == "cuda"
+
+
+def _case(B, H, KVH, D, bs, ctx_lens, dtype, seed, layer=1, L=3, spare=5):
+    """Random q and cache; each sequence's blocks are a random (shuffled) set of cache blocks;
+    every slot not inside some sequence's context is NaN."""
+    g = torch.Generator().manual_seed(seed)
+    nblk = [-(-c // bs) for c in ctx_lens]
+    max_blocks = max(nblk) + 2                                # padded rows
+    nb = sum(nblk) + spare
+    kv = torch.full((nb, L, 2, bs, KVH, D), float("nan"), dtype=torch.float64)
+    perm = torch.randperm(nb, generator=g)
+    bt = torch.full((B, max_blocks), -1, dtype=torch.int64)   # padding: never to be read
+    ks, vs = [], []
+    used = 0
+    for b, c in enumerate(ctx_lens):
+        blocks = perm[used:used + nblk[b]]
+        used += nblk[b]
+        bt[b, :nblk[b]] = blocks
+        k = torch.randn(c, KVH, D, generator=g, dtype=torch.float64)
+        v = torch.randn(c, KVH, D, generator=g, dtype=torch.float64)
+        pos = torch.arange(c)
+        kv[blocks[pos // bs], layer, 0, pos % bs] = k
+        kv[blocks[pos // bs], layer, 1, pos % bs] = v
+        ks.append(k.to(dtype).double())                      # what the kernel sees
+        vs.append(v.to(dtype).double())
+    # other layers of the same blocks hold finite garbage (they must not be read either,
+    # but NaN there would not tell them apart from the layer's own data being wrong)
+    for l in range(L):
+        if l != layer:
+            kv[:, l] = torch.randn(kv[:, l].shape, generator=g, dtype=torch.float64) * 100
+    q = torch.randn(B, H, D, generator=g, dtype=torch.float64).to(dtype)
+    return q, kv.to(dtype), bt, torch.tensor(ctx_lens, dtype=torch.int32), ks, vs
+
+
+def _reference(q, ks, vs, scale):
+    B, H, D = q.shape
+    out = []
+    for b in range(B):
+        k, v = ks[b], vs[b]                                   # [c, KVH, D]
+        G = H // k.shape[1]
+        kk = k.repeat_interleave(G, dim=1).transpose(0, 1)    # [H, c, D]
+        vv = v.repeat_interleave(G, dim=1).transpose(0, 1)
+        s = torch.einsum("hd,hcd->hc", q[b].double(), kk) * scale
+        out.append(torch.einsum("hc,hcd->hd", torch.softmax(s, -1), vv).reshape(H * D))
+    return torch.stack(out)
+
+
+def _check(B, H, KVH, D, bs, ctx_lens, dtype, seed=0, splits=None, bt_dtype=torch.int32,
+           max_ctx="exact"):
+    q, kv, bt, cl, ks, vs = _case(B, H, KVH, D, bs, ctx_lens, dtype, seed)
+    scale = D ** -0.5
+    ref = _reference(q, ks, vs, scale)
+    mc = max(ctx_lens) if max_ctx == "exact" else max_ctx
+    out = td.paged_decode(q.to(DEV), kv.to(DEV), 1, bt.to(bt_dtype).to(DEV), cl.to(DEV), scale,
+                          mc, splits=splits)
+    assert out.shape == (B, H * D) and out.dtype == dtype
+    out = out.cpu().double()
+    assert torch.isfinite(out).all(), "NaN/inf: read outside the context?"
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    err = (out - ref).norm() / ref.norm()
+    assert err < tol, f"relative error {err:.3g}"
+    # per sequence as well: a wrong short sequence must not hide behind long ones
+    for b in range(B):
+        e = (out[b] - ref[b]).norm() / ref[b].norm()
+        assert e < 2 * tol, f"sequence {b} (ctx {ctx_lens[b]}): relative error {e:.3g}"
+
+
+# (B, H, KVH, D, bs, ctx_lens)
+CASES = [
+    (3, 4, 4, 64, 16, [1, 17, 40]),            # MHA (G=1), ctx 1, non-multiples of bs
+    (2, 8, 2, 64, 8, [23, 5]),                 # G=4, block_size 8
+    (2, 8, 1, 128, 32, [70, 33]),              # G=8, head_dim 128, block_size 32
+    (4, 16, 2, 64, 16, [1, 16, 31, 64]),       # G=8, several lengths incl. exact multiples
+    (1, 2, 1, 64, 16, [9]),                    # G=2
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}KV{c[2]}D{c[3]}bs{c[4]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_matches_reference(case, dtype):
+    _check(*case, dtype=dtype, seed=CASES.index(case))
+
+
+@pytest.mark.parametrize("splits", [2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_split_context(splits, dtype):
+    """Chunks merged by the combine kernel, incl. chunks past a short sequence's end."""
+    _check(3, 8, 2, 64, 16, [1, 150, 333], dtype, seed=splits, splits=splits)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_int64_block_table_and_default_max_ctx(splits):
+    _check(2, 8, 2, 64, 16, [37, 100], torch.float32, seed=7, splits=splits,
+           bt_dtype=torch.int64, max_ctx=None)
+
+
+def test_fp16():
+    _check(2, 8, 2, 128, 16, [77, 130], torch.float16, seed=3, splits=2)
+
+
+def test_planner():
+    for B in (1, 8, 128, 256):
+        for ctx in (1, 100, 640, 2048, 32768, 131072):
+            sp, chunk = td.plan_splits(B, 8, ctx, 132)
+            assert 1 <= sp <= td.MAX_SPLITS and chunk % td.BLOCK_N == 0
+            assert sp * chunk >= ctx and (sp - 1) * chunk < ctx      # no empty split
+            if sp > 1:
+                assert chunk >= td.MIN_CHUNK - td.BLOCK_N
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_large_gpu():
+    """Realistic sizes and the default split plan (GPU only)."""
+    g = torch.Generator().manual_seed(11)
+    lens = torch.randint(1, 3000, (48,), generator=g).tolist()
+    _check(48, 32, 8, 128, 16, lens, torch.bfloat16, seed=11, splits=None)
+    _check(6, 32, 8, 128, 16, [5000, 1, 4097, 300, 2048, 17], torch.float32, seed=12)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_cuda_graph_capture():
+    q, kv, bt, cl, ks, vs = _case(4, 16, 4, 128, 16, [100, 1, 700, 333], torch.bfloat16, 5)
+    q, kv, bt, cl = q.cuda(), kv.cuda(), bt.to(torch.int32).cuda(), cl.cuda()
+    ref = _reference(q.cpu(), ks, vs, 0.1)
+    f = lambda: td.paged_decode(q, kv, 1, bt, cl, 0.1, 1024)
+    f()                                                      # compile outside the capture
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        f()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = f()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert (out.cpu().double() - ref).norm() / ref.norm() < 2e-2
