@@ -6,11 +6,14 @@ stages handled it.
 
     op      meta                              tensors
     HELLO   reports: [stage report, ...]      -            each stage appends its report
-    ALLOC   num_blocks, acks: [stage, ...]    -            each stage allocates its KV cache
-    STEP    mb, step, num_top                 q_lens, ctx_lens, block_tables, tokens|hidden,
+    ALLOC   resident_blocks, staging_blocks,  -            each stage allocates its KV cache
+            host_blocks, host_segments,                    (and maps its host KV segment)
+            overlap, acks: [stage, ...]
+    STEP    mb, step, num_top                 q_lens, ctx_lens, block_tables, offloaded,
+                                              tokens|hidden,
                                               sample_rows, temperature, top_p, top_k, u
             (back to the driver)              token_ids, logprobs, top_ids, top_logprobs
-    STOP    -                                 -            each stage forwards it, then exits
+    STOP    finals: [stage report, ...]       -            each stage appends its counters, exits
     ERROR   stage, message                    -            a stage failed; later stages forward it
 """
 OP_HELLO = 1
@@ -20,5 +23,5 @@ OP_STOP = 4
 OP_ERROR = 5
 
 # tensors every stage forwards unchanged with a STEP
-STEP_META_TENSORS = ("q_lens", "ctx_lens", "block_tables", "sample_rows",
+STEP_META_TENSORS = ("q_lens", "ctx_lens", "block_tables", "offloaded", "sample_rows",
                      "temperature", "top_p", "top_k", "u")

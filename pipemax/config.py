@@ -33,7 +33,7 @@ class RunConfig:
     gpu_memory_gb: float | None = None
     kv_cache_gb: float | None = None
     block_size: int = 16
-    max_num_seqs: int = 256
+    max_num_seqs: int = 1024
     micro_batches: int | None = None    # None: stages + 1
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -42,6 +42,10 @@ class RunConfig:
     overrides: tuple[str, ...] = ()
     quiet: bool = False
     stats_json: str | None = None       # write the run's figures here (for tools/bench.py)
+    kv_offload: str = "auto"            # "auto" | "on" | "off"
+    host_kv_gb: float | None = None     # host KV pool size (default: a safe share of the host)
+    offload_overlap: bool = True        # False: the plain, non-overlapped reference schedule
+    device_figures: tuple[tuple[str, float], ...] = ()   # planner figure overrides
 
     def __post_init__(self):
         if self.gpus < 1:
@@ -61,6 +65,14 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if self.kv_offload not in ("auto", "on", "off"):
+            raise ConfigError(f"--kv-offload must be auto, on or off, got {self.kv_offload!r}")
+        if self.host_kv_gb is not None and self.host_kv_gb <= 0:
+            raise ConfigError("--host-kv-gb must be positive")
+        for k, v in self.device_figures:
+            if k not in ("hbm_gbs", "h2d_gbs", "tflops") or v <= 0:
+                raise ConfigError(f"--device-figures: {k}={v} is not one of hbm_gbs, h2d_gbs, "
+                                  "tflops with a positive value")
         if (self.input is None) != (self.output is None):
             raise ConfigError("--input and --output go together")
 
@@ -123,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most memory a stage may use on its device")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="cap on a stage's KV cache")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences in flight in all")
+    p.add_argument("--max-num-seqs", type=int, default=1024,
+                   help="most sequences in flight in all (the planner may choose fewer)")
     p.add_argument("--micro-batches", type=int, default=None, help="default: stages + 1")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="tokens per micro-batch step (prompts longer than this are chunked)")
@@ -134,7 +147,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change a model field, e.g. num_layers=4")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--stats-json", default=None, help="write the run's figures to this file")
+    p.add_argument("--kv-offload", choices=("auto", "on", "off"), default="auto",
+                   help="keep waiting micro-batches' KV in host memory (auto: when it wins)")
+    p.add_argument("--host-kv-gb", type=float, default=None,
+                   help="host KV pool, all stages together (default: half the free memory)")
+    p.add_argument("--offload-overlap", choices=("on", "off"), default="on",
+                   help="off: the plain schedule (copy, then compute), the reference")
+    p.add_argument("--device-figures", default=None, metavar="hbm_gbs=X,h2d_gbs=Y,tflops=Z",
+                   help="planner figures instead of the ones measured at start")
     return p
+
+
+def _figures(text: str | None) -> tuple[tuple[str, float], ...]:
+    if not text:
+        return ()
+    out = []
+    for item in text.split(","):
+        k, _, v = item.partition("=")
+        try:
+            out.append((k.strip(), float(v)))
+        except ValueError:
+            raise ConfigError(f"--device-figures: {item!r} is not key=number") from None
+    return tuple(out)
 
 
 def resolve_device(requested: str | None) -> str:
@@ -157,7 +191,10 @@ def from_args(argv: list[str] | None = None) -> RunConfig:
                     micro_batches=a.micro_batches,
                     max_num_batched_tokens=a.max_num_batched_tokens,
                     max_model_len=a.max_model_len, seed=a.seed, threads=a.threads,
-                    overrides=tuple(a.override), quiet=a.quiet, stats_json=a.stats_json)
+                    overrides=tuple(a.override), quiet=a.quiet, stats_json=a.stats_json,
+                    kv_offload=a.kv_offload, host_kv_gb=a.host_kv_gb,
+                    offload_overlap=a.offload_overlap == "on",
+                    device_figures=_figures(a.device_figures))
     if a.dtype == "auto" and device == "cuda" and cfg.model_folder:
         if cfg.model_config().torch_dtype == "float16":
             cfg = RunConfig(**{**cfg.__dict__, "dtype": "float16"})

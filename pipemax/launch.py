@@ -16,7 +16,12 @@ from pathlib import Path
 
 from ipc.names import cleanup_stale, new_run_id
 from pipemax.config import ConfigError, RunConfig, from_args
+from pipemax import kv_setup
 from pipemax.engine import Engine
+from pipemax.kv_pool import HostMemoryError
+from pipemax.planner import PlanError
+from pipemax.requests import Parser
+from pipemax.workload import estimate
 from pipemax.model_config import ModelConfig
 from pipemax.pipeline import Pipeline, StageFailed
 from pipemax.requests import read_requests
@@ -110,6 +115,18 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, ModelConfig, Tokenizer | None, i
     return cfg, model, tokenizer, max_len
 
 
+def offload_summary(finals: list[dict], sched: Scheduler) -> str:
+    if not sched.offload:
+        return ""
+    gib = lambda x: x / 2**30
+    pre = sum(f.get("bytes_prefetched", 0) for f in finals)
+    off = sum(f.get("bytes_offloaded", 0) for f in finals)
+    peak = max((f.get("peak_staging_blocks", 0) for f in finals), default=0)
+    return (f"; KV offload: {sched.num_offloaded_admitted} sequences offloaded, "
+            f"{gib(pre):.2f} GiB prefetched, {gib(off):.2f} GiB offloaded, peak staging "
+            f"{peak} blocks per buffer")
+
+
 class PrintWriter:
     """The built-in default run: show each completion on the terminal."""
 
@@ -147,19 +164,22 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
         writer = PrintWriter(DEFAULT_PROMPTS)
         lines = default_lines(DEFAULT_PROMPTS)
     pipeline = Pipeline(cfg, model, run_id, max_len, interrupts.check)
+    pool = None
     t0 = time.monotonic()
     try:
+        wl = estimate(read_requests(cfg.input) if cfg.input else default_lines(DEFAULT_PROMPTS),
+                      Parser(tokenizer, max_model_len=max_len, vocab_size=model.vocab_size),
+                      max_len)
         pipeline.start()
-        num_blocks, reports = pipeline.handshake()
+        reports = pipeline.hello()
         for r in reports:
             a, b = r["layers"]
             info(cfg, f"stage {r['stage']} on {r['device']}: layers {a}-{b - 1}, weights "
                       f"{r['weight_bytes'] / 2**30:.2f} GiB, room for {r['max_blocks']} KV blocks")
-        info(cfg, f"loaded in {time.monotonic() - t0:.1f} s; KV cache {num_blocks} blocks of "
-                  f"{cfg.block_size} tokens; {cfg.num_micro_batches} micro-batches of up to "
-                  f"{cfg.max_seqs_per_mb} sequences")
-        sched = Scheduler(SchedulerConfig(cfg.num_micro_batches, cfg.max_seqs_per_mb,
-                                          cfg.max_num_batched_tokens, cfg.block_size, num_blocks))
+        kv_plan, pool, sched_cfg = kv_setup.setup(cfg, model, reports, wl, pipeline, run_id)
+        num_blocks = sched_cfg.num_blocks
+        info(cfg, f"loaded in {time.monotonic() - t0:.1f} s; plan: {kv_plan.describe()}")
+        sched = Scheduler(sched_cfg)
         engine = Engine(pipeline=pipeline, sched=sched, tokenizer=tokenizer,
                         eos_ids=tuple(model.eos_token_ids) + (
                             tokenizer.eos_token_ids if tokenizer else ()),
@@ -174,12 +194,23 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
                        "peak_gpu_gb": [f["peak_gpu_bytes"] / 2**30 for f in finals],
                        "block_size": cfg.block_size, "stages": reports,
                        "preemptions": sched.num_preemptions,
-                       "micro_batches": cfg.num_micro_batches,
-                       "max_seqs_per_mb": cfg.max_seqs_per_mb}
+                       "micro_batches": sched_cfg.num_micro_batches,
+                       "max_seqs_per_mb": sched_cfg.max_seqs_per_mb,
+                       "plan": json.loads(kv_plan.to_json()),
+                       "offloaded_admitted": sched.num_offloaded_admitted,
+                       "bytes_prefetched": sum(f.get("bytes_prefetched", 0) for f in finals),
+                       "bytes_offloaded": sum(f.get("bytes_offloaded", 0) for f in finals),
+                       "finals": finals}
             Path(cfg.stats_json).write_text(json.dumps(figures, indent=1) + "\n")
         print(f"pipemax: {stats.summary()}", file=sys.stderr if cfg.input is None else sys.stdout,
               flush=True)
+        info(cfg, f"plan predicted {kv_plan.predicted_tok_s:.0f} output tok/s in steady state; "
+                  f"measured {stats.as_dict()['output_tok_s']:.0f} over the whole run"
+                  + offload_summary(finals, sched))
         return 0
+    except (PlanError, HostMemoryError) as e:
+        err(str(e))
+        return 2
     except StageFailed as e:
         err(str(e))
         return 1
@@ -192,7 +223,11 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
         try:
             pipeline.close()
         finally:
-            writer.close()
+            try:
+                if pool is not None:
+                    pool.close()
+            finally:
+                writer.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,7 @@ class Pipeline:
         self.run_id = run_id
         self.max_model_len = max_model_len
         self.interrupted = interrupted   # raises if the user asked the run to stop
+        self.extra_checks: list[Callable[[], bool]] = []   # e.g. the KV pool's liveness
         self.ranges = split_layers(model, cfg.gpus)
         self.rings: list[Ring] = []
         self.procs: list[mp.Process] = []
@@ -83,27 +84,26 @@ class Pipeline:
             p.start()
             self.procs.append(p)
 
-    def handshake(self) -> tuple[int, list[dict]]:
-        """Load (stages report), then allocate the KV cache: returns (num_blocks, reports)."""
+    def hello(self) -> list[dict]:
+        """Stages load their weights and report what they can hold (and their measured figures)."""
         self.to_first.write({"op": P.OP_HELLO, "reports": []}, timeout=30.0, alive=self.check)
         meta, _ = self.recv(expect=P.OP_HELLO)
-        reports = meta["reports"]
-        num_blocks = min(r["max_blocks"] for r in reports)
-        if num_blocks < 1:
-            worst = min(reports, key=lambda r: r["max_blocks"])
-            raise StageFailed(
-                f"stage {worst['stage']} has no memory left for the KV cache: weights take "
-                f"{worst['weight_bytes'] / 2**30:.2f} GiB, KV budget "
-                f"{worst['kv_budget_bytes'] / 2**30:.2f} GiB (raise --gpu-memory-gb or use "
-                f"more stages)")
-        self.to_first.write({"op": P.OP_ALLOC, "num_blocks": num_blocks, "acks": []},
+        return meta["reports"]
+
+    def alloc(self, resident: int, staging: int, host_blocks: int, host_segments: list[str],
+              overlap: bool) -> None:
+        """Stages allocate their KV caches (and map their host KV segments)."""
+        self.to_first.write({"op": P.OP_ALLOC, "resident_blocks": resident,
+                             "staging_blocks": staging, "host_blocks": host_blocks,
+                             "host_segments": host_segments, "overlap": overlap, "acks": []},
                             timeout=30.0, alive=self.check)
         self.recv(expect=P.OP_ALLOC)
-        return num_blocks, reports
 
     def check(self) -> bool:
         """Liveness callback for ring waits: raises StageFailed if a stage process died."""
         self.interrupted()
+        for extra in self.extra_checks:
+            extra()
         for i, p in enumerate(self.procs):
             if p.exitcode is not None:
                 raise StageFailed(f"stage {i} (pid {p.pid}) exited with code {p.exitcode}"
@@ -160,6 +160,7 @@ class Pipeline:
             "q_lens": torch.from_numpy(plan.q_lens),
             "ctx_lens": torch.from_numpy(plan.ctx_lens),
             "block_tables": torch.from_numpy(plan.block_tables),
+            "offloaded": torch.from_numpy(plan.offloaded),
             "sample_rows": torch.from_numpy(plan.sample_rows),
             **{k: torch.from_numpy(v) for k, v in sampling.items()},
             "tokens": torch.from_numpy(plan.tokens),

@@ -9,6 +9,12 @@ When a running sequence needs a block and none is free, the newest sequence of t
 micro-batch is preempted: its blocks are freed and it goes back to the front of the queue, to
 be recomputed (prompt and output so far) later. Only the micro-batch being planned is touched,
 so blocks in use by micro-batches in flight are never given away.
+
+With KV offload (``staging_blocks`` > 0), a sequence that does not fit the GPU-resident
+blocks is admitted *offloaded*: its KV lives in the host pool, in one contiguous extent
+reserved for its whole length (prompt + max_tokens), and each step of its micro-batch stages
+its context on the GPU (pipemax/timetable.py). A micro-batch's offloaded extents must fit one
+staging buffer, which is how the plan bounds the bytes prefetched per step.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipemax.block_manager import BlockManager
+from pipemax.block_manager import BlockManager, ExtentAllocator
 from pipemax.sequence import Sequence
 
 
@@ -27,7 +33,9 @@ class SchedulerConfig:
     max_seqs_per_mb: int
     max_tokens_per_step: int
     block_size: int
-    num_blocks: int
+    num_blocks: int               # GPU-resident blocks
+    staging_blocks: int = 0       # per staging buffer (0: no offload)
+    host_blocks: int = 0
 
     def __post_init__(self):
         for f in ("num_micro_batches", "max_seqs_per_mb", "max_tokens_per_step", "block_size",
@@ -45,6 +53,7 @@ class StepPlan:
     block_tables: np.ndarray  # [B, max blocks] int32
     tokens: np.ndarray        # [N] int64
     sample_rows: np.ndarray   # [n] int64, rows of seqs that sample a token this step
+    offloaded: np.ndarray     # [B] bool, rows whose block table holds host block ids
 
     @property
     def num_tokens(self) -> int:
@@ -59,9 +68,17 @@ class Scheduler:
         self.running: list[list[Sequence]] = [[] for _ in range(cfg.num_micro_batches)]
         self.num_preemptions = 0
         self.watermark = max(1, cfg.num_blocks // 100)
+        self.offload = cfg.staging_blocks > 0
+        self.host = ExtentAllocator(cfg.host_blocks) if self.offload else None
+        self.staged = [0] * cfg.num_micro_batches     # offloaded blocks reserved per mb
+        self.num_offloaded_admitted = 0
 
     def max_tokens_servable(self) -> int:
-        return self.cfg.num_blocks * self.cfg.block_size
+        """The longest sequence that can ever run (alone)."""
+        most = self.cfg.num_blocks
+        if self.offload:
+            most = max(most, min(self.cfg.staging_blocks, self.cfg.host_blocks))
+        return most * self.cfg.block_size
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -72,14 +89,22 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting) or any(self.running)
 
-    def finish(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence) -> None:
         self.running[seq.mb].remove(seq)
-        self.blocks.release(seq.blocks)
+        if seq.offloaded:
+            self.host.free(seq.blocks[0], len(seq.blocks))
+            self.staged[seq.mb] -= len(seq.blocks)
+            seq.blocks.clear()
+            seq.offloaded = False
+        else:
+            self.blocks.release(seq.blocks)
+
+    def finish(self, seq: Sequence) -> None:
+        self._release(seq)
         seq.mb = -1
 
     def _preempt(self, seq: Sequence) -> None:
-        self.running[seq.mb].remove(seq)
-        self.blocks.release(seq.blocks)
+        self._release(seq)
         seq.num_computed = 0
         seq.mb = -1
         seq.num_preemptions += 1
@@ -95,6 +120,11 @@ class Scheduler:
         while i < len(run) and budget > 0:
             s = run[i]
             n = min(s.remaining, budget)
+            if s.offloaded:        # its whole extent is reserved
+                items.append((s, n))
+                budget -= n
+                i += 1
+                continue
             while not self.blocks.grow(s.blocks, s.num_computed + n):
                 victim = run[-1]
                 self._preempt(victim)
@@ -108,11 +138,10 @@ class Scheduler:
             break  # s itself was preempted: it was the newest, nothing after it
         while self.waiting and len(run) < cfg.max_seqs_per_mb and budget > 0:
             s = self.waiting[0]
-            need = self.blocks.blocks_for(len(s.token_ids))
-            if need + self.watermark > self.blocks.num_free and run:
-                break
             n = min(s.remaining, budget)
-            if not self.blocks.grow(s.blocks, n):
+            need = self.blocks.blocks_for(len(s.token_ids))
+            fits = need + self.watermark <= self.blocks.num_free or not run
+            if not (fits and self.blocks.grow(s.blocks, n)) and not self._stage(s, mb):
                 break
             self.waiting.popleft()
             s.mb = mb
@@ -122,6 +151,22 @@ class Scheduler:
         if not items:
             return None
         return self._plan(mb, items)
+
+    def _stage(self, s: Sequence, mb: int) -> bool:
+        """Admit ``s`` offloaded into micro-batch ``mb`` if its extent fits; True if it did."""
+        if not self.offload:
+            return False
+        ext = self.blocks.blocks_for(len(s.token_ids) + s.params.max_tokens - s.num_output)
+        if self.staged[mb] + ext > self.cfg.staging_blocks:
+            return False
+        start = self.host.alloc(ext)
+        if start is None:
+            return False
+        s.blocks = list(range(start, start + ext))
+        s.offloaded = True
+        self.staged[mb] += ext
+        self.num_offloaded_admitted += 1
+        return True
 
     def _plan(self, mb: int, items: list[tuple[Sequence, int]]) -> StepPlan:
         B = len(items)
@@ -136,8 +181,9 @@ class Scheduler:
             toks.extend(s.token_ids[s.num_computed:s.num_computed + n])
             if s.num_computed + n == len(s.token_ids):
                 rows.append(r)
+        offl = np.fromiter((s.offloaded for s, _ in items), dtype=bool, count=B)
         return StepPlan(mb, [s for s, _ in items], q_lens, ctx, bt,
-                        np.asarray(toks, dtype=np.int64), np.asarray(rows, dtype=np.int64))
+                        np.asarray(toks, dtype=np.int64), np.asarray(rows, dtype=np.int64), offl)
 
     def complete(self, plan: StepPlan, new_tokens: list[int]) -> list[Sequence]:
         """Account for a finished step; returns the sequences that got a new token."""

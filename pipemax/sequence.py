@@ -13,7 +13,8 @@ class Sequence:
         self.token_ids: list[int] = list(req.prompt_ids)
         self.num_prompt = len(req.prompt_ids)
         self.num_computed = 0          # tokens whose KV is in the cache
-        self.blocks: list[int] = []
+        self.blocks: list[int] = []    # GPU block ids, or its host extent when offloaded
+        self.offloaded = False
         self.mb = -1                   # micro-batch it runs in; -1 while waiting
         self.rng = np.random.Generator(np.random.Philox(seed))
         self.logprobs: list | None = [] if req.params.logprobs is not None else None

@@ -22,12 +22,18 @@ class SampleOut:
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-           top_k: torch.Tensor, u: torch.Tensor, num_top: int) -> SampleOut:
-    """logits [n, V] float32; temperature, top_p, u float32 [n]; top_k int64 [n] (0 = off)."""
+           top_k: torch.Tensor, u: torch.Tensor, num_top: int, *,
+           all_greedy: bool | None = None) -> SampleOut:
+    """logits [n, V] float32; temperature, top_p, u float32 [n]; top_k int64 [n] (0 = off).
+
+    ``all_greedy``: whether every row is greedy, if the caller knows it (saves a device sync).
+    """
     n, V = logits.shape
     greedy = temperature <= 0
     token = logits.argmax(dim=-1)
-    if not bool(greedy.all()):
+    if all_greedy is None:
+        all_greedy = bool(greedy.all())
+    if not all_greedy:
         t = torch.where(greedy, torch.ones_like(temperature), temperature)
         probs, order = torch.sort(torch.softmax(logits / t[:, None], dim=-1), dim=-1,
                                   descending=True, stable=True)

@@ -23,10 +23,13 @@ import numpy as np
 import torch
 
 from ipc import protocol as P
-from ipc.ring import PeerGone, Ring
+from ipc.ring import PeerGone, Ring, RingTimeout
 from pipemax.model_config import ModelConfig
 from stages.attention import build_layout
+from pipemax.timetable import Staging, staging_for
 from stages.kv_cache import KVCache, kv_budget_bytes
+from stages.measure import measure
+from stages.offload import HostPool, Offloader
 from stages.loader import build_stage_model
 from stages.sampler import sample
 
@@ -75,6 +78,9 @@ class Stage:
             folder=Path(spec.folder) if spec.folder else None, dtype=self.dtype,
             device=self.device, seed=spec.seed)
         self.kv: KVCache | None = None
+        self.host: HostPool | None = None
+        self.offloader: Offloader | None = None
+        self.resident = self.staging_blocks = self.peak_staging = 0
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def report(self) -> dict:
@@ -82,37 +88,88 @@ class Stage:
         block_bytes = KVCache.block_bytes(s.model, s.layer_end - s.layer_start, s.block_size,
                                           self.dtype)
         budget = kv_budget_bytes(s, self.device, self.weight_bytes, self.dtype)
+        figures = measure(self.device, self.dtype) if self.device.type == "cuda" else None
         return {"stage": s.index, "layers": [s.layer_start, s.layer_end],
                 "weight_bytes": self.weight_bytes, "block_bytes": block_bytes,
                 "max_blocks": int(min(budget // block_bytes, s.max_blocks_useful)),
-                "kv_budget_bytes": int(budget), "device": str(self.device)}
+                "kv_budget_bytes": int(budget), "device": str(self.device),
+                "figures": figures}
 
     def final_report(self) -> dict:
         peak = (torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda"
                 else 0)
-        return {"stage": self.spec.index, "peak_gpu_bytes": int(peak)}
+        off = self.offloader
+        return {"stage": self.spec.index, "peak_gpu_bytes": int(peak),
+                "bytes_prefetched": off.bytes_prefetched if off else 0,
+                "bytes_offloaded": off.bytes_offloaded if off else 0,
+                "peak_staging_blocks": self.peak_staging, "resident_blocks": self.resident}
 
-    def alloc(self, num_blocks: int) -> None:
+    def alloc(self, meta: dict) -> None:
+        """KV memory: R resident blocks, plus two staging buffers of S blocks when offloading."""
         s = self.spec
-        self.kv = KVCache(s.model, s.layer_end - s.layer_start, num_blocks, s.block_size,
-                          self.dtype, self.device)
+        self.resident = int(meta["resident_blocks"])
+        self.staging_blocks = int(meta["staging_blocks"])
+        self.kv = KVCache(s.model, s.layer_end - s.layer_start,
+                          self.resident + 2 * self.staging_blocks, s.block_size, self.dtype,
+                          self.device)
+        if self.staging_blocks:
+            shape = (int(meta["host_blocks"]), *self.kv.data.shape[1:])
+            self.host = HostPool(meta["host_segments"][s.index], shape, self.dtype,
+                                 pin=self.device.type == "cuda")
+            self.offloader = Offloader(self.kv.data, self.host, bool(meta["overlap"]))
+
+    def close(self) -> None:
+        if self.offloader is not None:
+            self.offloader.synchronize()
+        if self.host is not None:
+            self.host.close()
+
+    def staging(self, meta: dict, t: dict) -> Staging | None:
+        """How this step's offloaded sequences use the staging buffer (None: no offload)."""
+        if self.offloader is None:
+            return None
+        st = staging_for(t["q_lens"].numpy(), t["ctx_lens"].numpy(), t["block_tables"].numpy(),
+                         t["offloaded"].numpy(), self.spec.block_size, self.resident,
+                         self.staging_blocks, int(meta["step"]) % 2)
+        self.peak_staging = max(self.peak_staging, st.blocks_used)
+        return st
+
+    def prefetch_early(self, meta: dict, t: dict) -> None:
+        """The next message is already here: start moving its KV while this step computes."""
+        if self.offloader is not None and meta.get("op") == P.OP_STEP:
+            self.offloader.prefetch(int(meta["step"]), int(meta["mb"]), self.staging(meta, t))
 
     @torch.inference_mode()
     def step(self, meta: dict, t: dict) -> tuple[dict, dict]:
         s = self.spec
-        lay = build_layout(t["q_lens"].numpy(), t["ctx_lens"].numpy(),
-                           t["block_tables"].numpy(), s.block_size, self.device)
+        k, mb = int(meta["step"]), int(meta["mb"])
+        off = self.offloader
+        st = self.staging(meta, t)
+        if off is not None:
+            off.prefetch(k, mb, st)
+            if not off.overlap:
+                off.synchronize()
+            off.before_compute(k)
+        table = st.table if st is not None else t["block_tables"].numpy()
+        lay = build_layout(t["q_lens"].numpy(), t["ctx_lens"].numpy(), table, s.block_size,
+                           self.device)
         x = t["tokens"] if s.is_first else t["hidden"]
-        h = self.model(x.to(self.device), lay, self.kv.data)
+        h = self.model(x.to(self.device, non_blocking=True), lay, self.kv.data)
+        if s.is_last:
+            rows = t["sample_rows"].to(self.device)
+            d = self.device
+            so = sample(self.model.logits(h[rows]), t["temperature"].to(d), t["top_p"].to(d),
+                        t["top_k"].to(d), t["u"].to(d), int(meta["num_top"]),
+                        all_greedy=bool((t["temperature"] <= 0).all()))
+        if off is not None:
+            off.after_compute(k)
+            off.offload(k, st)
+            if not off.overlap:
+                off.synchronize()
         if not s.is_last:
-            out = {k: t[k] for k in P.STEP_META_TENSORS}
+            out = {k_: t[k_] for k_ in P.STEP_META_TENSORS}
             out["hidden"] = h
             return meta, out
-        rows = t["sample_rows"].to(self.device)
-        logits = self.model.logits(h[rows])
-        d = self.device
-        so = sample(logits, t["temperature"].to(d), t["top_p"].to(d), t["top_k"].to(d),
-                    t["u"].to(d), int(meta["num_top"]))
         return ({"op": P.OP_STEP, "mb": meta["mb"], "step": meta["step"]},
                 {"token_ids": so.token_ids, "logprobs": so.logprobs, "top_ids": so.top_ids,
                  "top_logprobs": so.top_logprobs})
@@ -121,6 +178,15 @@ class Stage:
 def _copy_in(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copy a message's tensors out of the ring so its slot can be released."""
     return {k: v.clone() for k, v in t.items()}
+
+
+def _peek(ring: Ring, alive) -> tuple[dict, dict] | None:
+    """The next message if it is already in the ring (no waiting)."""
+    try:
+        with ring.read(timeout=0, alive=alive) as msg:
+            return dict(msg.meta), _copy_in(msg.tensors)
+    except RingTimeout:
+        return None
 
 
 def serve(spec: StageSpec) -> int:
@@ -136,16 +202,24 @@ def serve(spec: StageSpec) -> int:
     stage = None
     try:
         stage = Stage(spec)
+        pending = None
         while True:
-            with rin.read(timeout=None, alive=parent_alive) as msg:
-                meta, tensors = dict(msg.meta), _copy_in(msg.tensors)
+            if pending is None:
+                with rin.read(timeout=None, alive=parent_alive) as msg:
+                    meta, tensors = dict(msg.meta), _copy_in(msg.tensors)
+            else:
+                (meta, tensors), pending = pending, None
             op = meta.get("op")
             if op == P.OP_STEP:
                 meta, tensors = stage.step(meta, tensors)
+                if stage.offloader is not None and stage.offloader.overlap:
+                    pending = _peek(rin, parent_alive)
+                    if pending is not None:
+                        stage.prefetch_early(*pending)
             elif op == P.OP_HELLO:
                 meta["reports"] = list(meta.get("reports", [])) + [stage.report()]
             elif op == P.OP_ALLOC:
-                stage.alloc(int(meta["num_blocks"]))
+                stage.alloc(meta)
                 meta["acks"] = list(meta.get("acks", [])) + [spec.index]
             elif op == P.OP_STOP:
                 meta["finals"] = list(meta.get("finals", [])) + [stage.final_report()]
@@ -170,6 +244,8 @@ def serve(spec: StageSpec) -> int:
             pass
         return 1
     finally:
+        if stage is not None:
+            stage.close()
         rin.close()
         rout.close()
 

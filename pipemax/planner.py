@@ -1,0 +1,173 @@
+"""The planner: how many sequences per micro-batch, and how much of their KV lives on the host.
+
+Pure functions of (model, stage layout, device figures, memory budgets, workload), following
+the cost model of the design reference. Per stage s with L_s layers, a decode step of a
+micro-batch of B sequences at mean context c takes
+
+    t_w = weight bytes / BW_hbm            (weights streamed once per step)
+    t_f = 2 * params * B / F                (GEMMs)
+    t_a = B * c * L_s * k / BW_hbm          (attention reads the KV; k = 2 * kv_heads * head_dim * b)
+    t_p = n_off * c * L_s * k / BW_h2d      (offloaded sequences' KV, prefetched every step)
+    step = max(max(t_w, t_f) + t_a, t_p)
+
+and the pipeline delivers B tokens per slowest-stage step. Without offload every micro-batch's
+KV sits on the GPU, so GPU memory caps B * M. With offload, the GPU holds the resident
+sequences plus two staging buffers (the active micro-batch's offloaded KV and the next one's,
+being prefetched), and B grows until t_p no longer hides under the step.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+from pipemax.model_config import ModelConfig
+
+
+@dataclass(frozen=True)
+class DeviceFigures:
+    hbm_gbs: float       # device memory bandwidth
+    h2d_gbs: float       # pinned host -> device
+    tflops: float        # dense matmul rate in the run's dtype
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# Nominal figures for the CPU (only the shape of the plan matters there: tests, dry runs).
+CPU_FIGURES = DeviceFigures(hbm_gbs=20.0, h2d_gbs=10.0, tflops=0.2)
+
+
+@dataclass(frozen=True)
+class StageShape:
+    layers: int
+    params: int             # parameters read per step (layers, + lm_head on the last stage)
+    block_bytes: int        # one KV block of this stage (all its layers)
+    gpu_blocks: int         # KV blocks this stage's memory can hold
+
+
+@dataclass(frozen=True)
+class Workload:
+    mean_prompt: float
+    mean_output: float
+    max_total: int          # longest prompt + max_tokens
+
+    @property
+    def mean_context(self) -> float:
+        """Mean context over a sequence's decode life."""
+        return self.mean_prompt + self.mean_output / 2
+
+
+@dataclass(frozen=True)
+class Plan:
+    offload: bool
+    micro_batches: int
+    seqs_per_mb: int
+    resident_blocks: int
+    staging_blocks: int
+    host_blocks: int
+    offloaded_per_mb: int
+    predicted_tok_s: float
+    predicted_step_ms: float
+    prefetch_ms: float
+    bound: str
+    other_tok_s: float      # the best plan of the other kind (offload on vs off), for the summary
+
+    def describe(self) -> str:
+        kind = "offload on" if self.offload else "offload off"
+        return (f"{kind}: {self.micro_batches} micro-batches x {self.seqs_per_mb} sequences "
+                f"({self.offloaded_per_mb} offloaded each), resident {self.resident_blocks} "
+                f"blocks, staging 2 x {self.staging_blocks}, host {self.host_blocks}; predicted "
+                f"{self.predicted_tok_s:.0f} output tok/s (step {self.predicted_step_ms:.2f} ms, "
+                f"prefetch {self.prefetch_ms:.2f} ms, {self.bound}-bound; the other choice "
+                f"{self.other_tok_s:.0f})")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+class PlanError(ValueError):
+    """No plan fits the memory; one line with the figures."""
+
+
+def stage_step(stage: StageShape, cfg: ModelConfig, B: int, ctx: float, n_off: int,
+               figs: DeviceFigures, esize: int) -> tuple[float, float, str]:
+    """(step seconds, prefetch seconds, what bounds it) for one stage."""
+    k = cfg.kv_bytes_per_token_layer(esize)
+    t_w = stage.params * esize / (figs.hbm_gbs * 1e9)
+    t_f = 2 * stage.params * B / (figs.tflops * 1e12)
+    t_a = B * ctx * stage.layers * k / (figs.hbm_gbs * 1e9)
+    t_p = n_off * ctx * stage.layers * k / (figs.h2d_gbs * 1e9)
+    compute = max(t_w, t_f) + t_a
+    if t_p > compute:
+        return t_p, t_p, "pcie"
+    return compute, t_p, "compute" if t_f > t_w else "hbm"
+
+
+def _predict(cfg, stages, figs, esize, wl, M, B, n_off):
+    ctx = wl.mean_context
+    steps = [stage_step(s, cfg, B, ctx, n_off, figs, esize) for s in stages]
+    worst = max(steps, key=lambda x: x[0])
+    bubble = min(1.0, M / len(stages))
+    return B / worst[0] * bubble, worst
+
+
+def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize: int,
+         wl: Workload, *, mode: str, micro_batches: int, max_seqs: int, block_size: int,
+         host_blocks: int) -> Plan:
+    """Choose the plan that maximises predicted tokens/s (mode: auto | on | off)."""
+    M = micro_batches
+    G = min(s.gpu_blocks for s in stages)
+    foot = max(1, math.ceil(wl.mean_context / block_size))       # mean blocks held per seq
+    ext = max(1, math.ceil((wl.mean_prompt + wl.mean_output) / block_size))  # host extent
+    longest = math.ceil(wl.max_total / block_size)
+    per_mb_cap = max(1, max_seqs // M)
+
+    def make(S: int):
+        R = G - 2 * S
+        if R < 0:
+            return None
+        n_off = 0
+        if S:
+            if S < longest or host_blocks < longest:
+                return None
+            n_off = min(S // ext, host_blocks // (M * ext), per_mb_cap)
+            if n_off == 0:
+                return None
+        n_res = min(R // foot // M, per_mb_cap - n_off)
+        B = n_res + n_off
+        if B < 1:
+            return None
+        tok_s, (step, t_p, bound) = _predict(cfg, stages, figs, esize, wl, M, B, n_off)
+        return (tok_s, S, R, B, n_off, step, t_p, bound)
+
+    off = make(0)
+    ons = [p for p in (make(S) for S in _staging_grid(G, longest)) if p is not None]
+    best_on = max(ons, key=lambda p: p[0]) if ons else None
+    if mode == "off" or (mode == "auto" and (best_on is None or
+                                             (off is not None and best_on[0] < 1.05 * off[0]))):
+        chosen, other = off, best_on
+        if chosen is None:
+            raise PlanError(f"GPU memory holds {G} KV blocks of {block_size} tokens per stage: "
+                            f"too few for one sequence of {wl.max_total} tokens "
+                            "(raise --gpu-memory-gb, use more stages, or --kv-offload on)")
+    else:
+        chosen, other = best_on, off
+        if chosen is None:
+            raise PlanError(f"KV offload needs two staging buffers of at least {longest} blocks "
+                            f"(the longest request, {wl.max_total} tokens) and as many host "
+                            f"blocks; the GPU holds {G} blocks per stage and the host pool "
+                            f"{host_blocks} (raise --gpu-memory-gb or --host-kv-gb)")
+    tok_s, S, R, B, n_off, step, t_p, bound = chosen
+    return Plan(offload=S > 0, micro_batches=M, seqs_per_mb=B, resident_blocks=R,
+                staging_blocks=S, host_blocks=host_blocks if S else 0, offloaded_per_mb=n_off,
+                predicted_tok_s=tok_s, predicted_step_ms=step * 1e3, prefetch_ms=t_p * 1e3,
+                bound=bound, other_tok_s=other[0] if other else 0.0)
+
+
+def _staging_grid(G: int, longest: int) -> list[int]:
+    """Staging sizes worth trying: from one longest sequence up to all of the GPU."""
+    top = G // 2
+    if top < longest:
+        return []
+    return sorted({longest + (top - longest) * i // 24 for i in range(25)})

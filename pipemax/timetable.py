@@ -1,0 +1,133 @@
+"""The token-level timetable of KV offload on one stage: pure functions, no devices.
+
+A stage's GPU KV cache is split in two regions::
+
+    gpu block ids:  [0, R)              resident blocks (sequences that never leave the GPU)
+                    [R, R+S)            staging buffer 0
+                    [R+S, R+2S)         staging buffer 1
+
+An offloaded sequence's KV lives in the host pool (host block ids, one contiguous extent per
+sequence). Step k of the stage (the k-th micro-batch message it handles) uses staging buffer
+k % 2: before it computes, the context of its offloaded sequences is *prefetched* host->GPU
+into that buffer; after it computes, the blocks holding the tokens written in the step are
+*offloaded* GPU->host. ``staging_for`` says which blocks move where in one step.
+
+``Timetable`` says what each copy and compute must wait for, so that the overlapped schedule
+(prefetch of step k+1 during compute of step k) is exactly as correct as the plain one:
+
+    prefetch(k)  waits for  offload(k-2)           its buffer was last used by step k-2
+                            offload(j)             j = the last step of the same micro-batch:
+                                                   the host copy must hold what j wrote
+    compute(k)   waits for  prefetch(k)
+    offload(k)   waits for  compute(k)
+
+The stage issues, per step k: [prefetch(k) unless issued early], compute(k), offload(k), then
+(overlapped only) prefetch(k+1) if the next message is already in its ring.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Run:
+    """Copy ``n`` consecutive blocks from ``src`` to ``dst`` (block ids)."""
+    src: int
+    dst: int
+    n: int
+
+
+@dataclass
+class Staging:
+    table: np.ndarray                      # [B, W] block table in GPU block ids
+    prefetch: list[Run] = field(default_factory=list)   # host -> GPU
+    offload: list[Run] = field(default_factory=list)    # GPU -> host
+    blocks_used: int = 0                   # staging blocks this step occupies
+
+    @property
+    def prefetch_blocks(self) -> int:
+        return sum(r.n for r in self.prefetch)
+
+    @property
+    def offload_blocks(self) -> int:
+        return sum(r.n for r in self.offload)
+
+
+def _runs(src: np.ndarray, dst: np.ndarray) -> list[Run]:
+    """Coalesce parallel block lists into runs where both sides are consecutive."""
+    runs = []
+    i = 0
+    n = len(src)
+    while i < n:
+        j = i + 1
+        while j < n and src[j] == src[j - 1] + 1 and dst[j] == dst[j - 1] + 1:
+            j += 1
+        runs.append(Run(int(src[i]), int(dst[i]), j - i))
+        i = j
+    return runs
+
+
+def staging_for(q_lens: np.ndarray, ctx_lens: np.ndarray, block_tables: np.ndarray,
+                offloaded: np.ndarray, block_size: int, resident_blocks: int,
+                staging_blocks: int, buffer: int) -> Staging:
+    """Where the blocks of one step go. Resident rows of ``block_tables`` hold GPU ids and are
+    kept; offloaded rows hold host ids and are remapped into staging buffer ``buffer``."""
+    table = np.array(block_tables, dtype=np.int64, copy=True)
+    if not offloaded.any():
+        return Staging(table)
+    base = resident_blocks + buffer * staging_blocks
+    cursor = 0
+    pre_src, pre_dst, off_src, off_dst = [], [], [], []
+    for b in np.flatnonzero(offloaded):
+        ctx, q = int(ctx_lens[b]), int(q_lens[b])
+        nblk = -(-ctx // block_size)
+        old = -(-(ctx - q) // block_size)             # blocks holding context from before
+        first_dirty = (ctx - q) // block_size         # first block the step writes into
+        host = table[b, :nblk].copy()
+        gpu = np.arange(base + cursor, base + cursor + nblk)
+        table[b, :nblk] = gpu
+        table[b, nblk:] = 0        # the rest of its extent is not read (masked) but must be a GPU id
+        pre_src.append(host[:old])
+        pre_dst.append(gpu[:old])
+        off_src.append(gpu[first_dirty:])
+        off_dst.append(host[first_dirty:])
+        cursor += nblk
+    if cursor > staging_blocks:
+        raise ValueError(f"step needs {cursor} staging blocks, the buffer holds {staging_blocks}")
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)
+    return Staging(table, _runs(cat(pre_src), cat(pre_dst)), _runs(cat(off_src), cat(off_dst)),
+                   cursor)
+
+
+class Timetable:
+    """Dependencies between a stage's copies and computes, step by step (see module doc)."""
+
+    def __init__(self):
+        self.last_step_of: dict[int, int] = {}   # micro-batch -> last step that offloaded it
+        self.mb_of: dict[int, int] = {}
+
+    def begin(self, k: int, mb: int) -> None:
+        """Step k (of micro-batch mb) is known: call before asking for its waits."""
+        self.mb_of[k] = mb
+
+    def prefetch_waits(self, k: int) -> list[tuple[str, int]]:
+        waits = [("offload", k - 2)] if k >= 2 else []
+        j = self.last_step_of.get(self.mb_of[k])
+        if j is not None and j != k - 2:
+            waits.append(("offload", j))
+        return waits
+
+    @staticmethod
+    def compute_waits(k: int) -> list[tuple[str, int]]:
+        return [("prefetch", k)]
+
+    @staticmethod
+    def offload_waits(k: int) -> list[tuple[str, int]]:
+        return [("compute", k)]
+
+    def offloaded(self, k: int) -> None:
+        """Offload of step k is issued: later prefetches of its micro-batch wait for it."""
+        self.last_step_of[self.mb_of[k]] = k
+        self.mb_of.pop(k - 3, None)

@@ -1,0 +1,139 @@
+"""A stage's side of KV offload: the host pool mapping and the copies of the timetable.
+
+The host pool (one POSIX shared-memory segment per stage, created by the KV pool process,
+pipemax/kv_pool.py) has the same block layout as the GPU cache::
+
+    host[num_host_blocks, L_stage, 2, block_size, n_kv_heads, head_dim]
+
+On CUDA the mapping is registered with the driver (cudaHostRegister), so copies are DMA;
+prefetches run on their own stream, offloads on another, and CUDA events carry the
+timetable's dependencies (pipemax/timetable.py). On the CPU the same copies are plain memcpy,
+done at once, so every path runs in the tests.
+"""
+from __future__ import annotations
+
+import mmap
+
+import posix_ipc
+import torch
+
+from pipemax.timetable import Staging, Timetable
+
+
+class HostPool:
+    """The stage's view of its host KV segment."""
+
+    def __init__(self, name: str, shape: tuple, dtype: torch.dtype, pin: bool):
+        shm = posix_ipc.SharedMemory(name)
+        try:
+            self._mm = mmap.mmap(shm.fd, shm.size)
+        finally:
+            shm.close_fd()
+        raw = torch.frombuffer(self._mm, dtype=torch.uint8)
+        esize = torch.empty(0, dtype=dtype).element_size()
+        n = 1
+        for d in shape:
+            n *= d
+        self.data = raw[:n * esize].view(dtype).view(shape)
+        self.registered = False
+        if pin:
+            cudart = torch.cuda.cudart()
+            err = cudart.cudaHostRegister(self.data.data_ptr(), n * esize, 0)
+            if int(err) != 0:
+                raise RuntimeError(f"cudaHostRegister of the host KV pool failed ({err}); "
+                                   "check `ulimit -l` (LimitMEMLOCK=infinity)")
+            self.registered = True
+
+    def close(self) -> None:
+        if self.registered:
+            torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())
+            self.registered = False
+        self.data = None
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # a view is still alive; the mapping goes with the process
+
+
+class Offloader:
+    """Issues one stage's prefetches and offloads in timetable order; counts bytes moved."""
+
+    def __init__(self, gpu_kv: torch.Tensor, host: HostPool, overlap: bool):
+        self.gpu = gpu_kv
+        self.host = host.data
+        self.overlap = overlap
+        self.cuda = gpu_kv.is_cuda
+        self.tt = Timetable()
+        self.block_bytes = gpu_kv[0].numel() * gpu_kv.element_size()
+        self.bytes_prefetched = 0
+        self.bytes_offloaded = 0
+        self.prefetched: set[int] = set()
+        if self.cuda:
+            self.h2d = torch.cuda.Stream(gpu_kv.device)
+            self.d2h = torch.cuda.Stream(gpu_kv.device)
+            self.events: dict[tuple[str, int], torch.cuda.Event] = {}
+
+    # ---- events (CUDA only; on the CPU every copy is done when issued) ------------------
+    def _record(self, key, stream) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            self.events[key] = ev
+            for old in [k for k in self.events if k[1] < key[1] - 4]:
+                del self.events[old]
+
+    def _wait(self, stream, waits) -> None:
+        if self.cuda:
+            for key in waits:
+                ev = self.events.get(key)
+                if ev is not None:
+                    stream.wait_event(ev)
+
+    # ---- the three operations ------------------------------------------------------------
+    def prefetch(self, k: int, mb: int, st: Staging) -> None:
+        if k in self.prefetched:
+            return
+        self.tt.begin(k, mb)
+        stream = self.h2d if self.cuda else None
+        self._wait(stream, self.tt.prefetch_waits(k))
+        with torch.cuda.stream(stream) if self.cuda else _nothing():
+            for r in st.prefetch:
+                self.gpu[r.dst:r.dst + r.n].copy_(self.host[r.src:r.src + r.n],
+                                                  non_blocking=True)
+        self._record(("prefetch", k), stream)
+        self.bytes_prefetched += st.prefetch_blocks * self.block_bytes
+        self.prefetched.add(k)
+
+    def before_compute(self, k: int) -> None:
+        """Make the compute stream wait until step k's data is on the GPU."""
+        if self.cuda:
+            self._wait(torch.cuda.current_stream(self.gpu.device), self.tt.compute_waits(k))
+
+    def after_compute(self, k: int) -> None:
+        self._record(("compute", k), torch.cuda.current_stream(self.gpu.device)
+                     if self.cuda else None)
+
+    def offload(self, k: int, st: Staging) -> None:
+        stream = self.d2h if self.cuda else None
+        self._wait(stream, self.tt.offload_waits(k))
+        with torch.cuda.stream(stream) if self.cuda else _nothing():
+            for r in st.offload:
+                self.host[r.dst:r.dst + r.n].copy_(self.gpu[r.src:r.src + r.n],
+                                                   non_blocking=True)
+        self._record(("offload", k), stream)
+        self.tt.offloaded(k)
+        self.bytes_offloaded += st.offload_blocks * self.block_bytes
+        self.prefetched.discard(k)
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            self.h2d.synchronize()
+            self.d2h.synchronize()
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
