@@ -58,7 +58,7 @@ class Engine:
     def __init__(self, *, pipeline: Pipeline, sched: Scheduler, tokenizer, eos_ids: tuple,
                  max_model_len: int, vocab_size: int, model_name: str, seed: int,
                  write: Callable[[dict], None], lines: Iterator[tuple[int, bytes]],
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, hooks=None):
         self.pipeline = pipeline
         self.sched = sched
         self.tokenizer = tokenizer
@@ -77,6 +77,11 @@ class Engine:
         self.step_no = 0
         self.queue_target = 2 * sched.cfg.max_seqs_per_mb * sched.cfg.num_micro_batches
         self.last_log = time.monotonic()
+        # control (pipemax/supervisor.py): hooks.at_step(engine) runs at every step boundary
+        # and sets these two; without hooks the loop is the plain batch loop
+        self.hooks = hooks
+        self.paused = False      # launch no new steps (the ones in flight still land)
+        self.draining = False    # take no new requests (finish the running ones)
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> Stats:
@@ -86,13 +91,27 @@ class Engine:
         return self.stats
 
     def step(self) -> bool:
-        self.intake()
-        for mb in self.idle_micro_batches():
-            self.launch(mb)
+        if self.hooks is not None and not self.hooks.at_step(self):
+            return False                      # shutdown: stop now
+        if not (self.paused or self.draining):
+            self.intake()
+        if not self.paused:
+            for mb in self.idle_micro_batches():
+                self.launch(mb)
         if not self.inflight:
-            return False
+            # paused with work left: go on (at_step waits for "resume" without spinning)
+            return self.paused and (not self.lines_done or self.sched.has_work())
         self.land(*self.pipeline.recv())
         return True
+
+    def start_job(self, lines: Iterator[tuple[int, bytes]], write: Callable[[dict], None]
+                  ) -> None:
+        """Service mode: serve another input file with the same stages and KV cache (a fresh
+        parser, so custom_ids are unique per job)."""
+        self.parser = Parser(self.tokenizer, max_model_len=self.max_model_len,
+                             vocab_size=self.parser.vocab_size)
+        self.lines, self.write, self.lines_done = lines, write, False
+        self.draining = False
 
     # ---- pieces ---------------------------------------------------------------------------
     def intake(self) -> None:
@@ -195,7 +214,8 @@ class Engine:
 
     def maybe_log(self) -> None:
         now = time.monotonic()
-        if self.log is None or now - self.last_log < 10.0:
+        if self.log is None or self.hooks is not None or now - self.last_log < 10.0:
+            # (with hooks, pipemax/progress.py reports progress instead)
             return
         self.last_log = now
         st = self.stats

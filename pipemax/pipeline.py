@@ -169,6 +169,7 @@ class Pipeline:
                             tensors, timeout=None, alive=self.check)
 
     def recv(self, expect: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+        self.check()    # also between messages: a dead helper process (the pool) stops the run
         try:
             with self.from_last.read(timeout=None, alive=self.check) as m:
                 meta = dict(m.meta)

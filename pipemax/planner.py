@@ -120,6 +120,7 @@ def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize:
     G = min(s.gpu_blocks for s in stages)
     foot = max(1, math.ceil(wl.mean_context / block_size))       # mean blocks held per seq
     ext = max(1, math.ceil((wl.mean_prompt + wl.mean_output) / block_size))  # host extent
+    staged = max(1, math.ceil(foot * 1.1))     # staging blocks per offloaded seq, with margin
     longest = math.ceil(wl.max_total / block_size)
     per_mb_cap = max(1, max_seqs // M)
 
@@ -131,7 +132,7 @@ def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize:
         if S:
             if S < longest or host_blocks < longest:
                 return None
-            n_off = min(S // ext, host_blocks // (M * ext), per_mb_cap)
+            n_off = min(S // staged, host_blocks // (M * ext), per_mb_cap)
             if n_off == 0:
                 return None
         n_res = min(R // foot // M, per_mb_cap - n_off)

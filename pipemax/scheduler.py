@@ -13,8 +13,9 @@ so blocks in use by micro-batches in flight are never given away.
 With KV offload (``staging_blocks`` > 0), a sequence that does not fit the GPU-resident
 blocks is admitted *offloaded*: its KV lives in the host pool, in one contiguous extent
 reserved for its whole length (prompt + max_tokens), and each step of its micro-batch stages
-its context on the GPU (pipemax/timetable.py). A micro-batch's offloaded extents must fit one
-staging buffer, which is how the plan bounds the bytes prefetched per step.
+its context on the GPU (pipemax/timetable.py). The context of a micro-batch's offloaded
+sequences must fit one staging buffer, which is how the plan bounds the bytes prefetched per
+step; when it outgrows the buffer, the newest sequence is preempted, as for resident blocks.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ class Scheduler:
         self.watermark = max(1, cfg.num_blocks // 100)
         self.offload = cfg.staging_blocks > 0
         self.host = ExtentAllocator(cfg.host_blocks) if self.offload else None
-        self.staged = [0] * cfg.num_micro_batches     # offloaded blocks reserved per mb
+        self.staged = [0] * cfg.num_micro_batches     # staging blocks in use per mb
         self.num_offloaded_admitted = 0
 
     def max_tokens_servable(self) -> int:
@@ -93,7 +94,8 @@ class Scheduler:
         self.running[seq.mb].remove(seq)
         if seq.offloaded:
             self.host.free(seq.blocks[0], len(seq.blocks))
-            self.staged[seq.mb] -= len(seq.blocks)
+            self.staged[seq.mb] -= seq.staged_blocks
+            seq.staged_blocks = 0
             seq.blocks.clear()
             seq.offloaded = False
         else:
@@ -120,28 +122,24 @@ class Scheduler:
         while i < len(run) and budget > 0:
             s = run[i]
             n = min(s.remaining, budget)
-            if s.offloaded:        # its whole extent is reserved
+            if self._make_room(run, s, n):
                 items.append((s, n))
                 budget -= n
                 i += 1
-                continue
-            while not self.blocks.grow(s.blocks, s.num_computed + n):
-                victim = run[-1]
-                self._preempt(victim)
-                if victim is s:
-                    break
-            else:
-                items.append((s, n))
-                budget -= n
-                i += 1
-                continue
-            break  # s itself was preempted: it was the newest, nothing after it
+            # else s itself was preempted and left ``run``: run[i] is the next one
         while self.waiting and len(run) < cfg.max_seqs_per_mb and budget > 0:
             s = self.waiting[0]
             n = min(s.remaining, budget)
             need = self.blocks.blocks_for(len(s.token_ids))
             fits = need + self.watermark <= self.blocks.num_free or not run
-            if not (fits and self.blocks.grow(s.blocks, n)) and not self._stage(s, mb):
+            if fits and self.blocks.grow(s.blocks, n):
+                pass
+            elif not (self._stage(s, mb) and self._grow_staged(s, n)):
+                if s.offloaded:
+                    self.host.free(s.blocks[0], len(s.blocks))
+                    s.blocks.clear()
+                    s.offloaded = False
+                    s.mb = -1
                 break
             self.waiting.popleft()
             s.mb = mb
@@ -152,19 +150,40 @@ class Scheduler:
             return None
         return self._plan(mb, items)
 
+    def _make_room(self, run: list[Sequence], s: Sequence, n: int) -> bool:
+        """Memory for ``s`` to take ``n`` more tokens, preempting the newest sequences that hold
+        the same kind of memory (GPU-resident blocks or staging); False if ``s`` itself went."""
+        while not (self._grow_staged(s, n) if s.offloaded else
+                   self.blocks.grow(s.blocks, s.num_computed + n)):
+            victim = next(x for x in reversed(run) if x.offloaded == s.offloaded)
+            self._preempt(victim)
+            if victim is s:
+                return False
+        return True
+
+    def _grow_staged(self, s: Sequence, n: int) -> bool:
+        """Room in its micro-batch's staging buffer for ``s`` with ``n`` more tokens?"""
+        need = self.blocks.blocks_for(s.num_computed + n) - s.staged_blocks
+        if self.staged[s.mb] + need > self.cfg.staging_blocks:
+            return False
+        self.staged[s.mb] += need
+        s.staged_blocks += need
+        return True
+
     def _stage(self, s: Sequence, mb: int) -> bool:
-        """Admit ``s`` offloaded into micro-batch ``mb`` if its extent fits; True if it did."""
+        """Admit ``s`` offloaded into micro-batch ``mb`` if it fits; True if it did."""
         if not self.offload:
             return False
-        ext = self.blocks.blocks_for(len(s.token_ids) + s.params.max_tokens - s.num_output)
-        if self.staged[mb] + ext > self.cfg.staging_blocks:
+        first = self.blocks.blocks_for(min(s.remaining, self.cfg.max_tokens_per_step))
+        if self.staged[mb] + first + self.watermark > self.cfg.staging_blocks:
             return False
+        ext = self.blocks.blocks_for(len(s.token_ids) + s.params.max_tokens - s.num_output)
         start = self.host.alloc(ext)
         if start is None:
             return False
         s.blocks = list(range(start, start + ext))
         s.offloaded = True
-        self.staged[mb] += ext
+        s.mb = mb
         self.num_offloaded_admitted += 1
         return True
 

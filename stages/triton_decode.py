@@ -21,7 +21,6 @@ value is read, so a launch is CUDA-graph capturable for fixed shapes and fixed m
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -34,24 +33,28 @@ except Exception:                       # pragma: no cover - no triton: torch pa
     tl = None
     _HAVE_TRITON = False
 
-# Tunables (see the report in the module's benchmark; picked on an H100).
+# Tunables, picked on an H100 (python -m stages.triton_decode --tune): with these, the
+# Llama-3-8B shapes read K/V at 2.6-2.9 TB/s. BLOCK_N 32..128, num_warps 2..4 and num_stages
+# 3..4 are all within ~2% of each other; num_stages 1-2 lose up to 10% on split contexts.
 BLOCK_N = 64          # context tokens per inner-loop tile
 NUM_WARPS = 4
-NUM_STAGES = 2
+NUM_STAGES = 3
 MIN_CHUNK = 256       # never split the context into chunks shorter than this many tokens
 MAX_CHUNK = 4096      # ... nor leave chunks longer than this (keeps long-context batches balanced)
-WAVES = 4             # aim for B*KVH*splits >= WAVES * number of SMs
+WAVES = 2             # aim for B*KVH*splits >= WAVES * number of SMs (more only adds combine work)
 MAX_SPLITS = 128
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _interpreted() -> bool:
+    """The kernels were built by Triton's interpreter (TRITON_INTERPRET=1 at import)."""
+    return _HAVE_TRITON and type(_decode_kernel).__name__ == "InterpretedFunction"
 
 
 def available(device: torch.device | str) -> bool:
     """True when paged_decode can run on ``device`` compiled (CUDA with triton)."""
     device = torch.device(device)
-    return _HAVE_TRITON and device.type == "cuda" and torch.cuda.is_available()
+    return (_HAVE_TRITON and device.type == "cuda" and torch.cuda.is_available()
+            and not _interpreted())
 
 
 if _HAVE_TRITON:
@@ -69,7 +72,8 @@ if _HAVE_TRITON:
         G: tl.constexpr, G_PAD: tl.constexpr,
         D: tl.constexpr, D_PAD: tl.constexpr,
         BS: tl.constexpr, BLOCK: tl.constexpr,
-        USE_DOT: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr,
+        IEEE: tl.constexpr, DIRECT: tl.constexpr,
+        DOT_F32: tl.constexpr,                     # interpreter only: its bf16/fp16 dot is wrong
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -86,7 +90,7 @@ if _HAVE_TRITON:
             heads = kvh * G + offs_g
             q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + offs_d[None, :],
                         mask=mask_g[:, None] & mask_d[None, :], other=0.0)
-            if not USE_DOT:
+            if DOT_F32:
                 q = q.to(tl.float32)
             m_i = tl.full([G_PAD], float("-inf"), tl.float32)
             l_i = tl.zeros([G_PAD], tl.float32)
@@ -102,26 +106,24 @@ if _HAVE_TRITON:
                 tok = blk * s_blk + (pos % BS) * s_tok                       # [BLOCK] int64
                 kv_mask = mask_n[:, None] & mask_d[None, :]
                 k = tl.load(k_ptr + tok[:, None] + d_off, mask=kv_mask, other=0.0)
-                if USE_DOT:
-                    if IEEE:
-                        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-                    else:
-                        qk = tl.dot(q, tl.trans(k))
+                if DOT_F32:
+                    k = k.to(tl.float32)
+                if IEEE or DOT_F32:
+                    qk = tl.dot(q, tl.trans(k), input_precision="ieee")
                 else:
-                    qk = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+                    qk = tl.dot(q, tl.trans(k))
                 qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))  # [G_PAD, BLOCK]
                 m_new = tl.maximum(m_i, tl.max(qk, axis=1))
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(qk - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 v = tl.load(v_ptr + tok[:, None] + d_off, mask=kv_mask, other=0.0)
-                if USE_DOT:
-                    if IEEE:
-                        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-                    else:
-                        pv = tl.dot(p.to(v.dtype), v)
+                if DOT_F32:
+                    v = v.to(tl.float32)
+                if IEEE or DOT_F32:
+                    pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
                 else:
-                    pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+                    pv = tl.dot(p.to(v.dtype), v)
                 acc = acc * alpha[:, None] + pv
                 m_i = m_new
             acc = acc / l_i[:, None]
@@ -133,6 +135,14 @@ if _HAVE_TRITON:
                 row = (b * (G * tl.num_programs(1)) + heads) * NUM_SPLITS + sp   # [G_PAD]
                 tl.store(ACC + row[:, None] * D + offs_d[None, :], acc, mask=omask)
                 tl.store(LSE + row, m_i + tl.log2(l_i), mask=mask_g)
+        else:
+            if DIRECT:                                 # ctx == 0 (a padding row): zeros
+                offs_g = tl.arange(0, G_PAD)
+                offs_d = tl.arange(0, D_PAD)
+                heads = kvh * G + offs_g
+                o_ptr = OUT + (b * (G * tl.num_programs(1)) + heads)[:, None] * D + offs_d[None, :]
+                tl.store(o_ptr, tl.zeros([G_PAD, D_PAD], OUT.dtype.element_ty),
+                         mask=(offs_g < G)[:, None] & (offs_d < D)[None, :])
 
     @triton.jit
     def _combine_kernel(OUT, LSE, ACC, CTX, chunk, NUM_SPLITS,
@@ -140,13 +150,13 @@ if _HAVE_TRITON:
         b = tl.program_id(0)
         h = tl.program_id(1)
         row0 = (b * tl.num_programs(1) + h) * NUM_SPLITS
-        n = tl.cdiv(tl.load(CTX + b), chunk)           # splits that hold tokens (>= 1)
+        n = tl.minimum(tl.cdiv(tl.load(CTX + b), chunk), NUM_SPLITS)   # splits holding tokens
         offs_d = tl.arange(0, D_PAD)
         mask_d = offs_d < D
-        m = tl.load(LSE + row0)
-        acc = tl.load(ACC + row0 * D + offs_d, mask=mask_d, other=0.0)
-        s = tl.zeros_like(m) + 1.0
-        for i in range(1, n):
+        m = tl.full([], float("-inf"), tl.float32)
+        s = tl.zeros([], tl.float32)
+        acc = tl.zeros([D_PAD], tl.float32)
+        for i in range(0, n):
             lse = tl.load(LSE + row0 + i)
             a = tl.load(ACC + (row0 + i) * D + offs_d, mask=mask_d, other=0.0)
             m_new = tl.maximum(m, lse)
@@ -155,7 +165,8 @@ if _HAVE_TRITON:
             acc = acc * c_old + a * c_new
             s = s * c_old + c_new
             m = m_new
-        tl.store(OUT + (b * tl.num_programs(1) + h) * D + offs_d, (acc / s).to(OUT.dtype.element_ty),
+        o = acc / tl.where(s > 0, s, 1.0)             # ctx == 0 (a padding row): zeros
+        tl.store(OUT + (b * tl.num_programs(1) + h) * D + offs_d, o.to(OUT.dtype.element_ty),
                  mask=mask_d)
 
 
@@ -190,23 +201,30 @@ def plan_splits(B: int, KVH: int, max_ctx: int, num_sms: int) -> tuple[int, int]
 
 def paged_decode(q: torch.Tensor, kv: torch.Tensor, layer: int, block_tables: torch.Tensor,
                  ctx_lens: torch.Tensor, scale: float, max_ctx: int | None = None, *,
-                 splits: int | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
     """Decode attention over the paged cache: q [B, H, D] -> [B, H*D] (q's dtype).
 
-    kv: the stage's cache [nb, L, 2, bs, KVH, D]; block_tables [B, max_blocks] int32/int64;
-    ctx_lens [B] (>= 1 each, <= max_blocks * bs). ``max_ctx``: host-known bound on ctx_lens
-    (default: max_blocks * bs). ``splits``: force the number of context chunks (tests/tuning).
+    kv: the stage's cache [nb, L, 2, bs, KVH, D] (same dtype as q); block_tables
+    [B, max_blocks] int32/int64 (entries past a sequence's blocks are never read);
+    ctx_lens [B] int32/int64, each in [0, max_ctx] (0: a padding row, output zeros).
+    ``max_ctx``: host-known upper bound of ctx_lens (default max_blocks * bs); it sizes the
+    split grid: a ctx_len above it is NOT fully attended. ``out``: optional contiguous
+    [B, H*D] destination. ``splits``: force the number of context chunks (tests/tuning).
     No host synchronisation; capturable in a CUDA graph for fixed shapes and max_ctx.
     """
     assert _HAVE_TRITON, "triton is not installed"
     B, H, D = q.shape
     nb, L, two, bs, KVH, Dk = kv.shape
     assert two == 2 and Dk == D and H % KVH == 0, (q.shape, kv.shape)
+    assert kv.dtype == q.dtype, (q.dtype, kv.dtype)
     assert bs & (bs - 1) == 0, "block_size must be a power of two"
     G = H // KVH
     if q.stride(-1) != 1:
         q = q.contiguous()
-    out = torch.empty(B, H * D, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(B, H * D, dtype=q.dtype, device=q.device)
+    else:
+        assert out.shape == (B, H * D) and out.dtype == q.dtype and out.is_contiguous()
     if B == 0:
         return out
     if max_ctx is None:
@@ -227,8 +245,7 @@ def paged_decode(q: torch.Tensor, kv: torch.Tensor, layer: int, block_tables: to
     else:
         lse = torch.empty(B * H * n_split, dtype=torch.float32, device=q.device)
         acc = torch.empty(B * H * n_split * D, dtype=torch.float32, device=q.device)
-    use_dot = G >= 2          # MHA (G == 1): elementwise products, no padding to 16 rows
-    G_PAD = max(16, _pow2(G)) if use_dot else _pow2(G)
+    G_PAD = max(16, _pow2(G))     # tl.dot wants >= 16 rows; padded heads are masked
     s = kv.stride()
     _decode_kernel[(B, KVH, n_split)](
         q, kv, block_tables, ctx_lens, out, lse, acc,
@@ -236,7 +253,7 @@ def paged_decode(q: torch.Tensor, kv: torch.Tensor, layer: int, block_tables: to
         block_tables.stride(0), q.stride(0), q.stride(1),
         chunk, scale * math.log2(math.e), n_split,
         G=G, G_PAD=G_PAD, D=D, D_PAD=_pow2(D), BS=bs, BLOCK=BLOCK_N,
-        USE_DOT=use_dot, IEEE=q.dtype == torch.float32, DIRECT=direct,
+        IEEE=q.dtype == torch.float32, DIRECT=direct, DOT_F32=_interpreted(),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if not direct:
         _combine_kernel[(B, H)](out, lse, acc, ctx_lens, chunk, n_split,
@@ -246,41 +263,84 @@ def paged_decode(q: torch.Tensor, kv: torch.Tensor, layer: int, block_tables: to
 
 def _bench() -> None:                          # pragma: no cover - CUDA only
     import argparse
+    import itertools
     from triton.testing import do_bench
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", action="store_true", help="also sweep splits")
+    g = globals()
+    ap = argparse.ArgumentParser(description="paged_decode timings (CUDA)")
+    ap.add_argument("--tune", action="store_true",
+                    help="sweep BLOCK_N x num_warps x num_stages and forced split counts")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "the benchmark needs CUDA"
     dev = torch.device("cuda")
     torch.manual_seed(0)
     H, KVH, D, bs, dt = 32, 8, 128, 16, torch.bfloat16
-    print(f"{torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}")
-    print(f"Llama-3-8B decode layer: H={H} KVH={KVH} D={D} bf16 block_size={bs}")
-    for B, ctx in ((128, 640), (256, 2048), (8, 8192), (1, 32768)):
+    print(f"{torch.cuda.get_device_name()} ({_num_sms(dev)} SMs)  triton {triton.__version__}  "
+          f"torch {torch.__version__}")
+    print(f"Llama-3-8B decode, one layer: H={H} KVH={KVH} D={D} bf16 block_size={bs}; "
+          f"GB/s = K+V bytes of the contexts (+q, out) / time")
+    shapes = [(128, 640), (256, 2048), (32, 4096), (1, 32768)]
+    default = (BLOCK_N, NUM_WARPS, NUM_STAGES)
+    if args.tune:                 # other head layouts: MHA (G=1, padded to 16 rows), G=8
+        for h, kvh in ((32, 32), (64, 8)):
+            B, ctx = 128, 640
+            kv = torch.randn(B * 40, 2, 2, bs, kvh, D, device=dev, dtype=dt)
+            bt = torch.randperm(B * 40, device=dev).view(B, 40).to(torch.int32)
+            cl = torch.full((B,), ctx, dtype=torch.int32, device=dev)
+            q = torch.randn(B, h, D, device=dev, dtype=dt)
+            ms = do_bench(lambda: paged_decode(q, kv, 1, bt, cl, 0.1, ctx), warmup=25, rep=150,
+                          return_mode="median")
+            nbytes = B * ctx * kvh * D * 2 * 2
+            print(f"H={h} KVH={kvh} B={B} ctx={ctx}: {ms * 1e3:.1f} us {nbytes / ms / 1e6:.0f} GB/s")
+            del kv
+    for B, ctx in shapes:
         nbs = -(-ctx // bs)
         nb = B * nbs + 16
-        L = 2
-        kv = torch.randn(nb, L, 2, bs, KVH, D, device=dev, dtype=dt)
-        bt = torch.randperm(nb - 16, device=dev)[:B * nbs].view(B, nbs).to(torch.int32)
+        kv = torch.randn(nb, 2, 2, bs, KVH, D, device=dev, dtype=dt)
+        bt = torch.randperm(nb, device=dev)[:B * nbs].view(B, nbs).to(torch.int32)
         cl = torch.full((B,), ctx, dtype=torch.int32, device=dev)
         q = torch.randn(B, H, D, device=dev, dtype=dt)
         sc = D ** -0.5
         nbytes = B * ctx * KVH * D * 2 * kv.element_size() + 2 * q.numel() * q.element_size()
-        options = [None] + ([1, 2, 4, 8, 16] if args.sweep else [])
-        for sp in options:
+
+        def run(label, sp=None):
             f = lambda: paged_decode(q, kv, 1, bt, cl, sc, ctx, splits=sp)
-            ms = do_bench(f, warmup=50, rep=300, return_mode="median")
+            ms = do_bench(f, warmup=25, rep=150, return_mode="median")
             n_split = plan_splits(B, KVH, ctx, _num_sms(dev))[0] if sp is None else sp
-            print(f"B={B:4d} ctx={ctx:6d} splits={n_split:3d}{'*' if sp is None else ' '} "
-                  f"{ms * 1e3:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s  ({nbytes / 1e6:.0f} MB)")
-        if B * ctx <= 256 * 2048:       # compare with the torch gather + SDPA path
-            from stages.attention import _attend, build_layout
-            import numpy as np
-            lay = build_layout(np.ones(B, np.int64), np.full(B, ctx), bt.cpu().numpy(), bs, dev)
-            f = lambda: _attend(q, kv[:, 1, 0], kv[:, 1, 1], lay.decode, sc)
-            ms = do_bench(f, warmup=20, rep=200, return_mode="median")
-            print(f"B={B:4d} ctx={ctx:6d} torch gather+SDPA  {ms * 1e3:8.1f} us  "
-                  f"{nbytes / ms / 1e6:7.0f} GB/s")
+            print(f"B={B:4d} ctx={ctx:6d} splits={n_split:3d}{'*' if sp is None else ' '} {label:18s}"
+                  f"{ms * 1e3:9.1f} us {nbytes / ms / 1e6:7.0f} GB/s", flush=True)
+            return ms
+
+        ref = paged_decode(q, kv, 1, bt, cl, sc, ctx).float()
+        run(f"bn{BLOCK_N} w{NUM_WARPS} s{NUM_STAGES}")
+        if args.tune:
+            for sp in (1, 2, 3, 4, 8, 16, 32):
+                if sp * MIN_CHUNK // 2 <= ctx:
+                    run("forced", sp)
+            best = []
+            for bn, w, st in itertools.product((32, 64, 128), (2, 4), (3, 4)):
+                g["BLOCK_N"], g["NUM_WARPS"], g["NUM_STAGES"] = bn, w, st
+                try:
+                    o = paged_decode(q, kv, 1, bt, cl, sc, ctx).float()
+                    err = ((o - ref).norm() / ref.norm()).item()
+                    best.append((run(f"bn{bn} w{w} s{st} e{err:.0e}"), bn, w, st))
+                except Exception as e:
+                    print(f"bn{bn} w{w} s{st}: {type(e).__name__}: {str(e)[:100]}")
+            g["BLOCK_N"], g["NUM_WARPS"], g["NUM_STAGES"] = default
+            best.sort()
+            print("best:", [(f"{m * 1e3:.1f}us", bn, w, st) for m, bn, w, st in best[:4]])
+        if B * ctx <= 256 * 2048:       # the torch gather + SDPA path it replaces
+            try:
+                import numpy as np
+                from stages.attention import _attend, build_layout
+                lay = build_layout(np.ones(B, np.int64), np.full(B, ctx), bt.cpu().numpy(), bs, dev)
+                f = lambda: _attend(q, kv[:, 1, 0], kv[:, 1, 1], lay.decode, sc)
+                o = f().float()
+                err = ((o - ref).norm() / ref.norm()).item()
+                ms = do_bench(f, warmup=10, rep=100, return_mode="median")
+                print(f"B={B:4d} ctx={ctx:6d} torch gather+SDPA (diff {err:.1e})    "
+                      f"{ms * 1e3:9.1f} us {nbytes / ms / 1e6:7.0f} GB/s")
+            except Exception as e:
+                print(f"torch path not timed: {type(e).__name__}: {e}")
         del kv
 
 

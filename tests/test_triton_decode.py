@@ -12,29 +12,62 @@ import pytest
 import torch
 
 
+def _interpreter_patches():
+    """Triton 3.6's interpreter turns a scalar tensor into an int with int(ndarray of shape
+    (1,)), which numpy >= 2.? refuses (a kernel loop with run-time bounds needs it)."""
+    from triton.runtime import interpreter as ti
+    orig = ti._patch_lang_tensor
+    if getattr(orig, "_pipemax", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    patched._pipemax = True
+    ti._patch_lang_tensor = patched
+
+
 def _setup():
     """(module, device, why-skipped)."""
-    try:
-        import triton  # noqa: F401
-    except Exception as e:                                   # pragma: no cover
-        return None, None, f"triton is not importable ({e!r}): no GPU kernel and no interpreter"
     if torch.cuda.is_available():
-        import stages.triton_decode as td
+        try:
+            import stages.triton_decode as td
+        except Exception as e:                               # pragma: no cover
+            return None, None, f"CUDA but stages.triton_decode fails to import ({e!r})"
+        if not td.available(torch.device("cuda")):
+            return None, None, "CUDA but triton is not importable"
         return td, torch.device("cuda"), None
+    # No GPU: Triton's interpreter on CPU tensors. TRITON_INTERPRET must be set when triton
+    # itself is imported (its own library functions are @jit too), so a triton imported
+    # earlier in compiled mode is imported again. The variable is put back afterwards (the
+    # knob keeps the interpreter on in this process), so processes that later tests start
+    # do not inherit it.
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        if "stages.triton_decode" in sys.modules:            # imported compiled: rebuild the
-            td = importlib.reload(sys.modules["stages.triton_decode"])  # kernels interpreted
+        if "triton" in sys.modules:
+            from triton.runtime.interpreter import InterpretedFunction
+            import triton.language as tl
+            if not isinstance(tl.sum, InterpretedFunction):
+                for name in [m for m in sys.modules if (m == "triton" or m.startswith("triton."))
+                             and not m.startswith("triton._C")]:
+                    del sys.modules[name]
+        import triton
+        triton.knobs.runtime.interpret = True     # stays on in this process after the env goes
+        _interpreter_patches()
+        if "stages.triton_decode" in sys.modules:
+            td = importlib.reload(sys.modules["stages.triton_decode"])
         else:
             import stages.triton_decode as td
     except Exception as e:                                   # pragma: no cover
-        return None, None, f"no GPU and the triton interpreter fails ({e!r})"
+        return None, None, f"no GPU, and triton's interpreter is not usable ({e!r})"
     finally:
         if old is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = old
+    if not td._HAVE_TRITON:                                  # pragma: no cover
+        return None, None, "no GPU, and triton is not importable"
     return td, torch.device("cpu"), None
 
 
@@ -91,12 +124,12 @@ def _reference(q, ks, vs, scale):
 
 
 def _check(B, H, KVH, D, bs, ctx_lens, dtype, seed=0, splits=None, bt_dtype=torch.int32,
-           max_ctx="exact"):
-    q, kv, bt, cl, ks, vs = _case(B, H, KVH, D, bs, ctx_lens, dtype, seed)
+           max_ctx="exact", layer=1):
+    q, kv, bt, cl, ks, vs = _case(B, H, KVH, D, bs, ctx_lens, dtype, seed, layer=layer)
     scale = D ** -0.5
     ref = _reference(q, ks, vs, scale)
     mc = max(ctx_lens) if max_ctx == "exact" else max_ctx
-    out = td.paged_decode(q.to(DEV), kv.to(DEV), 1, bt.to(bt_dtype).to(DEV), cl.to(DEV), scale,
+    out = td.paged_decode(q.to(DEV), kv.to(DEV), layer, bt.to(bt_dtype).to(DEV), cl.to(DEV), scale,
                           mc, splits=splits)
     assert out.shape == (B, H * D) and out.dtype == dtype
     out = out.cpu().double()
@@ -106,6 +139,9 @@ def _check(B, H, KVH, D, bs, ctx_lens, dtype, seed=0, splits=None, bt_dtype=torc
     assert err < tol, f"relative error {err:.3g}"
     # per sequence as well: a wrong short sequence must not hide behind long ones
     for b in range(B):
+        if ctx_lens[b] == 0:
+            assert (out[b] == 0).all(), "a padding row (ctx 0) must come out as zeros"
+            continue
         e = (out[b] - ref[b]).norm() / ref[b].norm()
         assert e < 2 * tol, f"sequence {b} (ctx {ctx_lens[b]}): relative error {e:.3g}"
 
@@ -137,6 +173,34 @@ def test_split_context(splits, dtype):
 def test_int64_block_table_and_default_max_ctx(splits):
     _check(2, 8, 2, 64, 16, [37, 100], torch.float32, seed=7, splits=splits,
            bt_dtype=torch.int64, max_ctx=None)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_batches(seed):
+    """Random head layout, block size, layer and lengths; split or not."""
+    g = torch.Generator().manual_seed(100 + seed)
+    pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=g))]
+    KVH, G, D, bs = pick([1, 2]), pick([1, 4, 8]), pick([64, 128]), pick([8, 16, 32])
+    B = int(torch.randint(1, 5, (1,), generator=g))
+    lens = torch.randint(1, 200, (B,), generator=g).tolist()
+    _check(B, KVH * G, KVH, D, bs, lens, pick([torch.float32, torch.bfloat16]), seed=seed,
+           splits=pick([None, 1, 2, 4]), layer=pick([0, 1, 2]))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_padding_rows(splits):
+    """ctx_len 0 (e.g. the padding rows of a CUDA-graph batch): zeros, and nothing read."""
+    _check(4, 8, 2, 64, 16, [0, 70, 0, 1], torch.bfloat16, seed=splits, splits=splits)
+
+
+def test_out_argument():
+    q, kv, bt, cl, ks, vs = _case(2, 8, 2, 64, 16, [40, 9], torch.float32, 9)
+    ref = _reference(q, ks, vs, 0.2)
+    buf = torch.full((3, 8 * 64), float("nan"), device=DEV)
+    r = td.paged_decode(q.to(DEV), kv.to(DEV), 1, bt.to(DEV), cl.to(DEV), 0.2, 48, out=buf[1:])
+    assert r.data_ptr() == buf[1].data_ptr()
+    assert torch.isnan(buf[0]).all()
+    assert (buf[1:].cpu().double() - ref).norm() / ref.norm() < 1e-4
 
 
 def test_fp16():

@@ -1,0 +1,168 @@
+"""KV offload through the CLI on the CPU: same tokens as transformers with offload on, off and
+auto, at 1, 2 and 3 stages; overlapped and plain schedules agree; counters are real; the host
+pool's failures are found at start or stop the run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from checkpoints import hf_greedy, make_checkpoint
+from cli import ROOT, read_results, run_cli, write_jsonl
+
+MAX_NEW = 10
+# a GPU budget so small that most sequences must live in the host pool
+SMALL = ["--kv-cache-gb", "0.0006", "--block-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), "llama-gqa-sharded")
+
+
+def prompts(n=16, seed=3):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 500, size=int(rng.integers(1, 60))).tolist() for _ in range(n)]
+
+
+def rows_for(ids_list, **body):
+    return [{"custom_id": f"r{i}", "body": {"prompt": ids, "max_tokens": MAX_NEW,
+             "temperature": 0, "ignore_eos": True, "return_token_ids": True, **body},
+             "url": "/v1/completions", "method": "POST"} for i, ids in enumerate(ids_list)]
+
+
+def run(tmp_path, model_dir, rows, name, *flags):
+    inp = write_jsonl(tmp_path / f"{name}.in.jsonl", rows)
+    out = tmp_path / f"{name}.out.jsonl"
+    stats = tmp_path / f"{name}.stats.json"
+    p = run_cli(["--model", str(model_dir), "--input", str(inp), "--output", str(out),
+                 "--stats-json", str(stats), *flags])
+    assert p.returncode == 0, p.stderr
+    res = read_results(out)
+    toks = {k: v["response"]["body"]["choices"][0]["token_ids"] for k, v in res.items()}
+    return toks, json.loads(stats.read_text()), p
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["on", "off", "auto"])
+def test_offload_modes_match_transformers(tmp_path, model_dir, stages, mode):
+    ids = prompts()
+    toks, st, p = run(tmp_path, model_dir, rows_for(ids), "run", "--gpus", str(stages),
+                      "--kv-offload", mode, *SMALL)
+    ref = hf_greedy(model_dir, ids, MAX_NEW)
+    for i in range(len(ids)):
+        assert toks[f"r{i}"] == ref[i], f"prompt {i} ({mode}, {stages} stages)"
+    if mode == "on":
+        assert st["plan"]["offload"]
+        # the GPU-resident KV cannot hold half of the work's KV: the rest ran from the pool
+        total_tokens = sum(len(x) + MAX_NEW for x in ids)
+        assert st["plan"]["resident_blocks"] * 4 < total_tokens / 2
+        assert st["offloaded_admitted"] >= len(ids) // 3
+        assert st["bytes_prefetched"] > 0 and st["bytes_offloaded"] > 0
+        assert all(f["peak_staging_blocks"] > 0 for f in st["finals"])
+        assert "KV offload:" in p.stderr and "prefetched" in p.stderr
+    if mode == "off":
+        assert not st["plan"]["offload"] and st["bytes_prefetched"] == 0
+
+
+def test_overlapped_and_plain_schedules_agree(tmp_path, model_dir):
+    ids = prompts(20, seed=5)
+    rows = rows_for(ids)
+    for i, r in enumerate(rows):            # sampled ones too: same seed, same tokens
+        if i % 2:
+            r["body"].update(temperature=0.8, top_p=0.95, seed=100 + i)
+    got = []
+    for overlap in ("on", "off"):
+        toks, st, _ = run(tmp_path, model_dir, rows, f"ov-{overlap}", "--gpus", "2",
+                          "--kv-offload", "on", "--offload-overlap", overlap,
+                          "--micro-batches", "4", *SMALL)
+        assert st["offloaded_admitted"] > 0
+        got.append(toks)
+    assert got[0] == got[1]
+
+
+def test_single_micro_batch_with_offload(tmp_path, model_dir):
+    """M = 1: the next step's prefetch must wait for this step's own offload."""
+    ids = prompts(16, seed=9)
+    toks, st, _ = run(tmp_path, model_dir, rows_for(ids), "m1", "--gpus", "1",
+                      "--kv-offload", "on", "--micro-batches", "1", "--kv-cache-gb", "0.0003",
+                      "--block-size", "4")
+    assert st["offloaded_admitted"] > 0
+    ref = hf_greedy(model_dir, ids, MAX_NEW)
+    assert [toks[f"r{i}"] for i in range(len(ids))] == ref
+
+
+def test_host_pool_too_small_for_the_batch_is_refused_at_start(tmp_path, model_dir):
+    inp = write_jsonl(tmp_path / "in.jsonl", rows_for(prompts(2)))
+    p = run_cli(["--model", str(model_dir), "--input", str(inp), "--output",
+                 str(tmp_path / "o.jsonl"), "--kv-offload", "on", "--host-kv-gb", "0.000001",
+                 *SMALL])
+    assert p.returncode == 2, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("pipemax: error: KV offload needs") and "host pool" in last
+
+
+def test_host_memory_checks_give_the_figures():
+    from pipemax.kv_pool import HostMemoryError, check_host_memory, shm_free
+    with pytest.raises(HostMemoryError, match=r"needs .* GiB but /dev/shm has .* GiB free"):
+        check_host_memory(shm_free() + (1 << 30), pinned=False)
+    check_host_memory(1 << 20, pinned=False)      # a small pool is fine
+
+
+def test_offload_on_with_no_room_for_staging_is_refused(tmp_path, model_dir):
+    inp = write_jsonl(tmp_path / "in.jsonl", rows_for(prompts(2)))
+    p = run_cli(["--model", str(model_dir), "--input", str(inp), "--output",
+                 str(tmp_path / "o.jsonl"), "--kv-offload", "on", "--kv-cache-gb", "0.00002",
+                 "--block-size", "4"])
+    assert p.returncode == 2, p.stderr
+    assert "staging buffers" in p.stderr.strip().splitlines()[-1]
+
+
+def test_killed_pool_stops_the_run(tmp_path, model_dir):
+    rows = [{"custom_id": f"r{i}", "prompt": [3 + i % 50, 4, 5], "max_tokens": 300,
+             "ignore_eos": True, "temperature": 0} for i in range(200)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "o.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipemax.launch", "--device", "cpu",
+                             "--threads", "1", "--gpus", "2", "--model", str(model_dir),
+                             "--input", str(inp), "--output", str(out), "--kv-offload", "on",
+                             "--max-num-seqs", "8", *SMALL], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # spawned children: two stages, then (after they loaded) the pool, the newest pid
+        deadline = time.monotonic() + 60
+        kids = []
+        while len(kids) < 3 and time.monotonic() < deadline:
+            kids = []
+            for task in Path(f"/proc/{proc.pid}/task").iterdir():
+                for c in (task / "children").read_text().split():
+                    try:
+                        if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes():
+                            kids.append(int(c))
+                    except OSError:
+                        pass
+            time.sleep(0.1)
+        assert len(kids) == 3, kids
+        pool = max(kids)
+        while not out.exists() or not out.read_text():
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        os.kill(pool, signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - t0 < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1
+    assert "KV pool process" in err
+    assert 0 < len(read_results(out)) < 200

@@ -1,0 +1,228 @@
+"""The offload timetable, the host extent allocator and the planner: pure, no processes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipemax.block_manager import ExtentAllocator
+from pipemax.model_config import builtin_config
+from pipemax.planner import (CPU_FIGURES, DeviceFigures, PlanError, StageShape, Workload, plan,
+                             stage_step)
+from pipemax.timetable import Run, Timetable, staging_for
+
+
+# ---- staging_for ---------------------------------------------------------------------------
+def test_staging_remaps_offloaded_rows_and_moves_only_what_is_needed():
+    bs = 4
+    q = np.array([1, 5, 1])
+    ctx = np.array([9, 5, 3])
+    # row 0 offloaded (host extent 100..103), row 1 offloaded (host 40..41), row 2 resident
+    bt = np.array([[100, 101, 102, 103], [40, 41, 0, 0], [7, 0, 0, 0]])
+    offl = np.array([True, True, False])
+    st = staging_for(q, ctx, bt, offl, bs, resident_blocks=10, staging_blocks=6, buffer=1)
+    base = 10 + 6
+    assert st.table[0].tolist() == [base, base + 1, base + 2, 0]
+    assert st.table[1].tolist() == [base + 3, base + 4, 0, 0]
+    assert st.table[2].tolist() == [7, 0, 0, 0]
+    # row 0 had 8 tokens before the step: blocks 0-1 come in; it writes token 8 into block 2
+    # row 1 is a fresh prefill: nothing comes in, blocks 0-1 go out
+    assert st.prefetch == [Run(100, base, 2)]
+    assert st.offload == [Run(base + 2, 102, 1), Run(base + 3, 40, 2)]
+    assert st.blocks_used == 5
+
+
+def test_staging_refuses_more_than_the_buffer():
+    with pytest.raises(ValueError, match="staging blocks"):
+        staging_for(np.array([1]), np.array([20]), np.array([list(range(5))]),
+                    np.array([True]), 4, 0, 4, 0)
+
+
+def test_no_offloaded_rows_keeps_the_table():
+    bt = np.array([[3, 4], [5, 0]])
+    st = staging_for(np.array([1, 1]), np.array([5, 2]), bt, np.array([False, False]), 4, 8, 4, 0)
+    assert (st.table == bt).all() and not st.prefetch and not st.offload
+
+
+# ---- the timetable, checked by simulating random plans --------------------------------------
+def simulate(mbs: list[int], overlap: bool, rng, tt: Timetable | None = None) -> None:
+    """Run a stage's sequence of steps through the timetable with random completion times and
+    check: compute never runs on data not yet arrived; a prefetch never overwrites a buffer
+    still in use; a prefetch reads the host copy only after the previous step of its
+    micro-batch was offloaded."""
+    tt = tt or Timetable()
+    done: dict[tuple[str, int], float] = {}
+    now = 0.0
+
+    def run(kind, k, waits):
+        nonlocal now
+        start = max([now] + [done[w] for w in waits if w in done])
+        end = start + rng.uniform(0.1, 2.0)
+        done[(kind, k)] = end
+        return start, end
+
+    buffer_busy_until = {0: 0.0, 1: 0.0}      # last offload end of a step that used it
+    host_fresh_at: dict[int, float] = {}       # mb -> when its host copy is up to date
+    prefetch_span = {}
+    issued = set()
+    for k, mb in enumerate(mbs):
+        if k not in issued:
+            tt.begin(k, mb)
+            prefetch_span[k] = run("prefetch", k, tt.prefetch_waits(k))
+        s, e = prefetch_span[k]
+        assert s >= buffer_busy_until[k % 2], f"step {k} prefetched into a busy buffer"
+        assert s >= host_fresh_at.get(mb, 0.0), f"step {k} read a stale host copy"
+        cs, ce = run("compute", k, tt.compute_waits(k))
+        assert cs >= e, f"step {k} computed before its data arrived"
+        os_, oe = run("offload", k, tt.offload_waits(k))
+        assert os_ >= ce
+        tt.offloaded(k)
+        buffer_busy_until[k % 2] = oe
+        host_fresh_at[mb] = oe
+        if overlap and k + 1 < len(mbs):       # the next message is already here
+            tt.begin(k + 1, mbs[k + 1])
+            prefetch_span[k + 1] = run("prefetch", k + 1, tt.prefetch_waits(k + 1))
+            issued.add(k + 1)
+        now = cs                               # the host moves on once compute is launched
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("seed", range(30))
+def test_timetable_is_safe_on_random_plans(overlap, seed):
+    rng = np.random.default_rng(seed)
+    M = int(rng.integers(1, 6))
+    # micro-batches come round-robin, with some missing (empty micro-batches are skipped)
+    mbs = [m for _ in range(40) for m in range(M) if rng.random() > 0.2]
+    simulate(mbs, overlap, rng)
+
+
+class NoWaits(Timetable):
+    def prefetch_waits(self, k):
+        return []
+
+
+class NoFreshness(Timetable):
+    def prefetch_waits(self, k):
+        return [("offload", k - 2)] if k >= 2 else []
+
+
+@pytest.mark.parametrize("broken", [NoWaits, NoFreshness])
+def test_simulation_catches_a_broken_timetable(broken):
+    """The checker must be able to fail: drop a wait and some random plan breaks."""
+    failures = 0
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        M = 1 + seed % 3
+        try:
+            simulate([m for _ in range(30) for m in range(M)], True, rng, broken())
+        except AssertionError:
+            failures += 1
+    assert failures > 0
+
+
+# ---- the host extent allocator -------------------------------------------------------------
+def test_extents_are_contiguous_and_merge_back():
+    a = ExtentAllocator(10)
+    x = a.alloc(4)
+    y = a.alloc(3)
+    z = a.alloc(3)
+    assert (x, y, z) == (0, 4, 7) and a.alloc(1) is None
+    a.free(y, 3)
+    assert a.alloc(4) is None          # only 3 free in one piece
+    a.free(x, 4)
+    assert a.alloc(7) == 0             # 0..3 and 4..6 merged
+    a.free(0, 7)
+    a.free(z, 3)
+    assert a.alloc(10) == 0 and a.num_free == 0
+
+
+def test_extents_random_never_overlap():
+    rng = np.random.default_rng(1)
+    a = ExtentAllocator(200)
+    live = {}
+    for _ in range(3000):
+        if live and rng.random() < 0.5:
+            start = list(live)[int(rng.integers(len(live)))]
+            a.free(start, live.pop(start))
+        else:
+            n = int(rng.integers(1, 30))
+            s = a.alloc(n)
+            if s is not None:
+                for t, m in live.items():
+                    assert s + n <= t or t + m <= s
+                live[s] = n
+        assert a.num_free == 200 - sum(live.values())
+
+
+# ---- the planner -----------------------------------------------------------------------------
+H200 = DeviceFigures(hbm_gbs=4300, h2d_gbs=46, tflops=780)
+
+
+def shapes(name, stages, gpu_gb, esize=2, block=16):
+    cfg = builtin_config(name)
+    from pipemax.partition import split_layers
+    out = []
+    for i, (a, b) in enumerate(split_layers(cfg, stages)):
+        params = (b - a) * cfg.layer_params() + (cfg.head_params() if i == stages - 1 else 0)
+        weights = params * esize + (cfg.embed_params() * esize if i == 0 else 0)
+        bb = (b - a) * 2 * block * cfg.kv_size * esize
+        out.append(StageShape(b - a, params, bb, int((gpu_gb * 2**30 - weights) // bb)))
+    return cfg, out
+
+
+def test_stage_step_by_hand():
+    cfg = builtin_config("llama3-8b")
+    st = StageShape(32, 32 * cfg.layer_params(), 0, 0)
+    figs = DeviceFigures(hbm_gbs=1000, h2d_gbs=10, tflops=100)
+    B, ctx = 64, 1000
+    t_w = 32 * cfg.layer_params() * 2 / 1e12
+    t_f = 2 * 32 * cfg.layer_params() * B / 1e14
+    t_a = B * ctx * 32 * (2 * 8 * 128 * 2) / 1e12
+    step, t_p, bound = stage_step(st, cfg, B, ctx, 0, figs, 2)
+    assert step == pytest.approx(max(t_w, t_f) + t_a) and t_p == 0
+    assert bound == ("compute" if t_f > t_w else "hbm")
+    step, t_p, bound = stage_step(st, cfg, B, ctx, 64, figs, 2)
+    assert t_p == pytest.approx(64 * ctx * 32 * 4096 / 1e10) and bound == "pcie" and step == t_p
+
+
+def test_auto_offloads_when_memory_caps_the_batch_and_pcie_keeps_up():
+    cfg, st = shapes("llama3-70b", 8, 24)
+    fast_link = DeviceFigures(hbm_gbs=1000, h2d_gbs=400, tflops=160)
+    wl = Workload(512, 256, 768)
+    p = plan(cfg, st, fast_link, 2, wl, mode="auto", micro_batches=9, max_seqs=8192,
+             block_size=16, host_blocks=10**7)
+    off = plan(cfg, st, fast_link, 2, wl, mode="off", micro_batches=9, max_seqs=8192,
+               block_size=16, host_blocks=10**7)
+    assert p.offload and p.predicted_tok_s > 1.5 * off.predicted_tok_s
+    assert p.seqs_per_mb > off.seqs_per_mb
+    assert p.resident_blocks + 2 * p.staging_blocks <= min(s.gpu_blocks for s in st)
+    assert p.prefetch_ms <= p.predicted_step_ms + 1e-9
+
+
+def test_auto_leaves_offload_off_when_pcie_cannot_keep_up():
+    """Llama-2-13B on two H200s capped at 24 GB: one offloaded sequence's context (640 tokens,
+    20 layers, 20 KB per token and layer) takes 5.7 ms over PCIe at 46 GB/s, more than a whole
+    weight-bound step (4 ms): offload cannot win, and auto must see it."""
+    cfg, st = shapes("llama2-13b", 2, 24)
+    wl = Workload(512, 256, 768)
+    p = plan(cfg, st, H200, 2, wl, mode="auto", micro_batches=3, max_seqs=4096, block_size=16,
+             host_blocks=10**6)
+    on = plan(cfg, st, H200, 2, wl, mode="on", micro_batches=3, max_seqs=4096, block_size=16,
+              host_blocks=10**6)
+    assert not p.offload and on.offload and on.bound == "pcie"
+    assert on.predicted_tok_s < p.predicted_tok_s
+
+
+def test_auto_leaves_offload_off_when_memory_is_plenty():
+    cfg, st = shapes("llama3-8b", 1, 141)
+    wl = Workload(128, 32, 160)                      # short: the GPU holds every sequence
+    p = plan(cfg, st, H200, 2, wl, mode="auto", micro_batches=2, max_seqs=512, block_size=16,
+             host_blocks=10**6)
+    assert not p.offload and p.staging_blocks == 0
+
+
+def test_plan_errors_name_the_figures():
+    cfg, st = shapes("llama2-13b", 1, 27)            # weights nearly fill the card
+    wl = Workload(4000, 4000, 8000)
+    with pytest.raises(PlanError, match="blocks"):
+        plan(cfg, st, H200, 2, wl, mode="on", micro_batches=2, max_seqs=64, block_size=16,
+             host_blocks=10)
