@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stages import triton_decode
+
 
 @dataclass
 class Group:
@@ -37,6 +39,8 @@ class Group:
     mask: torch.Tensor | None     # [B, Q, C] bool, True where a query may attend; None: all
     q_gather: torch.Tensor | None  # prefill: [B, Q] index into the group's tokens (n = padding)
     out_gather: torch.Tensor | None  # prefill: [n] index into the [B*Q] padded layout
+    table: torch.Tensor | None = None   # decode: [B, W] int32 block table (Triton kernel)
+    ctx: torch.Tensor | None = None     # decode: [B] int32 context lengths (Triton kernel)
 
 
 @dataclass
@@ -50,14 +54,18 @@ class StepLayout:
 
 
 def _group(rows: np.ndarray, tok: np.ndarray, q_lens: np.ndarray, ctx_lens: np.ndarray,
-           bt: np.ndarray, N: int, block_size: int, t) -> Group:
+           bt: np.ndarray, N: int, block_size: int, t, kernel: bool = False) -> Group:
     q = q_lens[rows]
     ctx = ctx_lens[rows]
     B, Q, C = len(rows), int(q.max()), int(ctx.max())
     c = np.arange(C)
-    read_blocks = bt[rows][:, np.minimum(c // block_size, bt.shape[1] - 1)]
+    read_blocks = None if kernel and Q == 1 else \
+        bt[rows][:, np.minimum(c // block_size, bt.shape[1] - 1)]
     all_tokens = len(tok) == N and bool((tok == np.arange(N)).all())
     if Q == 1:
+        if kernel:   # the Triton kernel reads the cache through the block table itself
+            return Group(None if all_tokens else t(tok), B, 1, C, None, None, None, None, None,
+                         t(bt[rows].astype(np.int32)), t(ctx.astype(np.int32)))
         mask = None if bool((ctx == C).all()) else t(c[None, None, :] < ctx[:, None, None])
         return Group(None if all_tokens else t(tok), B, 1, C, t(read_blocks),
                      t(c % block_size), mask, None, None)
@@ -92,13 +100,19 @@ def build_layout(q_lens: np.ndarray, ctx_lens: np.ndarray, block_tables: np.ndar
     return StepLayout(
         t(positions), t(bt[seq_of, positions // block_size]), t(positions % block_size),
         t(cu[1:] - 1),
-        _group(dec, cu[dec], q_lens, ctx_lens, bt, N, block_size, t) if len(dec) else None,
+        _group(dec, cu[dec], q_lens, ctx_lens, bt, N, block_size, t,
+               kernel=triton_decode.available(device)) if len(dec) else None,
         _group(pre, pre_tok, q_lens, ctx_lens, bt, N, block_size, t) if len(pre) else None)
 
 
-def _attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, g: Group,
+def _attend(q: torch.Tensor, kv: torch.Tensor, layer: int, g: Group,
             scale: float) -> torch.Tensor:
     """q [n, H, D] of one group -> [n, H*D]."""
+    if g.table is not None:
+        return triton_decode.paged_decode(q.contiguous(), kv, layer, g.table, g.ctx, scale,
+                                          max_ctx=g.max_ctx)
+    kc = kv[:, layer, 0]      # [nb, bs, KVH, D] view
+    vc = kv[:, layer, 1]
     n, H, D = q.shape
     KVH = kc.shape[-2]
     G = H // KVH
@@ -131,8 +145,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch
     vc[lay.write_blocks, lay.write_offsets] = v
     groups = [g for g in (lay.decode, lay.prefill) if g is not None]
     if len(groups) == 1 and groups[0].tokens is None:
-        return _attend(q, kc, vc, groups[0], scale)
+        return _attend(q, kv, layer, groups[0], scale)
     out = q.new_empty(N, H * D)
     for g in groups:
-        out[g.tokens] = _attend(q[g.tokens], kc, vc, g, scale)
+        out[g.tokens] = _attend(q[g.tokens], kv, layer, g, scale)
     return out
