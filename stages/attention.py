@@ -39,6 +39,7 @@ class Group:
     mask: torch.Tensor | None     # [B, Q, C] bool, True where a query may attend; None: all
     q_gather: torch.Tensor | None  # prefill: [B, Q] index into the group's tokens (n = padding)
     out_gather: torch.Tensor | None  # prefill: [n] index into the [B*Q] padded layout
+    spans: list | None = None           # prefill with no earlier context: (first token, count)
     table: torch.Tensor | None = None   # decode: [B, W] int32 block table (Triton kernel)
     ctx: torch.Tensor | None = None     # decode: [B] int32 context lengths (Triton kernel)
 
@@ -70,6 +71,11 @@ def _group(rows: np.ndarray, tok: np.ndarray, q_lens: np.ndarray, ctx_lens: np.n
         return Group(None if all_tokens else t(tok), B, 1, C, t(read_blocks),
                      t(c % block_size), mask, None, None)
     n = len(tok)
+    if bool((ctx == q).all()):   # fresh prompts: attend over the step's own k/v, causally
+        starts = np.zeros(B, dtype=np.int64)
+        np.cumsum(q[:-1], out=starts[1:])
+        return Group(None if all_tokens else t(tok), B, Q, C, None, None, None, None, None,
+                     spans=list(zip(starts.tolist(), q.tolist())))
     gcu = np.zeros(B + 1, dtype=np.int64)
     np.cumsum(q, out=gcu[1:])
     seq_of = np.repeat(np.arange(B), q)
@@ -105,9 +111,24 @@ def build_layout(q_lens: np.ndarray, ctx_lens: np.ndarray, block_tables: np.ndar
         _group(pre, pre_tok, q_lens, ctx_lens, bt, N, block_size, t) if len(pre) else None)
 
 
-def _attend(q: torch.Tensor, kv: torch.Tensor, layer: int, g: Group,
-            scale: float) -> torch.Tensor:
-    """q [n, H, D] of one group -> [n, H*D]."""
+def _fresh(q, k, v, g: Group, scale: float) -> torch.Tensor:
+    """Prompts with no earlier context: causal attention per prompt (flash), no cache reads."""
+    n, H, D = q.shape
+    out = q.new_empty(n, H * D)
+    for start, m in g.spans:
+        sl = slice(start, start + m)
+        o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), k[sl].transpose(0, 1),
+                                           v[sl].transpose(0, 1), is_causal=True, scale=scale,
+                                           enable_gqa=True)
+        out[sl] = o.transpose(0, 1).reshape(m, H * D)
+    return out
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, layer: int,
+            g: Group, scale: float) -> torch.Tensor:
+    """q [n, H, D] (k, v [n, KVH, D]) of one group -> [n, H*D]."""
+    if g.spans is not None:
+        return _fresh(q, k, v, g, scale)
     if g.table is not None:
         return triton_decode.paged_decode(q.contiguous(), kv, layer, g.table, g.ctx, scale,
                                           max_ctx=g.max_ctx)
@@ -145,8 +166,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch
     vc[lay.write_blocks, lay.write_offsets] = v
     groups = [g for g in (lay.decode, lay.prefill) if g is not None]
     if len(groups) == 1 and groups[0].tokens is None:
-        return _attend(q, kv, layer, groups[0], scale)
+        return _attend(q, k, v, kv, layer, groups[0], scale)
     out = q.new_empty(N, H * D)
     for g in groups:
-        out[g.tokens] = _attend(q[g.tokens], kv, layer, g, scale)
+        t = g.tokens
+        out[t] = _attend(q[t], k[t], v[t], kv, layer, g, scale)
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from pipemax.model_config import ModelConfig
+from stages import triton_decode
 
 GiB = 1 << 30
 CPU_DEFAULT_KV_GB = 0.25
@@ -29,17 +30,20 @@ class KVCache:
         return num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * esize
 
 
-def workspace_bytes(spec, dtype: torch.dtype) -> int:
+def workspace_bytes(spec, dtype: torch.dtype, decode_kernel: bool) -> int:
     """Rough upper bound of one step's activations: what the KV cache must leave free."""
     cfg = spec.model
     esize = torch.empty(0, dtype=dtype).element_size()
     T = spec.max_tokens_per_step
     per_token = 4 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + 3 * cfg.intermediate_size
     act = T * per_token * esize * 2
-    # attention gathers the context of each sequence of the step: bounded by the step's seqs
-    ctx = min(spec.max_model_len, 2048)
-    gather = 3 * spec.max_seqs_per_step * ctx * cfg.kv_size * esize
-    logits = 5 * spec.max_seqs_per_step * cfg.vocab_size * 4 if spec.is_last else 0
+    ctx = min(spec.max_model_len, 8192)
+    # prefill chunks gather their sequences' context (k and v, then a permuted copy)
+    gather = 4 * max(1, T // 128) * ctx * cfg.kv_size * esize
+    if not decode_kernel:   # the torch decode path gathers every decoding sequence's context
+        gather += 4 * spec.max_seqs_per_step * min(ctx, 2048) * cfg.kv_size * esize
+    rows = min(spec.max_seqs_per_step, T)
+    logits = 3 * rows * cfg.vocab_size * 4 if spec.is_last else 0
     return act + gather + logits + 256 * (1 << 20)
 
 
@@ -49,11 +53,13 @@ def kv_budget_bytes(spec, device: torch.device, weight_bytes: int, dtype: torch.
         free, total = torch.cuda.mem_get_info(device)
         cap = spec.memory_gb * GiB if spec.memory_gb else total
         used_by_us = torch.cuda.memory_reserved(device) + CUDA_CONTEXT_BYTES
-        budget = min(cap - used_by_us, free) * 0.95 - workspace_bytes(spec, dtype)
+        budget = (min(cap - used_by_us, free) * 0.95
+                  - workspace_bytes(spec, dtype, triton_decode.available(device)))
     else:
         budget = (spec.kv_cache_gb or CPU_DEFAULT_KV_GB) * GiB
         if spec.memory_gb:
-            budget = min(budget, spec.memory_gb * GiB - weight_bytes - workspace_bytes(spec, dtype))
+            budget = min(budget, spec.memory_gb * GiB - weight_bytes
+                         - workspace_bytes(spec, dtype, False))
     if spec.kv_cache_gb:
         budget = min(budget, spec.kv_cache_gb * GiB)
     return int(max(0, budget))
