@@ -66,7 +66,7 @@ def _group(rows: np.ndarray, tok: np.ndarray, q_lens: np.ndarray, ctx_lens: np.n
     if Q == 1:
         if kernel:   # the Triton kernel reads the cache through the block table itself
             return Group(None if all_tokens else t(tok), B, 1, C, None, None, None, None, None,
-                         t(bt[rows].astype(np.int32)), t(ctx.astype(np.int32)))
+                         table=t(bt[rows].astype(np.int32)), ctx=t(ctx.astype(np.int32)))
         mask = None if bool((ctx == C).all()) else t(c[None, None, :] < ctx[:, None, None])
         return Group(None if all_tokens else t(tok), B, 1, C, t(read_blocks),
                      t(c % block_size), mask, None, None)
