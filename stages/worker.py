@@ -81,6 +81,8 @@ class Stage:
         self.host: HostPool | None = None
         self.offloader: Offloader | None = None
         self.resident = self.staging_blocks = self.peak_staging = 0
+        self.busy_s = self.wait_s = 0.0       # time in steps / waiting for the ring before
+        self.steps = 0
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def report(self) -> dict:
@@ -100,6 +102,7 @@ class Stage:
                 else 0)
         off = self.offloader
         return {"stage": self.spec.index, "peak_gpu_bytes": int(peak),
+                "busy_s": self.busy_s, "wait_s": self.wait_s, "steps": self.steps,
                 "bytes_prefetched": off.bytes_prefetched if off else 0,
                 "bytes_offloaded": off.bytes_offloaded if off else 0,
                 "peak_staging_blocks": self.peak_staging, "resident_blocks": self.resident}
@@ -204,11 +207,13 @@ def serve(spec: StageSpec) -> int:
         stage = Stage(spec)
         pending = None
         while True:
+            t0 = time.perf_counter()
             if pending is None:
                 with rin.read(timeout=None, alive=parent_alive) as msg:
                     meta, tensors = dict(msg.meta), _copy_in(msg.tensors)
             else:
                 (meta, tensors), pending = pending, None
+            t1 = time.perf_counter()
             op = meta.get("op")
             if op == P.OP_STEP:
                 meta, tensors = stage.step(meta, tensors)
@@ -228,6 +233,10 @@ def serve(spec: StageSpec) -> int:
             else:
                 raise RuntimeError(f"unknown op {op!r}")
             rout.write(meta, tensors, timeout=None, alive=parent_alive)
+            if op == P.OP_STEP and stage.steps > 0:   # the first step's wait is the start-up
+                stage.wait_s += t1 - t0
+                stage.busy_s += time.perf_counter() - t1
+            stage.steps += op == P.OP_STEP
             if op == P.OP_STOP:
                 return 0
             if op == P.OP_ERROR:
