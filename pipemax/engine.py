@@ -33,6 +33,7 @@ class Stats:
     prompt_tokens: int = 0
     output_tokens: int = 0
     steps: int = 0
+    driver_wait_s: float = 0.0      # time the driver waited for the pipeline (rest: its own work)
     started: float = field(default_factory=time.monotonic)
 
     def seconds(self) -> float:
@@ -42,7 +43,7 @@ class Stats:
         s = self.seconds()
         return {"requests_ok": self.requests_ok, "requests_error": self.requests_error,
                 "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
-                "steps": self.steps, "seconds": s,
+                "steps": self.steps, "seconds": s, "driver_wait_s": self.driver_wait_s,
                 "output_tok_s": self.output_tokens / s if s > 0 else 0.0,
                 "total_tok_s": (self.prompt_tokens + self.output_tokens) / s if s > 0 else 0.0,
                 "requests_s": self.requests_ok / s if s > 0 else 0.0}
@@ -101,7 +102,10 @@ class Engine:
         if not self.inflight:
             # paused with work left: go on (at_step waits for "resume" without spinning)
             return self.paused and (not self.lines_done or self.sched.has_work())
-        self.land(*self.pipeline.recv())
+        t0 = time.monotonic()
+        got = self.pipeline.recv()
+        self.stats.driver_wait_s += time.monotonic() - t0
+        self.land(*got)
         return True
 
     def start_job(self, lines: Iterator[tuple[int, bytes]], write: Callable[[dict], None]
@@ -111,7 +115,6 @@ class Engine:
         self.parser = Parser(self.tokenizer, max_model_len=self.max_model_len,
                              vocab_size=self.parser.vocab_size)
         self.lines, self.write, self.lines_done = lines, write, False
-        self.draining = False
 
     # ---- pieces ---------------------------------------------------------------------------
     def intake(self) -> None:

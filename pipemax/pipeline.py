@@ -79,7 +79,8 @@ class Pipeline:
                 max_blocks_useful=max_blocks_useful, memory_gb=cfg.gpu_memory_gb,
                 kv_cache_gb=cfg.kv_cache_gb, max_tokens_per_step=cfg.max_num_batched_tokens,
                 max_seqs_per_step=cfg.max_seqs_per_mb, max_model_len=self.max_model_len,
-                parent_pid=os.getpid(), threads=threads, seed=cfg.seed)
+                parent_pid=os.getpid(), threads=threads, seed=cfg.seed,
+                decode_graphs=cfg.cuda_graphs)
             p = ctx.Process(target=stage_main, args=(spec,), name=f"pipemax-stage{i}")
             p.start()
             self.procs.append(p)

@@ -55,21 +55,16 @@ class StepLayout:
 
 
 def _group(rows: np.ndarray, tok: np.ndarray, q_lens: np.ndarray, ctx_lens: np.ndarray,
-           bt: np.ndarray, N: int, block_size: int, t, kernel: bool = False) -> Group:
+           bt: np.ndarray, N: int, block_size: int, t) -> Group:
     q = q_lens[rows]
     ctx = ctx_lens[rows]
     B, Q, C = len(rows), int(q.max()), int(ctx.max())
     c = np.arange(C)
-    read_blocks = None if kernel and Q == 1 else \
-        bt[rows][:, np.minimum(c // block_size, bt.shape[1] - 1)]
+    read_blocks = bt[rows][:, np.minimum(c // block_size, bt.shape[1] - 1)] if Q > 1 else None
     all_tokens = len(tok) == N and bool((tok == np.arange(N)).all())
-    if Q == 1:
-        if kernel:   # the Triton kernel reads the cache through the block table itself
-            return Group(None if all_tokens else t(tok), B, 1, C, None, None, None, None, None,
-                         table=t(bt[rows].astype(np.int32)), ctx=t(ctx.astype(np.int32)))
-        mask = None if bool((ctx == C).all()) else t(c[None, None, :] < ctx[:, None, None])
-        return Group(None if all_tokens else t(tok), B, 1, C, t(read_blocks),
-                     t(c % block_size), mask, None, None)
+    if Q == 1:   # decode reads the cache through the block table itself (paged_decode)
+        return Group(None if all_tokens else t(tok), B, 1, C, None, None, None, None, None,
+                     table=t(bt[rows].astype(np.int32)), ctx=t(ctx.astype(np.int32)))
     n = len(tok)
     if bool((ctx == q).all()):   # fresh prompts: attend over the step's own k/v, causally
         starts = np.zeros(B, dtype=np.int64)
@@ -106,9 +101,31 @@ def build_layout(q_lens: np.ndarray, ctx_lens: np.ndarray, block_tables: np.ndar
     return StepLayout(
         t(positions), t(bt[seq_of, positions // block_size]), t(positions % block_size),
         t(cu[1:] - 1),
-        _group(dec, cu[dec], q_lens, ctx_lens, bt, N, block_size, t,
-               kernel=triton_decode.available(device)) if len(dec) else None,
+        _group(dec, cu[dec], q_lens, ctx_lens, bt, N, block_size, t) if len(dec) else None,
         _group(pre, pre_tok, q_lens, ctx_lens, bt, N, block_size, t) if len(pre) else None)
+
+
+def paged_decode(q: torch.Tensor, kv: torch.Tensor, layer: int, table: torch.Tensor,
+                 ctx: torch.Tensor, scale: float, max_ctx: int) -> torch.Tensor:
+    """Decode attention (one query per sequence) through block tables: q [B, H, D] -> [B, H*D].
+
+    The Triton kernel on CUDA; elsewhere the same function in torch (gather, then SDPA). Rows
+    with ctx 0 (padding) give zeros. All inputs are device tensors: capturable in a graph.
+    """
+    if triton_decode.available(q.device):
+        return triton_decode.paged_decode(q, kv, layer, table, ctx, scale, max_ctx=max_ctx)
+    B, H, D = q.shape
+    bs, KVH = kv.shape[3], kv.shape[4]
+    c = torch.arange(max_ctx, device=q.device)
+    blocks = table[:, (c // bs).clamp(max=table.shape[1] - 1)].long()        # [B, C]
+    offs = (c % bs)[None, :].expand(B, -1)
+    K = kv[:, layer, 0][blocks, offs].permute(0, 2, 1, 3)                     # [B, KVH, C, D]
+    V = kv[:, layer, 1][blocks, offs].permute(0, 2, 1, 3)
+    mask = (c[None, :] < ctx[:, None])
+    mask[:, 0] |= ctx == 0              # padding rows: attend to something, zeroed below
+    o = F.scaled_dot_product_attention(q.view(B, KVH, H // KVH, D), K, V,
+                                       attn_mask=mask[:, None, None, :], scale=scale)
+    return torch.where((ctx > 0)[:, None], o.reshape(B, H * D), 0)
 
 
 def _fresh(q, k, v, g: Group, scale: float) -> torch.Tensor:
@@ -130,8 +147,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
     if g.spans is not None:
         return _fresh(q, k, v, g, scale)
     if g.table is not None:
-        return triton_decode.paged_decode(q.contiguous(), kv, layer, g.table, g.ctx, scale,
-                                          max_ctx=g.max_ctx)
+        return paged_decode(q.contiguous(), kv, layer, g.table, g.ctx, scale, g.max_ctx)
     kc = kv[:, layer, 0]      # [nb, bs, KVH, D] view
     vc = kv[:, layer, 1]
     n, H, D = q.shape
@@ -140,11 +156,6 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
     B, Q, C = g.num_seqs, g.max_q, g.max_ctx
     K = kc[g.read_blocks, g.read_offsets].permute(0, 2, 1, 3)      # [B, KVH, C, D]
     V = vc[g.read_blocks, g.read_offsets].permute(0, 2, 1, 3)
-    if Q == 1:
-        qp = q.view(B, KVH, G, D)            # query head h uses kv head h // G
-        mask = None if g.mask is None else g.mask.view(B, 1, 1, C)
-        return F.scaled_dot_product_attention(qp, K, V, attn_mask=mask,
-                                              scale=scale).reshape(B, H * D)
     qpad = torch.cat([q, q.new_zeros(1, H, D)])[g.q_gather]             # [B, Q, H, D]
     qp = qpad.view(B, Q, KVH, G, D).permute(0, 2, 3, 1, 4).reshape(B, KVH, G * Q, D)
     mask = g.mask[:, None, None].expand(B, 1, G, Q, C).reshape(B, 1, G * Q, C)

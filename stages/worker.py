@@ -28,6 +28,7 @@ from pipemax.model_config import ModelConfig
 from stages.attention import build_layout
 from pipemax.timetable import Staging, staging_for
 from stages.kv_cache import KVCache, kv_budget_bytes
+from stages.decode_graph import DecodeGraphs
 from stages.measure import measure
 from stages.offload import HostPool, Offloader
 from stages.loader import build_stage_model
@@ -58,6 +59,7 @@ class StageSpec:
     parent_pid: int
     threads: int | None
     seed: int
+    decode_graphs: bool = True     # decode steps through per-bucket static buffers (CUDA graphs)
 
     @property
     def is_first(self) -> bool:
@@ -80,6 +82,7 @@ class Stage:
         self.kv: KVCache | None = None
         self.host: HostPool | None = None
         self.offloader: Offloader | None = None
+        self.graphs: DecodeGraphs | None = None
         self.resident = self.staging_blocks = self.peak_staging = 0
         self.busy_s = self.wait_s = 0.0       # time in steps / waiting for the ring before
         self.steps = 0
@@ -112,9 +115,13 @@ class Stage:
         s = self.spec
         self.resident = int(meta["resident_blocks"])
         self.staging_blocks = int(meta["staging_blocks"])
-        self.kv = KVCache(s.model, s.layer_end - s.layer_start,
-                          self.resident + 2 * self.staging_blocks, s.block_size, self.dtype,
-                          self.device)
+        scratch = self.resident + 2 * self.staging_blocks     # a block no sequence owns
+        self.kv = KVCache(s.model, s.layer_end - s.layer_start, scratch + 1, s.block_size,
+                          self.dtype, self.device)
+        if s.decode_graphs:
+            self.graphs = DecodeGraphs(self.model, self.kv.data, scratch, s.block_size,
+                                       -(-s.max_model_len // s.block_size), self.dtype,
+                                       self.device, capture=True)
         if self.staging_blocks:
             shape = (int(meta["host_blocks"]), *self.kv.data.shape[1:])
             self.host = HostPool(meta["host_segments"][s.index], shape, self.dtype,
@@ -154,10 +161,14 @@ class Stage:
                 off.synchronize()
             off.before_compute(k)
         table = st.table if st is not None else t["block_tables"].numpy()
-        lay = build_layout(t["q_lens"].numpy(), t["ctx_lens"].numpy(), table, s.block_size,
-                           self.device)
-        x = t["tokens"] if s.is_first else t["hidden"]
-        h = self.model(x.to(self.device, non_blocking=True), lay, self.kv.data)
+        q_lens, ctx = t["q_lens"].numpy(), t["ctx_lens"].numpy()
+        x = (t["tokens"] if s.is_first else t["hidden"]).to(self.device, non_blocking=True)
+        if (self.graphs is not None and bool((q_lens == 1).all())
+                and self.graphs.fits(len(q_lens), table.shape[1])):
+            h = self.graphs.run(x, ctx, table)
+        else:
+            lay = build_layout(q_lens, ctx, table, s.block_size, self.device)
+            h = self.model(x, lay, self.kv.data)
         if s.is_last:
             rows = t["sample_rows"].to(self.device)
             d = self.device

@@ -35,7 +35,7 @@ def requests_for(ids_list):
 
 CASES = [
     # (checkpoint kind, stages, extra flags)
-    ("llama-gqa-sharded", 1, []),
+    ("llama-gqa-sharded", 1, ["--cuda-graphs", "on"]),   # the padded graph path, eagerly
     ("llama-gqa-sharded", 2, ["--block-size", "4"]),
     ("llama-gqa-sharded", 3, ["--max-num-batched-tokens", "8"]),           # chunked prefill
     ("llama-gqa-sharded", 2, ["--kv-cache-gb", "0.00012", "--block-size", "4",
@@ -45,7 +45,7 @@ CASES = [
     ("llama3-rope-params", 3, []),
     ("qwen2-bias-tied", 1, []),
     ("qwen2-bias-tied", 2, ["--max-num-seqs", "2"]),
-    ("qwen2-bias-tied", 3, ["--micro-batches", "5"]),
+    ("qwen2-bias-tied", 3, ["--micro-batches", "5", "--cuda-graphs", "on"]),
     ("mistral", 2, []),
 ]
 

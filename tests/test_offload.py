@@ -82,7 +82,7 @@ def test_overlapped_and_plain_schedules_agree(tmp_path, model_dir):
     for overlap in ("on", "off"):
         toks, st, _ = run(tmp_path, model_dir, rows, f"ov-{overlap}", "--gpus", "2",
                           "--kv-offload", "on", "--offload-overlap", overlap,
-                          "--micro-batches", "4", *SMALL)
+                          "--micro-batches", "4", "--cuda-graphs", "on", *SMALL)
         assert st["offloaded_admitted"] > 0
         got.append(toks)
     assert got[0] == got[1]
