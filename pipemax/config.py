@@ -46,6 +46,14 @@ class RunConfig:
     host_kv_gb: float | None = None     # host KV pool size (default: a safe share of the host)
     offload_overlap: bool = True        # False: the plain, non-overlapped reference schedule
     device_figures: tuple[tuple[str, float], ...] = ()   # planner figure overrides
+    cuda_graphs: bool = False           # decode steps replayed from CUDA graphs
+    # operations (pipemax/control.py, progress.py, service.py)
+    socket: str | None = None           # control socket; None: the default path
+    no_socket: bool = False             # no control socket at all
+    socket_group: str | None = None     # socket mode 0660, this group may connect
+    serve: bool = False                 # service mode: jobs come through the socket
+    progress: str = "auto"              # "auto" | "bar" | "log" | "off"
+    progress_interval: float = 10.0     # seconds between progress log lines (not a tty)
 
     def __post_init__(self):
         if self.gpus < 1:
@@ -75,6 +83,30 @@ class RunConfig:
                                   "tflops with a positive value")
         if (self.input is None) != (self.output is None):
             raise ConfigError("--input and --output go together")
+        self._check_operations()
+
+    def _check_operations(self) -> None:
+        if self.no_socket and (self.socket is not None or self.socket_group is not None):
+            raise ConfigError("--no-socket cannot go with --socket or --socket-group")
+        if self.socket is not None and (not self.socket or "\0" in self.socket):
+            raise ConfigError("--socket must be a path")
+        if self.socket_group is not None:
+            import grp
+            try:
+                grp.getgrnam(self.socket_group)
+            except KeyError:
+                raise ConfigError(f"--socket-group: no group {self.socket_group!r}") from None
+        if self.serve:
+            if self.input is not None or self.errors is not None:
+                raise ConfigError("--serve takes its jobs through the control socket "
+                                  "(python -m pipemax.ctl submit IN OUT): leave out --input, "
+                                  "--output and --errors")
+            if self.no_socket:
+                raise ConfigError("--serve needs the control socket (leave out --no-socket)")
+        if self.progress not in ("auto", "bar", "log", "off"):
+            raise ConfigError(f"--progress must be auto, bar, log or off, got {self.progress!r}")
+        if not self.progress_interval > 0:
+            raise ConfigError("--progress-interval must be positive")
 
     @property
     def num_micro_batches(self) -> int:
@@ -153,8 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host KV pool, all stages together (default: half the free memory)")
     p.add_argument("--offload-overlap", choices=("on", "off"), default="on",
                    help="off: the plain schedule (copy, then compute), the reference")
+    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="replay decode steps from CUDA graphs (auto: on CUDA; on the CPU 'on' "
+                        "runs the same padded path eagerly, for tests)")
     p.add_argument("--device-figures", default=None, metavar="hbm_gbs=X,h2d_gbs=Y,tflops=Z",
                    help="planner figures instead of the ones measured at start")
+    ops = p.add_argument_group("operations")
+    ops.add_argument("--socket", default=None, metavar="PATH",
+                     help="control socket (python -m pipemax.ctl); default: "
+                          "pipemax-<pid>.sock in $RUNTIME_DIRECTORY or $XDG_RUNTIME_DIR")
+    ops.add_argument("--no-socket", action="store_true", help="no control socket")
+    ops.add_argument("--socket-group", default=None, metavar="GROUP",
+                     help="let this group use the socket (mode 0660; default 0600, owner only)")
+    ops.add_argument("--serve", action="store_true",
+                     help="service mode: keep the model loaded, take jobs through the socket")
+    ops.add_argument("--progress", choices=("auto", "bar", "log", "off"), default="auto",
+                     help="auto: a bar on a terminal, log lines otherwise")
+    ops.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
+                     help="seconds between progress log lines")
     return p
 
 
@@ -194,7 +242,11 @@ def from_args(argv: list[str] | None = None) -> RunConfig:
                     overrides=tuple(a.override), quiet=a.quiet, stats_json=a.stats_json,
                     kv_offload=a.kv_offload, host_kv_gb=a.host_kv_gb,
                     offload_overlap=a.offload_overlap == "on",
-                    device_figures=_figures(a.device_figures))
+                    device_figures=_figures(a.device_figures),
+                    cuda_graphs=a.cuda_graphs == "on" or (a.cuda_graphs == "auto"
+                                                          and device == "cuda"),
+                    socket=a.socket, no_socket=a.no_socket, socket_group=a.socket_group,
+                    serve=a.serve, progress=a.progress, progress_interval=a.progress_interval)
     if a.dtype == "auto" and device == "cuda" and cfg.model_folder:
         if cfg.model_config().torch_dtype == "float16":
             cfg = RunConfig(**{**cfg.__dict__, "dtype": "float16"})

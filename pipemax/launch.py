@@ -3,7 +3,10 @@
 Everything that can be wrong with the flags, the model folder or the input file is found
 before any process starts, and reported in one line with exit code 2. Every exit path
 (normal, error, Ctrl-C, SIGTERM, a stage killed) runs ``Pipeline.close()``, which removes
-every shared-memory object of the run; finished results are already on disk, line by line.
+every shared-memory object of the run, and removes the control socket; finished results are
+already on disk, line by line, and a run started again with the same --output skips them
+(pipemax/resume.py). The first SIGTERM drains (exit 0); a second one, or Ctrl-C, stops at once
+(exit 130). Control commands, progress and systemd notifications: pipemax/supervisor.py.
 """
 from __future__ import annotations
 
@@ -16,6 +19,10 @@ from pathlib import Path
 
 from ipc.names import cleanup_stale, new_run_id
 from pipemax.config import ConfigError, RunConfig, from_args
+from pipemax import supervisor
+from pipemax.control import ControlError
+from pipemax.job import Job, JobError
+from pipemax.service import serve
 from pipemax import kv_setup
 from pipemax.engine import Engine
 from pipemax.kv_pool import HostMemoryError
@@ -25,7 +32,6 @@ from pipemax.workload import estimate
 from pipemax.model_config import ModelConfig
 from pipemax.pipeline import Pipeline, StageFailed
 from pipemax.requests import read_requests
-from pipemax.results import ResultWriter
 from pipemax.scheduler import Scheduler, SchedulerConfig
 from pipemax.tiny import DEFAULT_PROMPTS, ensure_tiny_model
 from pipemax.tokenizer import Tokenizer, TokenizerError
@@ -33,17 +39,20 @@ from stages.loader import CheckpointError, check_checkpoint
 
 
 class Terminated(BaseException):
-    """SIGTERM or SIGINT: unwind so that every ``finally`` runs."""
+    """A second SIGTERM, or SIGINT: unwind so that every ``finally`` runs."""
 
 
 class Interrupts:
-    """SIGTERM / SIGINT handler. The first signal raises ``Terminated``; since a C call may
-    swallow that exception (a semaphore wait returns EINTR), the signal is also remembered and
-    ``check()`` (called from every ring wait slice) raises it again. Later signals are ignored
-    so that nothing interrupts the cleanup, which is bounded in time."""
+    """SIGTERM / SIGINT handler. The first SIGTERM only sets ``drain_requested`` (the engine
+    loop then takes nothing new, finishes what is running and exits 0; see
+    pipemax/supervisor.py). A second SIGTERM, or any SIGINT, raises ``Terminated``; since a C
+    call may swallow that exception (a semaphore wait returns EINTR), the signal is also
+    remembered and ``check()`` (called from every ring wait slice) raises it again. Later
+    signals are ignored so that nothing interrupts the cleanup, which is bounded in time."""
 
     def __init__(self):
         self.signum = None
+        self.drain_requested = False
         self.handled = False     # set once the launcher has caught Terminated
         self.prev = {}
 
@@ -56,6 +65,9 @@ class Interrupts:
             signal.signal(s, h)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGTERM and not self.drain_requested and self.signum is None:
+            self.drain_requested = True
+            return
         if self.signum is None:
             self.signum = signum
             self.check()
@@ -157,9 +169,22 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
     stale = cleanup_stale()
     if stale:
         info(cfg, f"removed shared memory left by dead runs {', '.join(stale)}")
-    if cfg.input is not None:
-        writer = ResultWriter(cfg.output, cfg.errors)
-        lines = read_requests(cfg.input)
+    try:   # control socket, progress, systemd, --serve job queue (pipemax/supervisor.py)
+        sup = supervisor.build(cfg, interrupts, lambda m: info(cfg, m))
+    except ControlError as e:
+        err(str(e))
+        return 2
+    job = None
+    if cfg.serve:
+        writer, lines = None, iter(())        # jobs come through the control socket
+    elif cfg.input is not None:
+        job = Job(cfg.input, cfg.output, cfg.errors, log=sup.log)
+        try:
+            job.open()                        # resume: skip what an earlier run answered
+        except JobError as e:
+            err(str(e))
+            return 2
+        writer, lines = job, job.lines()
     else:
         writer = PrintWriter(DEFAULT_PROMPTS)
         lines = default_lines(DEFAULT_PROMPTS)
@@ -167,6 +192,7 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
     pool = None
     t0 = time.monotonic()
     try:
+        sup.start()
         wl = estimate(read_requests(cfg.input) if cfg.input else default_lines(DEFAULT_PROMPTS),
                       Parser(tokenizer, max_model_len=max_len, vocab_size=model.vocab_size),
                       max_len)
@@ -184,10 +210,23 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
                         eos_ids=tuple(model.eos_token_ids) + (
                             tokenizer.eos_token_ids if tokenizer else ()),
                         max_model_len=max_len, vocab_size=model.vocab_size,
-                        model_name=Path(cfg.model).name, seed=cfg.seed, write=writer.write,
-                        lines=lines, log=None if cfg.quiet else lambda m: info(cfg, m))
+                        model_name=Path(cfg.model).name, seed=cfg.seed,
+                        write=writer.write if writer is not None else (lambda line: None),
+                        lines=lines, log=None if cfg.quiet else lambda m: info(cfg, m),
+                        hooks=sup)
+        if job is not None:
+            job.bind(engine.parser)
+        sup.loaded(engine)                    # READY=1
         load_s = time.monotonic() - t0
+        if sup.service is not None:
+            outcome = serve(engine, sup, sup.service)
+            t = sup.totals
+            info(cfg, f"service {outcome}: {t['requests_ok']} requests ok, "
+                      f"{t['requests_error']} failed, {t['output_tokens']} output tokens")
+            return 0
+        sup.begin_job(job)
         stats = engine.run()
+        sup.end_job()
         finals = pipeline.stop()
         if cfg.stats_json:
             figures = {**stats.as_dict(), "load_seconds": load_s, "num_blocks": num_blocks,
@@ -207,8 +246,11 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
         info(cfg, f"plan predicted {kv_plan.predicted_tok_s:.0f} output tok/s in steady state; "
                   f"measured {stats.as_dict()['output_tok_s']:.0f} over the whole run"
                   + offload_summary(finals, sched))
+        if sup.outcome != "done" and (job is None or job.done < job.total):
+            info(cfg, f"{sup.outcome}: stopped before the end of the input; run again with the "
+                      "same --output to serve the rest")
         return 0
-    except (PlanError, HostMemoryError) as e:
+    except (PlanError, HostMemoryError, ControlError) as e:
         err(str(e))
         return 2
     except StageFailed as e:
@@ -227,7 +269,11 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
                 if pool is not None:
                     pool.close()
             finally:
-                writer.close()
+                try:
+                    if writer is not None:
+                        writer.close()
+                finally:
+                    sup.close()               # STOPPING=1; the socket file removed
 
 
 def main(argv: list[str] | None = None) -> int:

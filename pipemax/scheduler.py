@@ -175,7 +175,7 @@ class Scheduler:
         if not self.offload:
             return False
         first = self.blocks.blocks_for(min(s.remaining, self.cfg.max_tokens_per_step))
-        if self.staged[mb] + first + self.watermark > self.cfg.staging_blocks:
+        if self.staged[mb] + first + 1 > self.cfg.staging_blocks:   # one block to grow into
             return False
         ext = self.blocks.blocks_for(len(s.token_ids) + s.params.max_tokens - s.num_output)
         start = self.host.alloc(ext)

@@ -15,6 +15,7 @@ class Sequence:
         self.num_computed = 0          # tokens whose KV is in the cache
         self.blocks: list[int] = []    # GPU block ids, or its host extent when offloaded
         self.offloaded = False
+        self.staged_blocks = 0         # staging blocks its context takes (offloaded only)
         self.mb = -1                   # micro-batch it runs in; -1 while waiting
         self.rng = np.random.Generator(np.random.Philox(seed))
         self.logprobs: list | None = [] if req.params.logprobs is not None else None

@@ -211,16 +211,23 @@ def test_killed_stage_stops_the_run_naming_it(tmp_path, model_dir, victim):
             Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_cleanly_keeping_results(tmp_path, model_dir, sig):
+@pytest.mark.parametrize("sigs", [[signal.SIGINT], [signal.SIGTERM, signal.SIGTERM],
+                                  [signal.SIGTERM, signal.SIGINT]],
+                         ids=["sigint", "sigterm-twice", "sigterm-then-sigint"])
+def test_signal_stops_cleanly_keeping_results(tmp_path, model_dir, sigs):
+    """SIGINT, or a second signal after SIGTERM, stops at once (exit 130)."""
     proc, out = _long_run(tmp_path, model_dir, stages=2)
     try:
         pids = _stage_pids(proc.pid, 2)
         while not out.exists() or not out.read_text():
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.1)
-        os.kill(proc.pid, sig)
+        for sig in sigs:
+            os.kill(proc.pid, sig)
+            time.sleep(0.2)
+        t0 = time.monotonic()
         _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - t0 < 10
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -229,6 +236,32 @@ def test_signal_stops_cleanly_keeping_results(tmp_path, model_dir, sig):
     assert "interrupted" in err
     assert len(read_results(out)) > 0
     time.sleep(0.5)
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists()
+
+
+def test_sigterm_drains_the_running_requests_then_exits_0(tmp_path, model_dir):
+    """The first SIGTERM (systemd's stop) takes nothing new, finishes what runs, exits 0; a run
+    started again with the same --output serves the rest (tests/test_faults.py checks that)."""
+    proc, out = _long_run(tmp_path, model_dir, stages=2)
+    try:
+        pids = _stage_pids(proc.pid, 2)
+        while not out.exists() or not out.read_text():
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGTERM)
+        stdout, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "draining (SIGTERM)" in err and "drained" in err, err
+    done = read_results(out)
+    assert 0 < len(done) < 300
+    # what was running when the signal came was finished, to its last token
+    assert all(d["response"]["body"]["usage"]["completion_tokens"] == 400 for d in done.values())
+    assert f"requests {len(done)} ok" in stdout
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists()
 
