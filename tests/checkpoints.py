@@ -48,6 +48,9 @@ KINDS: dict[str, tuple[str, dict, dict]] = {
     "qwen2-bias-tied": ("qwen2", dict(num_hidden_layers=3, num_attention_heads=4,
                                       num_key_value_heads=2, tie_word_embeddings=True,
                                       use_sliding_window=False, sliding_window=None), {}),
+    # 8 layers, for 8 pipeline stages of one layer each
+    "llama-8layers": ("llama", dict(num_hidden_layers=8, num_attention_heads=4,
+                                    num_key_value_heads=2), {}),
     "mistral": ("mistral", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
                                 sliding_window=None), {}),
 }

@@ -47,6 +47,9 @@ CASES = [
     ("qwen2-bias-tied", 2, ["--max-num-seqs", "2"]),
     ("qwen2-bias-tied", 3, ["--micro-batches", "5", "--cuda-graphs", "on"]),
     ("mistral", 2, []),
+    ("llama-8layers", 8, []),                                  # eight stages, one layer each
+    ("llama-8layers", 8, ["--kv-offload", "on", "--kv-cache-gb", "0.0001",
+                          "--block-size", "4"]),
 ]
 
 
@@ -83,8 +86,9 @@ def test_greedy_matches_transformers(ckpt_root, tmp_path, kind, stages, extra):
         assert top and math.isclose(max(top.values()), hf_top[0], abs_tol=1e-4)
         for v in top.values():
             assert any(math.isclose(v, b, abs_tol=1e-4) for b in hf_top), (v, hf_top)
-    if "--kv-cache-gb" in extra:
-        assert "plan: offload off" in p.stderr
+    if "--kv-offload" in extra:
+        mode = extra[extra.index("--kv-offload") + 1]
+        assert f"plan: offload {mode}" in p.stderr
 
 
 def test_text_and_chat_prompts_match_transformers(ckpt_root, tmp_path):

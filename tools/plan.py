@@ -1,0 +1,72 @@
+"""The planner's choice and prediction for a model on N GPUs, without any GPU.
+
+    python -m tools.plan --model llama3-70b --gpus 8 --gpu-memory-gb 48 \
+        --figures hbm_gbs=4300,h2d_gbs=46,tflops=780 --prompt 1024 --output 1024
+
+Stage memory is estimated from the weights (each stage's layers, the embedding on the first,
+the lm_head on the last) and a fixed activation reserve; the run itself measures it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipemax.model_config import BUILTIN_MODELS, apply_overrides
+from pipemax.partition import split_layers
+from pipemax.planner import DeviceFigures, StageShape, Workload, plan
+
+GiB = 1 << 30
+
+
+def shapes(cfg, gpus: int, gpu_gb: float, esize: int, block_size: int,
+           reserve_gb: float) -> list[StageShape]:
+    out = []
+    for i, (a, b) in enumerate(split_layers(cfg, gpus)):
+        params = (b - a) * cfg.layer_params() + (cfg.head_params() if i == gpus - 1 else 0)
+        weights = params * esize + (cfg.embed_params() * esize if i == 0 else 0)
+        block = (b - a) * 2 * block_size * cfg.kv_size * esize
+        free = gpu_gb * GiB - weights - reserve_gb * GiB
+        out.append(StageShape(b - a, params, block, max(0, int(free // block))))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, choices=sorted(BUILTIN_MODELS))
+    p.add_argument("--override", action="append", default=[])
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpu-memory-gb", type=float, default=48)
+    p.add_argument("--reserve-gb", type=float, default=2.0, help="activations, CUDA context")
+    p.add_argument("--figures", default="hbm_gbs=4300,h2d_gbs=46,tflops=780")
+    p.add_argument("--prompt", type=float, default=1024)
+    p.add_argument("--output", type=float, default=1024)
+    p.add_argument("--micro-batches", type=int, default=None, help="default: gpus + 1")
+    p.add_argument("--max-seqs", type=int, default=4096)
+    p.add_argument("--host-gb", type=float, default=400)
+    p.add_argument("--block-size", type=int, default=16)
+    a = p.parse_args(argv)
+    cfg = apply_overrides(BUILTIN_MODELS[a.model], a.override)
+    figs = DeviceFigures(**{k: float(v) for k, v in
+                            (item.split("=") for item in a.figures.split(","))})
+    st = shapes(cfg, a.gpus, a.gpu_memory_gb, 2, a.block_size, a.reserve_gb)
+    wl = Workload(a.prompt, a.output, int(a.prompt + a.output))
+    host_blocks = int(a.host_gb * GiB // sum(s.block_bytes for s in st))
+    M = a.micro_batches or a.gpus + 1
+    rows = {}
+    for mode in ("off", "on", "auto"):
+        try:
+            pl = plan(cfg, st, figs, 2, wl, mode=mode, micro_batches=M, max_seqs=a.max_seqs,
+                      block_size=a.block_size, host_blocks=host_blocks)
+            rows[mode] = json.loads(pl.to_json())
+            print(f"{mode:>4}: {pl.describe()}")
+        except ValueError as e:
+            rows[mode] = {"error": str(e)}
+            print(f"{mode:>4}: {e}")
+    print(json.dumps({"model": a.model, "gpus": a.gpus, "gpu_memory_gb": a.gpu_memory_gb,
+                      "figures": figs.as_dict(), "plans": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
