@@ -7,8 +7,19 @@ Each system runs in a fresh process (so each starts with an empty GPU). Prints a
 writes the figures as JSON (``--json``).
 
 Systems:
-    pipemax        pipemax with --gpus G and the flags after ``--pipemax-args``
-    transformers   HuggingFace ``generate`` at each of ``--hf-batch-sizes`` (best one counts)
+    pipemax          pipemax with --gpus G and the flags after ``--pipemax-args`` (offload auto)
+    pipemax-offload  the same with --kv-offload on
+    pipemax-resident the same with --kv-offload off (GPU-resident KV: vLLM's pipeline policy)
+    pipemax-1gpu     one stage with --kv-offload on (FlexGen's setting)
+    transformers     HuggingFace ``generate`` at each of ``--hf-batch-sizes`` (best one counts),
+                     where transformers is installed
+    roofline         the cost model's steady-state prediction for the plan pipemax chose
+                     (pipemax/planner.py), read from the first pipemax run
+
+Figures per run: output and total tokens/s, requests/s, peak GPU memory per stage, host KV
+bytes, PCIe bytes moved, the share of stage time spent waiting for work (pipeline bubbles),
+and measured over predicted. ``--chart FILE.png`` draws output tokens/s (matplotlib, if
+installed).
 """
 from __future__ import annotations
 
@@ -50,6 +61,34 @@ def run_pipemax(a, name: str, gpus: int, extra: list[str], req_file: str, tmp: P
     return s
 
 
+PIPEMAX_SYSTEMS = {"pipemax": (None, []), "pipemax-offload": (None, ["--kv-offload", "on"]),
+                   "pipemax-resident": (None, ["--kv-offload", "off"]),
+                   "pipemax-1gpu": (1, ["--kv-offload", "on"])}
+
+
+def derive(r: dict) -> dict:
+    """The figures the table shows that a run's stats hold only implicitly."""
+    finals = r.get("finals") or []
+    busy = sum(f.get("busy_s", 0.0) for f in finals)
+    wait = sum(f.get("wait_s", 0.0) for f in finals)
+    plan = r.get("plan") or {}
+    pred = plan.get("predicted_tok_s")
+    return {"idle_share": wait / (busy + wait) if busy + wait > 0 else None,
+            "pcie_gb": (r.get("bytes_prefetched", 0) + r.get("bytes_offloaded", 0)) / 1e9,
+            "host_kv_gb": (plan.get("host_blocks", 0) * sum(
+                st.get("block_bytes", 0) for st in r.get("stages", []))) / 2**30,
+            "predicted_tok_s": pred,
+            "measured_over_predicted": r["output_tok_s"] / pred if pred else None}
+
+
+def roofline(results: list[dict]) -> dict:
+    for r in results:
+        if r.get("plan"):
+            return {"system": "roofline", "output_tok_s": r["plan"]["predicted_tok_s"],
+                    "bound": r["plan"]["bound"], "of": r["system"]}
+    return {"system": "roofline", "error": "no pipemax run to take the plan from"}
+
+
 def run_transformers(a, name: str) -> dict:
     cmd = [sys.executable, "-m", "tools.hf_baseline", "--model", a.model, "--workload",
            a.workload, "--num-requests", str(a.num_requests), "--batch-sizes",
@@ -68,14 +107,17 @@ def run_transformers(a, name: str) -> dict:
 
 def table(results: list[dict]) -> str:
     cols = ["system", "gpus", "output_tok_s", "total_tok_s", "requests_s", "seconds",
-            "peak_gpu_gb", "batch"]
+            "peak_gpu_gb", "host_kv_gb", "pcie_gb", "idle_share", "measured_over_predicted",
+            "batch"]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for r in results:
         cells = []
         for c in cols:
             v = r.get(c, "")
             if isinstance(v, float):
-                v = f"{v:.1f}"
+                v = f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
+            elif v is None:
+                v = ""
             elif isinstance(v, list):
                 v = ",".join(f"{x:.1f}" for x in v)
             cells.append(str(v))
@@ -96,10 +138,11 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-memory-gb", type=float, default=None)
     p.add_argument("--workload", default="fixed:512/256")
     p.add_argument("--num-requests", type=int, default=256)
-    p.add_argument("--systems", default="pipemax,transformers")
+    p.add_argument("--systems", default="pipemax,transformers,roofline")
     p.add_argument("--hf-batch-sizes", default="64,256")
     p.add_argument("--pipemax-args", default="", help="extra flags for pipemax, one string")
     p.add_argument("--json", default=None)
+    p.add_argument("--chart", default=None, help="write a PNG bar chart here")
     a = p.parse_args(argv)
     cfg = apply_overrides(BUILTIN_MODELS[a.model], a.override)
     results = []
@@ -107,20 +150,48 @@ def main(argv=None) -> int:
         tmp = Path(d)
         req_file = str(tmp / "requests.jsonl")
         write(req_file, requests(a.workload, a.num_requests, cfg.vocab_size))
-        for name in a.systems.split(","):
-            if name == "pipemax":
-                r = run_pipemax(a, name, a.gpus, a.pipemax_args.split(), req_file, tmp)
+        names = a.systems.split(",")
+        for k, name in enumerate(names):
+            print(f"[bench] {k + 1}/{len(names)} {name} ...", file=sys.stderr, flush=True)
+            if name in PIPEMAX_SYSTEMS:
+                gpus, flags = PIPEMAX_SYSTEMS[name]
+                r = run_pipemax(a, name, gpus or a.gpus, flags + a.pipemax_args.split(),
+                                req_file, tmp)
+                if "error" not in r:
+                    r.update(derive(r))
             elif name == "transformers":
                 r = run_transformers(a, name)
+            elif name == "roofline":
+                r = roofline(results)
             else:
-                raise SystemExit(f"unknown system {name!r}")
+                raise SystemExit(f"unknown system {name!r}; one of "
+                                 f"{', '.join([*PIPEMAX_SYSTEMS, 'transformers', 'roofline'])}")
             r.update(model=a.model, workload=a.workload, num_requests=a.num_requests)
             results.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
     print(table(results))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1) + "\n")
+    if a.chart:
+        chart(results, a.chart, f"{a.model}, {a.workload}, {a.num_requests} requests")
     return 0
+
+
+def chart(results: list[dict], path: str, title: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[bench] matplotlib is not installed: no chart", file=sys.stderr)
+        return
+    ok = [r for r in results if "output_tok_s" in r]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.barh([r["system"] for r in ok], [r["output_tok_s"] for r in ok])
+    ax.set_xlabel("output tokens/s")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

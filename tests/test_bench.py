@@ -1,0 +1,40 @@
+"""tools/bench.py on the CPU with a tiny dummy model: every system runs, every column is there."""
+from __future__ import annotations
+
+import json
+
+from tools import bench
+
+TINY = ["--override", "num_layers=2", "--override", "hidden_size=64", "--override",
+        "intermediate_size=128", "--override", "num_heads=4", "--override", "num_kv_heads=2",
+        "--override", "head_dim=16", "--override", "vocab_size=300"]
+
+
+def test_bench_cpu_table_has_every_column(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = bench.main(["--model", "llama3-8b", *TINY, "--device", "cpu", "--dtype", "float32",
+                       "--gpus", "2", "--workload", "fixed:16/8", "--num-requests", "8",
+                       "--systems", "pipemax,pipemax-offload,pipemax-resident,pipemax-1gpu,"
+                       "transformers,roofline", "--hf-batch-sizes", "4,8",
+                       "--pipemax-args", "--threads 1 --kv-cache-gb 0.0002 --block-size 4",
+                       "--json", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    header = table.splitlines()[0].split(" | ")
+    for col in ("system", "output_tok_s", "total_tok_s", "requests_s", "peak_gpu_gb",
+                "host_kv_gb", "pcie_gb", "idle_share", "measured_over_predicted"):
+        assert col in header
+    rows = {r["system"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"pipemax", "pipemax-offload", "pipemax-resident", "pipemax-1gpu",
+                         "transformers", "roofline"}
+    for name in ("pipemax", "pipemax-offload", "pipemax-resident", "pipemax-1gpu"):
+        r = rows[name]
+        assert "error" not in r, r
+        assert r["output_tokens"] == 8 * 8 and r["output_tok_s"] > 0
+        assert 0 <= r["idle_share"] <= 1
+    assert rows["pipemax-offload"]["plan"]["offload"] and rows["pipemax-offload"]["pcie_gb"] > 0
+    assert not rows["pipemax-resident"]["plan"]["offload"]
+    assert rows["pipemax-resident"]["pcie_gb"] == 0
+    assert rows["pipemax-1gpu"]["gpus"] == 1
+    assert rows["transformers"]["output_tok_s"] > 0
+    assert rows["roofline"]["output_tok_s"] == rows["pipemax"]["plan"]["predicted_tok_s"]
