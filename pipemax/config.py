@@ -6,8 +6,7 @@ Everything a run needs is here and passed explicitly; the model's own shape live
 from __future__ import annotations
 
 import argparse
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipemax.model_config import (BUILTIN_MODELS, ModelConfig, ModelConfigError, apply_overrides,

@@ -19,7 +19,7 @@ import numpy as np
 from pipemax.pipeline import Pipeline
 from pipemax.requests import Parser, Request, RequestError
 from pipemax.results import chat_body, completion_body, error_line, ok_line
-from pipemax.scheduler import Scheduler, SchedulerConfig, StepPlan
+from pipemax.scheduler import Scheduler, StepPlan
 from pipemax.sequence import Sequence
 from pipemax.tokenizer import IncrementalDetokenizer
 

@@ -32,7 +32,7 @@ from pipemax.workload import estimate
 from pipemax.model_config import ModelConfig
 from pipemax.pipeline import Pipeline, StageFailed
 from pipemax.requests import read_requests
-from pipemax.scheduler import Scheduler, SchedulerConfig
+from pipemax.scheduler import Scheduler
 from pipemax.tiny import DEFAULT_PROMPTS, ensure_tiny_model
 from pipemax.tokenizer import Tokenizer, TokenizerError
 from stages.loader import CheckpointError, check_checkpoint

@@ -114,6 +114,12 @@ def paged_decode(q: torch.Tensor, kv: torch.Tensor, layer: int, table: torch.Ten
     """
     if triton_decode.available(q.device):
         return triton_decode.paged_decode(q, kv, layer, table, ctx, scale, max_ctx=max_ctx)
+    return paged_decode_torch(q, kv, layer, table, ctx, scale, max_ctx)
+
+
+def paged_decode_torch(q: torch.Tensor, kv: torch.Tensor, layer: int, table: torch.Tensor,
+                       ctx: torch.Tensor, scale: float, max_ctx: int) -> torch.Tensor:
+    """paged_decode in torch: gather each sequence's context, then SDPA."""
     B, H, D = q.shape
     bs, KVH = kv.shape[3], kv.shape[4]
     c = torch.arange(max_ctx, device=q.device)

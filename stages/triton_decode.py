@@ -330,10 +330,8 @@ def _bench() -> None:                          # pragma: no cover - CUDA only
             print("best:", [(f"{m * 1e3:.1f}us", bn, w, st) for m, bn, w, st in best[:4]])
         if B * ctx <= 256 * 2048:       # the torch gather + SDPA path it replaces
             try:
-                import numpy as np
-                from stages.attention import _attend, build_layout
-                lay = build_layout(np.ones(B, np.int64), np.full(B, ctx), bt.cpu().numpy(), bs, dev)
-                f = lambda: _attend(q, kv[:, 1, 0], kv[:, 1, 1], lay.decode, sc)
+                from stages.attention import paged_decode_torch
+                f = lambda: paged_decode_torch(q, kv, 1, bt, cl, sc, ctx)
                 o = f().float()
                 err = ((o - ref).norm() / ref.norm()).item()
                 ms = do_bench(f, warmup=10, rep=100, return_mode="median")
