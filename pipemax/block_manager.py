@@ -8,8 +8,8 @@ from __future__ import annotations
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int):
-        if num_blocks <= 0:
-            raise ValueError("the KV cache has no blocks")
+        if num_blocks < 0:
+            raise ValueError("a negative number of KV blocks")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free = list(range(num_blocks - 1, -1, -1))   # pop() hands out low ids first

@@ -62,5 +62,5 @@ def setup(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload,
     pipeline.alloc(p.resident_blocks, p.staging_blocks, H, pool.names if pool else [],
                    cfg.offload_overlap)
     sched = SchedulerConfig(p.micro_batches, p.seqs_per_mb, cfg.max_num_batched_tokens,
-                            cfg.block_size, max(1, p.resident_blocks), p.staging_blocks, H)
+                            cfg.block_size, p.resident_blocks, p.staging_blocks, H)
     return p, pool, sched

@@ -39,10 +39,11 @@ class SchedulerConfig:
     host_blocks: int = 0
 
     def __post_init__(self):
-        for f in ("num_micro_batches", "max_seqs_per_mb", "max_tokens_per_step", "block_size",
-                  "num_blocks"):
+        for f in ("num_micro_batches", "max_seqs_per_mb", "max_tokens_per_step", "block_size"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be at least 1")
+        if self.num_blocks < (0 if self.staging_blocks > 0 else 1):
+            raise ValueError("no KV blocks: neither resident blocks nor staging")
 
 
 @dataclass
@@ -131,7 +132,9 @@ class Scheduler:
             s = self.waiting[0]
             n = min(s.remaining, budget)
             need = self.blocks.blocks_for(len(s.token_ids))
-            fits = need + self.watermark <= self.blocks.num_free or not run
+            whole = self.blocks.blocks_for(len(s.token_ids) + s.params.max_tokens - s.num_output)
+            fits = ((need + self.watermark <= self.blocks.num_free or not run)
+                    and whole <= self.blocks.num_blocks)   # it can finish resident
             if fits and self.blocks.grow(s.blocks, n):
                 pass
             elif not (self._stage(s, mb) and self._grow_staged(s, n)):
