@@ -100,8 +100,12 @@ class Engine:
             for mb in self.idle_micro_batches():
                 self.launch(mb)
         if not self.inflight:
-            # paused with work left: go on (at_step waits for "resume" without spinning)
-            return self.paused and (not self.lines_done or self.sched.has_work())
+            if self.paused:   # with work left: go on (at_step waits for "resume", no spinning)
+                return not self.lines_done or self.sched.has_work()
+            if self.sched.has_work():   # nothing can run although work is left: a planning bug
+                raise RuntimeError(f"scheduler stalled with {len(self.sched.waiting)} waiting "
+                                   "and nothing in flight")
+            return False
         t0 = time.monotonic()
         got = self.pipeline.recv()
         self.stats.driver_wait_s += time.monotonic() - t0
