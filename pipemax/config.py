@@ -66,8 +66,8 @@ class RunConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.micro_batches is not None and self.micro_batches < 1:
-            raise ConfigError("--micro-batches must be at least 1")
+        if self.micro_batches is not None and not 1 <= self.micro_batches <= 512:
+            raise ConfigError("--micro-batches must be between 1 and 512")
         for name in ("gpu_memory_gb", "kv_cache_gb"):
             v = getattr(self, name)
             if v is not None and v <= 0:

@@ -19,6 +19,8 @@ import torch
 
 from pipemax.timetable import Staging, Timetable
 
+EVENT_WINDOW = 1024     # steps of CUDA events kept (more than any micro-batch count)
+
 
 class HostPool:
     """The stage's view of its host KV segment."""
@@ -79,8 +81,11 @@ class Offloader:
             ev = torch.cuda.Event()
             ev.record(stream)
             self.events[key] = ev
-            for old in [k for k in self.events if k[1] < key[1] - 4]:
-                del self.events[old]
+            # a prefetch may wait for its micro-batch's last offload, M steps back: keep a
+            # window far wider than any number of micro-batches
+            if len(self.events) > 3 * EVENT_WINDOW:
+                for old in [k for k in self.events if k[1] < key[1] - EVENT_WINDOW]:
+                    del self.events[old]
 
     def _wait(self, stream, waits) -> None:
         if self.cuda:
