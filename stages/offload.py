@@ -70,6 +70,8 @@ class Offloader:
         self.bytes_prefetched = 0
         self.bytes_offloaded = 0
         self.prefetched: set[int] = set()
+        self._spans: list = []        # (kind, start event, end event) not yet added up
+        self.copy_s = self.stall_s = 0.0
         if self.cuda:
             self.h2d = torch.cuda.Stream(gpu_kv.device)
             self.d2h = torch.cuda.Stream(gpu_kv.device)
@@ -101,18 +103,25 @@ class Offloader:
         self.tt.begin(k, mb)
         stream = self.h2d if self.cuda else None
         self._wait(stream, self.tt.prefetch_waits(k))
+        start = self._timing_event(stream)
         with torch.cuda.stream(stream) if self.cuda else _nothing():
             for r in st.prefetch:
                 self.gpu[r.dst:r.dst + r.n].copy_(self.host[r.src:r.src + r.n],
                                                   non_blocking=True)
         self._record(("prefetch", k), stream)
+        if start is not None:
+            self._spans.append(("copy", start, self._timing_event(stream)))
         self.bytes_prefetched += st.prefetch_blocks * self.block_bytes
         self.prefetched.add(k)
 
     def before_compute(self, k: int) -> None:
         """Make the compute stream wait until step k's data is on the GPU."""
         if self.cuda:
-            self._wait(torch.cuda.current_stream(self.gpu.device), self.tt.compute_waits(k))
+            compute = torch.cuda.current_stream(self.gpu.device)
+            start = self._timing_event(compute)
+            self._wait(compute, self.tt.compute_waits(k))
+            self._spans.append(("stall", start, self._timing_event(compute)))
+            self._settle(block=False)
 
     def after_compute(self, k: int) -> None:
         self._record(("compute", k), torch.cuda.current_stream(self.gpu.device)
@@ -129,6 +138,40 @@ class Offloader:
         self.tt.offloaded(k)
         self.bytes_offloaded += st.offload_blocks * self.block_bytes
         self.prefetched.discard(k)
+
+    # ---- how much of the transfer time compute waited for ---------------------------------
+    def _timing_event(self, stream):
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(stream)
+        return ev
+
+    def _settle(self, block: bool) -> None:
+        """Add up the finished (start, end) spans: prefetch copies, and compute stalls."""
+        keep = []
+        for kind, a, b in self._spans:
+            if block:
+                b.synchronize()
+            if b.query():
+                ms = a.elapsed_time(b)
+                if kind == "copy":
+                    self.copy_s += ms / 1e3
+                else:
+                    self.stall_s += ms / 1e3
+            else:
+                keep.append((kind, a, b))
+        self._spans = keep
+
+    def hidden_share(self) -> float | None:
+        """Share of the prefetch time that compute did not wait for (CUDA, overlapped only: the
+        plain schedule waits on the host, so nothing of it is hidden by construction)."""
+        if not self.cuda or not self.overlap:
+            return None
+        self._settle(block=True)
+        if self.copy_s <= 0:
+            return None
+        return max(0.0, 1.0 - self.stall_s / self.copy_s)
 
     def synchronize(self) -> None:
         if self.cuda:

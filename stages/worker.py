@@ -107,6 +107,9 @@ class Stage:
                 "busy_s": self.busy_s, "wait_s": self.wait_s, "steps": self.steps,
                 "bytes_prefetched": off.bytes_prefetched if off else 0,
                 "bytes_offloaded": off.bytes_offloaded if off else 0,
+                "transfer_hidden_share": off.hidden_share() if off else None,
+                "prefetch_seconds": off.copy_s if off else 0.0,
+                "compute_stall_seconds": off.stall_s if off else 0.0,
                 "peak_staging_blocks": self.peak_staging, "resident_blocks": self.resident}
 
     def alloc(self, meta: dict) -> None:

@@ -73,7 +73,10 @@ def derive(r: dict) -> dict:
     wait = sum(f.get("wait_s", 0.0) for f in finals)
     plan = r.get("plan") or {}
     pred = plan.get("predicted_tok_s")
+    shares = [f["transfer_hidden_share"] for f in finals
+              if f.get("transfer_hidden_share") is not None]
     return {"idle_share": wait / (busy + wait) if busy + wait > 0 else None,
+            "hidden_share": min(shares) if shares else None,
             "pcie_gb": (r.get("bytes_prefetched", 0) + r.get("bytes_offloaded", 0)) / 1e9,
             "host_kv_gb": (plan.get("host_blocks", 0) * sum(
                 st.get("block_bytes", 0) for st in r.get("stages", []))) / 2**30,
@@ -107,7 +110,8 @@ def run_transformers(a, name: str) -> dict:
 
 def table(results: list[dict]) -> str:
     cols = ["system", "gpus", "output_tok_s", "total_tok_s", "requests_s", "seconds",
-            "peak_gpu_gb", "host_kv_gb", "pcie_gb", "idle_share", "measured_over_predicted",
+            "peak_gpu_gb", "host_kv_gb", "pcie_gb", "idle_share", "hidden_share",
+            "measured_over_predicted",
             "batch"]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for r in results:
