@@ -31,3 +31,23 @@ def read_results(path: Path) -> dict[str, dict]:
         assert d["custom_id"] not in out, f"duplicate result for {d['custom_id']}"
         out[d["custom_id"]] = d
     return out
+
+
+def spawned_children(launcher: int, n: int, timeout: float = 60) -> list[int]:
+    """The launcher's spawned processes (stages, then the KV pool), once there are ``n``,
+    in pid order (spawn order); the multiprocessing resource tracker is not one of them."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = []
+        for task in Path(f"/proc/{launcher}/task").iterdir():
+            for c in (task / "children").read_text().split():
+                try:
+                    if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes():
+                        pids.append(int(c))
+                except OSError:
+                    pass
+        if len(pids) == n:
+            return sorted(pids)
+        time.sleep(0.05)
+    raise AssertionError(f"{n} spawned processes did not appear")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from checkpoints import make_checkpoint
-from cli import ROOT, read_results, run_cli, write_jsonl
+from cli import ROOT, read_results, run_cli, spawned_children, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -145,32 +145,6 @@ def test_bad_lines_get_error_lines_and_the_rest_is_served(tmp_path, model_dir):
     assert "requests 2 ok, 4 failed" in p.stdout
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        kids = (task / "children").read_text().split()
-        out.extend(int(k) for k in kids)
-    return out
-
-
-def _stage_pids(launcher: int, n: int, timeout: float = 60) -> list[int]:
-    """The stage processes (spawn also starts a resource tracker: skip it)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pids = []
-        for c in _children(launcher):
-            try:
-                cmd = Path(f"/proc/{c}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"spawn_main" in cmd:
-                pids.append(c)
-        if len(pids) == n:
-            return sorted(pids)
-        time.sleep(0.1)
-    raise AssertionError("stage processes did not appear")
-
-
 def _long_run(tmp_path, model_dir, stages=3):
     rows = [{"custom_id": f"r{i}", "prompt": [3 + i % 50, 4, 5], "max_tokens": 400,
              "ignore_eos": True, "temperature": 0} for i in range(300)]
@@ -189,7 +163,7 @@ def _long_run(tmp_path, model_dir, stages=3):
 def test_killed_stage_stops_the_run_naming_it(tmp_path, model_dir, victim):
     proc, out = _long_run(tmp_path, model_dir)
     try:
-        pids = _stage_pids(proc.pid, 3)
+        pids = spawned_children(proc.pid, 3)
         while not out.exists() or not out.read_text():
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.1)
@@ -218,7 +192,7 @@ def test_signal_stops_cleanly_keeping_results(tmp_path, model_dir, sigs):
     """SIGINT, or a second signal after SIGTERM, stops at once (exit 130)."""
     proc, out = _long_run(tmp_path, model_dir, stages=2)
     try:
-        pids = _stage_pids(proc.pid, 2)
+        pids = spawned_children(proc.pid, 2)
         while not out.exists() or not out.read_text():
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.1)
@@ -245,7 +219,7 @@ def test_sigterm_drains_the_running_requests_then_exits_0(tmp_path, model_dir):
     started again with the same --output serves the rest (tests/test_faults.py checks that)."""
     proc, out = _long_run(tmp_path, model_dir, stages=2)
     try:
-        pids = _stage_pids(proc.pid, 2)
+        pids = spawned_children(proc.pid, 2)
         while not out.exists() or not out.read_text():
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.1)
@@ -269,7 +243,7 @@ def test_sigterm_drains_the_running_requests_then_exits_0(tmp_path, model_dir):
 def test_killed_driver_leaves_stale_objects_that_the_next_start_removes(tmp_path, model_dir):
     proc, out = _long_run(tmp_path, model_dir, stages=2)
     try:
-        pids = _stage_pids(proc.pid, 2)
+        pids = spawned_children(proc.pid, 2)
         prefix = f"pipemax-{proc.pid}-"
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=30)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cli import ROOT, read_results, run_cli, write_jsonl
+from cli import ROOT, read_results, run_cli, spawned_children, write_jsonl
 from pipemax.control import request
 
 N = 200
@@ -36,21 +36,6 @@ def _start(inp: Path, out: Path, sock: Path, stages: int = 3) -> subprocess.Pope
                             text=True)
 
 
-def _stage_pids(launcher: int, n: int, timeout: float = 60) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pids = []
-        for task in Path(f"/proc/{launcher}/task").iterdir():
-            for c in (task / "children").read_text().split():
-                try:
-                    if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes():
-                        pids.append(int(c))
-                except OSError:
-                    pass
-        if len(pids) == n:
-            return sorted(pids)
-        time.sleep(0.05)
-    raise AssertionError("stage processes did not appear")
 
 
 def _wait_first_result(proc, out: Path) -> None:
@@ -99,7 +84,7 @@ def test_stop_at_a_random_moment_then_restart_completes_exactly_once(tmp_path, v
     proc = _start(inp, out, sock)
     why = f"(seed {seed})"
     try:
-        pids = _stage_pids(proc.pid, 3)
+        pids = spawned_children(proc.pid, 3)
         _wait_first_result(proc, out)
         time.sleep(rng.uniform(0.0, 0.5))
         assert proc.poll() is None, f"the run ended before the fault {why}"

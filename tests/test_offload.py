@@ -9,13 +9,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from checkpoints import hf_greedy, make_checkpoint
-from cli import ROOT, read_results, run_cli, write_jsonl
+from cli import ROOT, read_results, run_cli, spawned_children, write_jsonl
 
 MAX_NEW = 10
 # a GPU budget so small that most sequences must live in the host pool
@@ -138,19 +137,7 @@ def test_killed_pool_stops_the_run(tmp_path, model_dir):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # spawned children: two stages, then (after they loaded) the pool, the newest pid
-        deadline = time.monotonic() + 60
-        kids = []
-        while len(kids) < 3 and time.monotonic() < deadline:
-            kids = []
-            for task in Path(f"/proc/{proc.pid}/task").iterdir():
-                for c in (task / "children").read_text().split():
-                    try:
-                        if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes():
-                            kids.append(int(c))
-                    except OSError:
-                        pass
-            time.sleep(0.1)
-        assert len(kids) == 3, kids
+        kids = spawned_children(proc.pid, 3)
         pool = max(kids)
         while not out.exists() or not out.read_text():
             assert proc.poll() is None, proc.communicate()
