@@ -1,7 +1,6 @@
 """The whole run through the CLI on the CPU equals transformers, at 1, 2 and 3 stages."""
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np

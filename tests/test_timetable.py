@@ -6,7 +6,7 @@ import pytest
 
 from pipemax.block_manager import ExtentAllocator
 from pipemax.model_config import builtin_config
-from pipemax.planner import (CPU_FIGURES, DeviceFigures, PlanError, StageShape, Workload, plan,
+from pipemax.planner import (DeviceFigures, PlanError, StageShape, Workload, plan,
                              stage_step)
 from pipemax.timetable import Run, Timetable, staging_for
 
@@ -54,7 +54,6 @@ def simulate(mbs: list[int], overlap: bool, rng, tt: Timetable | None = None) ->
     now = 0.0
 
     def run(kind, k, waits):
-        nonlocal now
         start = max([now] + [done[w] for w in waits if w in done])
         end = start + rng.uniform(0.1, 2.0)
         done[(kind, k)] = end
