@@ -29,8 +29,7 @@ def stage_shapes(model: ModelConfig, reports: list[dict]) -> list[StageShape]:
     out = []
     for r in sorted(reports, key=lambda r: r["stage"]):
         a, b = r["layers"]
-        params = (b - a) * model.layer_params() + (model.head_params() if r["stage"] == last
-                                                   else 0)
+        params = StageShape.params_read(model, b - a, r["stage"] == last)
         out.append(StageShape(b - a, params, r["block_bytes"], r["max_blocks"]))
     return out
 

@@ -45,6 +45,11 @@ class StageShape:
     block_bytes: int        # one KV block of this stage (all its layers)
     gpu_blocks: int         # KV blocks this stage's memory can hold
 
+    @staticmethod
+    def params_read(cfg: ModelConfig, layers: int, last: bool) -> int:
+        """Parameters a stage streams per step: its layers, and the lm_head on the last."""
+        return layers * cfg.layer_params() + (cfg.head_params() if last else 0)
+
 
 @dataclass(frozen=True)
 class Workload:

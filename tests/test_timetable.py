@@ -156,16 +156,11 @@ def test_extents_random_never_overlap():
 H200 = DeviceFigures(hbm_gbs=4300, h2d_gbs=46, tflops=780)
 
 
-def shapes(name, stages, gpu_gb, esize=2, block=16):
+def shapes(name, stages, gpu_gb):
+    """Stage shapes at a card's memory, as tools/plan.py estimates them (no reserve)."""
+    from tools.plan import shapes as plan_shapes
     cfg = builtin_config(name)
-    from pipemax.partition import split_layers
-    out = []
-    for i, (a, b) in enumerate(split_layers(cfg, stages)):
-        params = (b - a) * cfg.layer_params() + (cfg.head_params() if i == stages - 1 else 0)
-        weights = params * esize + (cfg.embed_params() * esize if i == 0 else 0)
-        bb = (b - a) * 2 * block * cfg.kv_size * esize
-        out.append(StageShape(b - a, params, bb, int((gpu_gb * 2**30 - weights) // bb)))
-    return cfg, out
+    return cfg, plan_shapes(cfg, stages, gpu_gb, 2, 16, 0.0)
 
 
 def test_stage_step_by_hand():

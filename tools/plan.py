@@ -22,7 +22,7 @@ def shapes(cfg, gpus: int, gpu_gb: float, esize: int, block_size: int,
            reserve_gb: float) -> list[StageShape]:
     out = []
     for i, (a, b) in enumerate(split_layers(cfg, gpus)):
-        params = (b - a) * cfg.layer_params() + (cfg.head_params() if i == gpus - 1 else 0)
+        params = StageShape.params_read(cfg, b - a, i == gpus - 1)
         weights = params * esize + (cfg.embed_params() * esize if i == 0 else 0)
         block = (b - a) * 2 * block_size * cfg.kv_size * esize
         free = gpu_gb * GiB - weights - reserve_gb * GiB
