@@ -21,8 +21,10 @@ into that buffer; after it computes, the blocks holding the tokens written in th
     compute(k)   waits for  prefetch(k)
     offload(k)   waits for  compute(k)
 
-The stage issues, per step k: [prefetch(k) unless issued early], compute(k), offload(k), then
-(overlapped only) prefetch(k+1) if the next message is already in its ring.
+The stage issues, per step k: prefetch(k) unless issued early; (overlapped only) prefetch(k+1)
+if the next message is already in its ring and ``prefetch_ready`` says its waits have all been
+issued; compute(k); offload(k). Prefetching k+1 before compute(k) is launched lets the copy run
+under the whole of step k, host-side preparation included.
 """
 from __future__ import annotations
 
@@ -107,10 +109,19 @@ class Timetable:
     def __init__(self):
         self.last_step_of: dict[int, int] = {}   # micro-batch -> last step that offloaded it
         self.mb_of: dict[int, int] = {}
+        self.open: dict[int, int] = {}           # micro-batch -> its step begun, not offloaded
+        self.offloaded_upto = -1                 # offloads are issued in step order
+
+    def prefetch_ready(self, k: int, mb: int) -> bool:
+        """Whether every copy step k's prefetch must wait for has been issued, so it may be
+        issued now, ahead of its turn (it never may while its micro-batch's previous step is
+        still open: the host copy would not yet hold what that step writes)."""
+        return mb not in self.open and self.offloaded_upto >= k - 2
 
     def begin(self, k: int, mb: int) -> None:
         """Step k (of micro-batch mb) is known: call before asking for its waits."""
         self.mb_of[k] = mb
+        self.open[mb] = k
 
     def prefetch_waits(self, k: int) -> list[tuple[str, int]]:
         waits = [("offload", k - 2)] if k >= 2 else []
@@ -129,5 +140,9 @@ class Timetable:
 
     def offloaded(self, k: int) -> None:
         """Offload of step k is issued: later prefetches of its micro-batch wait for it."""
-        self.last_step_of[self.mb_of[k]] = k
+        mb = self.mb_of[k]
+        self.last_step_of[mb] = k
+        if self.open.get(mb) == k:
+            del self.open[mb]
+        self.offloaded_upto = max(self.offloaded_upto, k)
         self.mb_of.pop(k - 3, None)

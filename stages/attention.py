@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from stages import triton_decode
+from stages.transfer import to_device
 
 
 @dataclass
@@ -94,7 +95,7 @@ def build_layout(q_lens: np.ndarray, ctx_lens: np.ndarray, block_tables: np.ndar
     np.cumsum(q_lens, out=cu[1:])
     seq_of = np.repeat(np.arange(B), q_lens)
     positions = (ctx_lens - q_lens)[seq_of] + np.arange(N) - cu[seq_of]
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
+    t = lambda a: to_device(a, device)
     dec = np.flatnonzero(q_lens == 1)
     pre = np.flatnonzero(q_lens > 1)
     pre_tok = np.flatnonzero(q_lens[seq_of] > 1)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from stages.attention import Group, StepLayout
+from stages.transfer import staged
 
 BUCKETS = (8, 16, 32, 64, 128, 256, 384, 512, 768, 1024)
 
@@ -95,7 +96,7 @@ class DecodeGraphs:
         pos = ctx - 1
         tb = np.asarray(table, dtype=np.int64)
         pad = bk.Bp - B
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+        t = lambda a: staged(a, self.device)
         full = np.zeros((B, self.width), dtype=np.int32)
         full[:, :tb.shape[1]] = tb
         # whole buffers rewritten each step: padding rows reset to (ctx 0, scratch block)

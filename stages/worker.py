@@ -31,7 +31,9 @@ from stages.decode_graph import DecodeGraphs
 from stages.measure import measure
 from stages.offload import HostPool, Offloader
 from stages.loader import build_stage_model
+from stages.gpu_clock import GpuClock
 from stages.sampler import sample
+from stages.transfer import Outbound, host_copy, to_device
 
 GiB = 1 << 30
 
@@ -85,6 +87,8 @@ class Stage:
         self.resident = self.staging_blocks = self.peak_staging = 0
         self.busy_s = self.wait_s = 0.0       # time in steps / waiting for the ring before
         self.steps = 0
+        self._staged: dict[int, Staging] = {}  # staging of steps prefetched, not yet offloaded
+        self.clock = GpuClock(self.device)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def report(self) -> dict:
@@ -110,7 +114,8 @@ class Stage:
                 "transfer_hidden_share": off.hidden_share() if off else None,
                 "prefetch_seconds": off.copy_s if off else 0.0,
                 "compute_stall_seconds": off.stall_s if off else 0.0,
-                "peak_staging_blocks": self.peak_staging, "resident_blocks": self.resident}
+                "peak_staging_blocks": self.peak_staging, "resident_blocks": self.resident,
+                "gpu_idle_share": self.clock.idle_share()}
 
     def alloc(self, meta: dict) -> None:
         """KV memory: R resident blocks, plus two staging buffers of S blocks when offloading."""
@@ -140,101 +145,142 @@ class Stage:
         """How this step's offloaded sequences use the staging buffer (None: no offload)."""
         if self.offloader is None:
             return None
-        st = staging_for(t["q_lens"].numpy(), t["ctx_lens"].numpy(), t["block_tables"].numpy(),
-                         t["offloaded"].numpy(), self.spec.block_size, self.resident,
-                         self.staging_blocks, int(meta["step"]) % 2)
-        self.peak_staging = max(self.peak_staging, st.blocks_used)
+        k = int(meta["step"])
+        st = self._staged.get(k)
+        if st is None:
+            st = staging_for(t["q_lens"].numpy(), t["ctx_lens"].numpy(),
+                             t["block_tables"].numpy(), t["offloaded"].numpy(),
+                             self.spec.block_size, self.resident, self.staging_blocks, k % 2)
+            self._staged[k] = st
+            self.peak_staging = max(self.peak_staging, st.blocks_used)
         return st
 
-    def prefetch_early(self, meta: dict, t: dict) -> None:
-        """The next message is already here: start moving its KV while this step computes."""
-        if self.offloader is not None and meta.get("op") == P.OP_STEP:
-            self.offloader.prefetch(int(meta["step"]), int(meta["mb"]), self.staging(meta, t))
+    def prefetch_ahead(self, meta: dict, t: dict) -> None:
+        """The next message is already here: start moving its KV before this step computes,
+        if the timetable allows it now."""
+        off = self.offloader
+        if off is None or meta.get("op") != P.OP_STEP:
+            return
+        k, mb = int(meta["step"]), int(meta["mb"])
+        if off.tt.prefetch_ready(k, mb):
+            off.prefetch(k, mb, self.staging(meta, t))
 
     @torch.inference_mode()
-    def step(self, meta: dict, t: dict) -> tuple[dict, dict]:
+    def step(self, meta: dict, t: dict, ahead: tuple[dict, dict] | None = None) -> Outbound:
+        """Launch one step; ``ahead`` is the next message if already here (its prefetch goes
+        first). Returns the outputs on their way to the host."""
         s = self.spec
         k, mb = int(meta["step"]), int(meta["mb"])
         off = self.offloader
         st = self.staging(meta, t)
+        clock = self.clock.start()
         if off is not None:
             off.prefetch(k, mb, st)
+            if off.overlap and ahead is not None:
+                self.prefetch_ahead(*ahead)
             if not off.overlap:
                 off.synchronize()
             off.before_compute(k)
         table = st.table if st is not None else t["block_tables"].numpy()
         q_lens, ctx = t["q_lens"].numpy(), t["ctx_lens"].numpy()
-        x = (t["tokens"] if s.is_first else t["hidden"]).to(self.device, non_blocking=True)
+        d = self.device
+        x = to_device(t["tokens"] if s.is_first else t["hidden"], d)
         if (self.graphs is not None and bool((q_lens == 1).all())
                 and self.graphs.fits(len(q_lens), table.shape[1])):
             h = self.graphs.run(x, ctx, table)
         else:
-            lay = build_layout(q_lens, ctx, table, s.block_size, self.device)
+            lay = build_layout(q_lens, ctx, table, s.block_size, d)
             h = self.model(x, lay, self.kv.data)
         if s.is_last:
-            rows = t["sample_rows"].to(self.device)
-            d = self.device
-            so = sample(self.model.logits(h[rows]), t["temperature"].to(d), t["top_p"].to(d),
-                        t["top_k"].to(d), t["u"].to(d), int(meta["num_top"]),
+            rows = to_device(t["sample_rows"], d)
+            so = sample(self.model.logits(h[rows]), to_device(t["temperature"], d),
+                        to_device(t["top_p"], d), to_device(t["top_k"], d),
+                        to_device(t["u"], d), int(meta["num_top"]),
                         all_greedy=bool((t["temperature"] <= 0).all()))
         if off is not None:
             off.after_compute(k)
             off.offload(k, st)
+            self._staged.pop(k, None)
             if not off.overlap:
                 off.synchronize()
         if not s.is_last:
             out = {k_: t[k_] for k_ in P.STEP_META_TENSORS}
             out["hidden"] = h
-            return meta, out
-        return ({"op": P.OP_STEP, "mb": meta["mb"], "step": meta["step"]},
-                {"token_ids": so.token_ids, "logprobs": so.logprobs, "top_ids": so.top_ids,
-                 "top_logprobs": so.top_logprobs})
+            res = Outbound(meta, out)
+        else:
+            res = Outbound({"op": P.OP_STEP, "mb": meta["mb"], "step": meta["step"]},
+                           {"token_ids": so.token_ids, "logprobs": so.logprobs,
+                            "top_ids": so.top_ids, "top_logprobs": so.top_logprobs})
+        self.clock.end(clock)
+        return res
 
 
-def _copy_in(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy a message's tensors out of the ring so its slot can be released."""
-    return {k: v.clone() for k, v in t.items()}
-
-
-def _peek(ring: Ring, alive) -> tuple[dict, dict] | None:
-    """The next message if it is already in the ring (no waiting)."""
+def _take(ring: Ring, alive, timeout: float | None, pin: bool) -> tuple[dict, dict] | None:
+    """The next message, copied out of the ring so its slot is released at once (page-locked
+    copies on CUDA, so they go on to the GPU without a host sync); None if none came within
+    ``timeout`` (0: only if already there)."""
     try:
-        with ring.read(timeout=0, alive=alive) as msg:
-            return dict(msg.meta), _copy_in(msg.tensors)
+        with ring.read(timeout=timeout, alive=alive) as msg:
+            return dict(msg.meta), {k: host_copy(v, pin) for k, v in msg.tensors.items()}
     except RingTimeout:
+        if timeout is None:
+            raise
         return None
 
 
 def serve(spec: StageSpec) -> int:
-    """Run the stage until STOP; returns the process exit code."""
+    """Run the stage until STOP; returns the process exit code.
+
+    One step of look-ahead: step k's outputs travel to the host while step k+1 is launched, and
+    are written to the ring after it, so the GPU is not left idle while the host reads the
+    next message and prepares it. When the next message is not there yet, the outputs are
+    written first (the driver may be waiting for them to send more)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # the launcher handles Ctrl-C and stops us
     if spec.threads:
         torch.set_num_threads(spec.threads)
     if spec.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(spec.device))
     parent_alive = lambda: os.getppid() == spec.parent_pid
+    pin = spec.device.startswith("cuda")
     rin = Ring.attach(spec.ring_in)
     rout = Ring.attach(spec.ring_out)
     stage = None
+    unsent: Outbound | None = None
+
+    def send(o: Outbound | None) -> None:
+        if o is not None:
+            rout.write(*o.ready(), timeout=None, alive=parent_alive)
+
     try:
         stage = Stage(spec)
-        pending = None
+        nxt = None
         while True:
             t0 = time.perf_counter()
-            if pending is None:
-                with rin.read(timeout=None, alive=parent_alive) as msg:
-                    meta, tensors = dict(msg.meta), _copy_in(msg.tensors)
-            else:
-                (meta, tensors), pending = pending, None
-            t1 = time.perf_counter()
+            if nxt is None and unsent is not None:
+                nxt = _take(rin, parent_alive, 0, pin)
+            waited = 0.0
+            if nxt is None:
+                send(unsent)
+                unsent = None
+                w0 = time.perf_counter()
+                nxt = _take(rin, parent_alive, None, pin)
+                waited = time.perf_counter() - w0
+            (meta, tensors), nxt = nxt, None
             op = meta.get("op")
             if op == P.OP_STEP:
-                meta, tensors = stage.step(meta, tensors)
                 if stage.offloader is not None and stage.offloader.overlap:
-                    pending = _peek(rin, parent_alive)
-                    if pending is not None:
-                        stage.prefetch_early(*pending)
-            elif op == P.OP_HELLO:
+                    nxt = _take(rin, parent_alive, 0, pin)
+                out = stage.step(meta, tensors, ahead=nxt)
+                send(unsent)
+                unsent = out
+                if stage.steps > 0:          # the first step's wait is the start-up
+                    stage.wait_s += waited
+                    stage.busy_s += time.perf_counter() - t0 - waited
+                stage.steps += 1
+                continue
+            send(unsent)
+            unsent = None
+            if op == P.OP_HELLO:
                 meta["reports"] = list(meta.get("reports", [])) + [stage.report()]
             elif op == P.OP_ALLOC:
                 stage.alloc(meta)
@@ -246,10 +292,6 @@ def serve(spec: StageSpec) -> int:
             else:
                 raise RuntimeError(f"unknown op {op!r}")
             rout.write(meta, tensors, timeout=None, alive=parent_alive)
-            if op == P.OP_STEP and stage.steps > 0:   # the first step's wait is the start-up
-                stage.wait_s += t1 - t0
-                stage.busy_s += time.perf_counter() - t1
-            stage.steps += op == P.OP_STEP
             if op == P.OP_STOP:
                 return 0
             if op == P.OP_ERROR:
@@ -259,6 +301,10 @@ def serve(spec: StageSpec) -> int:
     except Exception as e:  # report to the driver, through the rest of the pipeline
         msg = f"{type(e).__name__}: {e}"
         traceback.print_exc(file=sys.stderr)
+        try:
+            send(unsent)
+        except Exception:
+            pass
         try:
             rout.write({"op": P.OP_ERROR, "stage": spec.index, "message": msg}, None,
                        timeout=5.0, alive=parent_alive)

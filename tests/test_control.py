@@ -3,12 +3,10 @@ through it (pause, status, cancel, resume, drain), unharmed by garbage, then com
 restart with every custom_id exactly once."""
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import grp
 import re
-import signal
 import socket
 import stat
 import struct

@@ -44,11 +44,13 @@ def test_no_offloaded_rows_keeps_the_table():
 
 
 # ---- the timetable, checked by simulating random plans --------------------------------------
-def simulate(mbs: list[int], overlap: bool, rng, tt: Timetable | None = None) -> None:
+def simulate(mbs: list[int], overlap: bool, rng, tt: Timetable | None = None,
+             ahead: bool = False) -> None:
     """Run a stage's sequence of steps through the timetable with random completion times and
     check: compute never runs on data not yet arrived; a prefetch never overwrites a buffer
     still in use; a prefetch reads the host copy only after the previous step of its
-    micro-batch was offloaded."""
+    micro-batch was offloaded. ``ahead``: prefetch the next step early even when
+    ``prefetch_ready`` says no (to show that the check is needed)."""
     tt = tt or Timetable()
     done: dict[tuple[str, int], float] = {}
     now = 0.0
@@ -70,6 +72,11 @@ def simulate(mbs: list[int], overlap: bool, rng, tt: Timetable | None = None) ->
         s, e = prefetch_span[k]
         assert s >= buffer_busy_until[k % 2], f"step {k} prefetched into a busy buffer"
         assert s >= host_fresh_at.get(mb, 0.0), f"step {k} read a stale host copy"
+        # the next message is already here: its prefetch goes ahead of this step's compute
+        if overlap and k + 1 < len(mbs) and (ahead or tt.prefetch_ready(k + 1, mbs[k + 1])):
+            tt.begin(k + 1, mbs[k + 1])
+            prefetch_span[k + 1] = run("prefetch", k + 1, tt.prefetch_waits(k + 1))
+            issued.add(k + 1)
         cs, ce = run("compute", k, tt.compute_waits(k))
         assert cs >= e, f"step {k} computed before its data arrived"
         os_, oe = run("offload", k, tt.offload_waits(k))
@@ -77,10 +84,6 @@ def simulate(mbs: list[int], overlap: bool, rng, tt: Timetable | None = None) ->
         tt.offloaded(k)
         buffer_busy_until[k % 2] = oe
         host_fresh_at[mb] = oe
-        if overlap and k + 1 < len(mbs):       # the next message is already here
-            tt.begin(k + 1, mbs[k + 1])
-            prefetch_span[k + 1] = run("prefetch", k + 1, tt.prefetch_waits(k + 1))
-            issued.add(k + 1)
         now = cs                               # the host moves on once compute is launched
 
 
@@ -116,6 +119,22 @@ def test_simulation_catches_a_broken_timetable(broken):
         except AssertionError:
             failures += 1
     assert failures > 0
+
+
+def test_prefetch_ahead_needs_the_readiness_check():
+    """Prefetching the next step before this one is offloaded is only safe for another
+    micro-batch: without ``prefetch_ready`` a plan where a micro-batch follows itself reads a
+    stale host copy."""
+    rng = np.random.default_rng(0)
+    with pytest.raises(AssertionError, match="stale host copy"):
+        simulate([0] * 10, True, rng, ahead=True)
+    simulate([0] * 10, True, rng)
+    tt = Timetable()
+    tt.begin(0, 0)
+    assert not tt.prefetch_ready(1, 0) and tt.prefetch_ready(1, 1)
+    assert not tt.prefetch_ready(3, 1)          # offload(1) not issued yet
+    tt.offloaded(0)
+    assert tt.prefetch_ready(1, 0)
 
 
 # ---- the host extent allocator -------------------------------------------------------------

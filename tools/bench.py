@@ -75,7 +75,9 @@ def derive(r: dict) -> dict:
     pred = plan.get("predicted_tok_s")
     shares = [f["transfer_hidden_share"] for f in finals
               if f.get("transfer_hidden_share") is not None]
+    gpu_idle = [f["gpu_idle_share"] for f in finals if f.get("gpu_idle_share") is not None]
     return {"idle_share": wait / (busy + wait) if busy + wait > 0 else None,
+            "gpu_idle_share": max(gpu_idle) if gpu_idle else None,
             "hidden_share": min(shares) if shares else None,
             "pcie_gb": (r.get("bytes_prefetched", 0) + r.get("bytes_offloaded", 0)) / 1e9,
             "host_kv_gb": (plan.get("host_blocks", 0) * sum(
@@ -110,7 +112,8 @@ def run_transformers(a, name: str) -> dict:
 
 def table(results: list[dict]) -> str:
     cols = ["system", "gpus", "output_tok_s", "total_tok_s", "requests_s", "seconds",
-            "peak_gpu_gb", "host_kv_gb", "pcie_gb", "idle_share", "hidden_share",
+            "peak_gpu_gb", "host_kv_gb", "pcie_gb", "idle_share", "gpu_idle_share",
+            "hidden_share",
             "measured_over_predicted",
             "batch"]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]

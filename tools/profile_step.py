@@ -6,7 +6,8 @@ Builds the whole model as one stage with dummy weights, fills the KV cache's blo
 ``--batch`` sequences of ``--context`` tokens, and times decode steps with CUDA events: the
 layout build (host), the forward, and the forward + sampling. With ``--profile`` prints the
 top kernels of one step from the torch profiler. Prints the roofline time of the step from
-the cost model for comparison.
+the cost model for comparison. ``--graphs`` replays the step from a CUDA graph as the stages
+do (stages/decode_graph.py).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 
 from pipemax.model_config import BUILTIN_MODELS, apply_overrides
 from stages.attention import build_layout
+from stages.decode_graph import DecodeGraphs
 from stages.kv_cache import KVCache
 from stages.loader import build_stage_model
 from stages.sampler import sample
@@ -36,6 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--graphs", action="store_true", help="replay decode from a CUDA graph")
     p.add_argument("--hbm-gbs", type=float, default=3350.0, help="for the roofline (H100)")
     p.add_argument("--tflops", type=float, default=790.0)
     a = p.parse_args(argv)
@@ -46,7 +49,9 @@ def main(argv=None) -> int:
                               device=dev)
     B, C, bs = a.batch, a.context, a.block_size
     per_seq = -(-C // bs)
-    kv = KVCache(cfg, cfg.num_layers, B * per_seq, bs, dtype, dev)
+    kv = KVCache(cfg, cfg.num_layers, B * per_seq + 1, bs, dtype, dev)   # + a scratch block
+    graphs = (DecodeGraphs(model, kv.data, B * per_seq, bs, per_seq, dtype, dev, capture=True)
+              if a.graphs else None)
     bt = np.arange(B * per_seq, dtype=np.int32).reshape(B, per_seq)
     rng = np.random.default_rng(0)
     ctx = (rng.integers(C // 2, C + 1, size=B) if a.uneven else np.full(B, C)).astype(np.int32)
@@ -56,8 +61,10 @@ def main(argv=None) -> int:
     zeros_k = torch.zeros(B, dtype=torch.int64, device=dev)
 
     def step():
-        lay = build_layout(q, ctx, bt, bs, dev)
-        h = model(toks, lay, kv.data)
+        if graphs is not None:
+            h = graphs.run(toks, ctx, bt)
+        else:
+            h = model(toks, build_layout(q, ctx, bt, bs, dev), kv.data)
         so = sample(model.logits(h), 0 * ones, ones, zeros_k, 0 * ones, 0)
         return so.token_ids
 
@@ -87,7 +94,7 @@ def main(argv=None) -> int:
     flops = 2 * B * (cfg.num_layers * cfg.layer_params() + cfg.head_params())
     roof_ms = (max(w_bytes / (a.hbm_gbs * 1e9), flops / (a.tflops * 1e12))
                + kv_bytes / (a.hbm_gbs * 1e9)) * 1e3
-    res = {"model": a.model, "batch": B, "context": C, "uneven": a.uneven,
+    res = {"model": a.model, "batch": B, "context": C, "uneven": a.uneven, "graphs": a.graphs,
            "layout_ms": round(layout_ms, 3), "step_ms": round(step_ms, 3),
            "roofline_ms": round(roof_ms, 3), "of_roofline": round(roof_ms / step_ms, 3),
            "tok_s": round(B / step_ms * 1e3, 1)}
