@@ -115,7 +115,7 @@ class Stage:
                 "prefetch_seconds": off.copy_s if off else 0.0,
                 "compute_stall_seconds": off.stall_s if off else 0.0,
                 "peak_staging_blocks": self.peak_staging, "resident_blocks": self.resident,
-                "gpu_idle_share": self.clock.idle_share()}
+                "gpu_idle_share": self.clock.idle_share(), "step_kinds": self.clock.by_kind()}
 
     def alloc(self, meta: dict) -> None:
         """KV memory: R resident blocks, plus two staging buffers of S blocks when offloading."""
@@ -211,7 +211,9 @@ class Stage:
             res = Outbound({"op": P.OP_STEP, "mb": meta["mb"], "step": meta["step"]},
                            {"token_ids": so.token_ids, "logprobs": so.logprobs,
                             "top_ids": so.top_ids, "top_logprobs": so.top_logprobs})
-        self.clock.end(clock)
+        n = int(q_lens.sum())
+        kind = "decode" if n == len(q_lens) else "prompt" if (q_lens > 1).all() else "mixed"
+        self.clock.end(clock, kind, n, len(q_lens))
         return res
 
 

@@ -8,12 +8,11 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 show() {  # one line of the figures that matter from a bench JSON
-    python3 -c "import json; r=json.load(open('$1'))[0]; print('$1'.split('/')[-1], {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k in ('output_tok_s','total_tok_s','seconds','steps','num_blocks','offloaded_admitted','bytes_prefetched','peak_gpu_gb','idle_share','gpu_idle_share','hidden_share','measured_over_predicted','driver_wait_s','error')}); print('  finals', [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in f.items() if k in ('busy_s','wait_s','gpu_idle_share','prefetch_seconds','compute_stall_seconds','transfer_hidden_share')} for f in r.get('finals', [])]); print('  plan', r.get('plan'))"
+    python3 -c "import json; r=json.load(open('$1'))[0]; print('$1'.split('/')[-1], {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k in ('output_tok_s','total_tok_s','seconds','steps','num_blocks','offloaded_admitted','bytes_prefetched','peak_gpu_gb','idle_share','gpu_idle_share','hidden_share','measured_over_predicted','driver_wait_s','error')}); print('  finals', [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in f.items() if k in ('busy_s','wait_s','gpu_idle_share','prefetch_seconds','compute_stall_seconds','transfer_hidden_share','step_kinds')} for f in r.get('finals', [])]); print('  plan', r.get('plan'))"
 }
-for s in ${STEPS:-"256 640 --uneven"}; do
-    set -- $s
-    python3 -m tools.profile_step --model llama3-8b --batch $1 --context $2 ${3:-} --graphs \
-        ${PROFILE:+--profile} 2>&1 | tail -25
+IFS=';' read -ra steps <<< "${STEPS:---batch 256 --context 640 --uneven --graphs}"
+for s in "${steps[@]}"; do
+    python3 -m tools.profile_step --model llama3-8b $s ${PROFILE:+--profile} 2>&1 | tail -25
 done
 for r in ${RUNS:-e2e256 e2e1024 hidden}; do
     case $r in

@@ -39,6 +39,11 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--graphs", action="store_true", help="replay decode from a CUDA graph")
+    p.add_argument("--prompts", type=int, default=0,
+                   help="add this many prompt chunks to the step (a mixed step, run eagerly)")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--continued", action="store_true",
+                   help="the chunks continue prompts (as much context before them as in them)")
     p.add_argument("--hbm-gbs", type=float, default=3350.0, help="for the roofline (H100)")
     p.add_argument("--tflops", type=float, default=790.0)
     a = p.parse_args(argv)
@@ -47,25 +52,29 @@ def main(argv=None) -> int:
     dtype = getattr(torch, a.dtype)
     model = build_stage_model(cfg, 0, cfg.num_layers, True, True, folder=None, dtype=dtype,
                               device=dev)
-    B, C, bs = a.batch, a.context, a.block_size
-    per_seq = -(-C // bs)
-    kv = KVCache(cfg, cfg.num_layers, B * per_seq + 1, bs, dtype, dev)   # + a scratch block
-    graphs = (DecodeGraphs(model, kv.data, B * per_seq, bs, per_seq, dtype, dev, capture=True)
-              if a.graphs else None)
-    bt = np.arange(B * per_seq, dtype=np.int32).reshape(B, per_seq)
+    B, C, bs, P, L = a.batch, a.context, a.block_size, a.prompts, a.prompt_len
+    pctx = L * (2 if a.continued else 1)
+    per_seq = -(-max(C, pctx) // bs)
+    rows = B + P
+    kv = KVCache(cfg, cfg.num_layers, rows * per_seq + 1, bs, dtype, dev)   # + a scratch block
+    graphs = (DecodeGraphs(model, kv.data, rows * per_seq, bs, per_seq, dtype, dev,
+                           capture=True) if a.graphs and P == 0 else None)
+    bt = np.arange(rows * per_seq, dtype=np.int32).reshape(rows, per_seq)
     rng = np.random.default_rng(0)
     ctx = (rng.integers(C // 2, C + 1, size=B) if a.uneven else np.full(B, C)).astype(np.int32)
-    q = np.ones(B, dtype=np.int32)
-    toks = torch.randint(0, cfg.vocab_size, (B,), device=dev)
-    ones = torch.ones(B, device=dev)
-    zeros_k = torch.zeros(B, dtype=torch.int64, device=dev)
+    ctx = np.concatenate([ctx, np.full(P, pctx, np.int32)])
+    q = np.concatenate([np.ones(B, np.int32), np.full(P, L, np.int32)])
+    toks = torch.randint(0, cfg.vocab_size, (int(q.sum()),), device=dev)
+    last = torch.from_numpy(np.cumsum(q) - 1).to(dev)
+    ones = torch.ones(rows, device=dev)
+    zeros_k = torch.zeros(rows, dtype=torch.int64, device=dev)
 
     def step():
         if graphs is not None:
             h = graphs.run(toks, ctx, bt)
         else:
             h = model(toks, build_layout(q, ctx, bt, bs, dev), kv.data)
-        so = sample(model.logits(h), 0 * ones, ones, zeros_k, 0 * ones, 0)
+        so = sample(model.logits(h[last]), 0 * ones, ones, zeros_k, 0 * ones, 0)
         return so.token_ids
 
     with torch.inference_mode():
@@ -91,13 +100,14 @@ def main(argv=None) -> int:
     esize = torch.empty(0, dtype=dtype).element_size()
     w_bytes = (cfg.num_layers * cfg.layer_params() + cfg.head_params()) * esize
     kv_bytes = int(ctx.sum()) * cfg.num_layers * 2 * cfg.kv_size * esize
-    flops = 2 * B * (cfg.num_layers * cfg.layer_params() + cfg.head_params())
+    flops = 2 * (int(q.sum()) * cfg.num_layers * cfg.layer_params() + rows * cfg.head_params())
     roof_ms = (max(w_bytes / (a.hbm_gbs * 1e9), flops / (a.tflops * 1e12))
                + kv_bytes / (a.hbm_gbs * 1e9)) * 1e3
-    res = {"model": a.model, "batch": B, "context": C, "uneven": a.uneven, "graphs": a.graphs,
+    res = {"model": a.model, "batch": B, "context": C, "uneven": a.uneven,
+           "graphs": graphs is not None, "prompts": P, "prompt_len": L, "continued": a.continued,
            "layout_ms": round(layout_ms, 3), "step_ms": round(step_ms, 3),
            "roofline_ms": round(roof_ms, 3), "of_roofline": round(roof_ms / step_ms, 3),
-           "tok_s": round(B / step_ms * 1e3, 1)}
+           "tok_s": round(rows / step_ms * 1e3, 1)}
     print(json.dumps(res))
     return 0
 
