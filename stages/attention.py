@@ -6,7 +6,8 @@ A step carries B sequences; sequence b brings ``q_lens[b]`` new tokens and, afte
 splits the step in two groups so that neither pays for the other's shape:
 
 - decode: sequences bringing one token; batched as [B_d, 1 query] over their context;
-- prefill: sequences bringing a chunk of prompt; padded to [B_p, Q_p] queries, causal.
+- prefill: sequences bringing a chunk of prompt; causal attention one sequence at a time
+  (a step holds a few), through the fused kernels.
 
 KV cache of one stage (block-major, so one block of one sequence is one contiguous run of bytes
 across all the stage's layers, which is what offload moves)::
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from stages import triton_decode
 from stages.transfer import to_device
@@ -35,12 +37,8 @@ class Group:
     num_seqs: int
     max_q: int
     max_ctx: int
-    read_blocks: torch.Tensor     # [B, C] int64, block of context position c of sequence b
-    read_offsets: torch.Tensor    # [C] int64
-    mask: torch.Tensor | None     # [B, Q, C] bool, True where a query may attend; None: all
-    q_gather: torch.Tensor | None  # prefill: [B, Q] index into the group's tokens (n = padding)
-    out_gather: torch.Tensor | None  # prefill: [n] index into the [B*Q] padded layout
-    spans: list | None = None           # prefill with no earlier context: (first token, count)
+    spans: list | None = None           # prefill: (first token, count, context) per sequence
+    blocks: torch.Tensor | None = None  # prefill with earlier context: [B, W] int64 block table
     table: torch.Tensor | None = None   # decode: [B, W] int32 block table (Triton kernel)
     ctx: torch.Tensor | None = None     # decode: [B] int32 context lengths (Triton kernel)
 
@@ -56,32 +54,19 @@ class StepLayout:
 
 
 def _group(rows: np.ndarray, tok: np.ndarray, q_lens: np.ndarray, ctx_lens: np.ndarray,
-           bt: np.ndarray, N: int, block_size: int, t) -> Group:
+           bt: np.ndarray, N: int, t) -> Group:
     q = q_lens[rows]
     ctx = ctx_lens[rows]
     B, Q, C = len(rows), int(q.max()), int(ctx.max())
-    c = np.arange(C)
-    read_blocks = bt[rows][:, np.minimum(c // block_size, bt.shape[1] - 1)] if Q > 1 else None
-    all_tokens = len(tok) == N and bool((tok == np.arange(N)).all())
+    tokens = None if len(tok) == N and bool((tok == np.arange(N)).all()) else t(tok)
     if Q == 1:   # decode reads the cache through the block table itself (paged_decode)
-        return Group(None if all_tokens else t(tok), B, 1, C, None, None, None, None, None,
-                     table=t(bt[rows].astype(np.int32)), ctx=t(ctx.astype(np.int32)))
-    n = len(tok)
-    if bool((ctx == q).all()):   # fresh prompts: attend over the step's own k/v, causally
-        starts = np.zeros(B, dtype=np.int64)
-        np.cumsum(q[:-1], out=starts[1:])
-        return Group(None if all_tokens else t(tok), B, Q, C, None, None, None, None, None,
-                     spans=list(zip(starts.tolist(), q.tolist())))
-    gcu = np.zeros(B + 1, dtype=np.int64)
-    np.cumsum(q, out=gcu[1:])
-    seq_of = np.repeat(np.arange(B), q)
-    offs = np.arange(n) - gcu[seq_of]
-    q_gather = np.full((B, Q), n, dtype=np.int64)
-    q_gather[seq_of, offs] = np.arange(n)
-    qpos = (ctx - q)[:, None] + np.arange(Q)[None, :]
-    mask = (c[None, None, :] <= qpos[:, :, None]) & (c[None, None, :] < ctx[:, None, None])
-    return Group(None if all_tokens else t(tok), B, Q, C, t(read_blocks), t(c % block_size),
-                 t(mask), t(q_gather), t(seq_of * Q + offs))
+        return Group(tokens, B, 1, C, table=t(bt[rows].astype(np.int32)),
+                     ctx=t(ctx.astype(np.int32)))
+    starts = np.zeros(B, dtype=np.int64)
+    np.cumsum(q[:-1], out=starts[1:])
+    fresh = bool((ctx == q).all())    # no earlier context: the step's own k/v are all of it
+    return Group(tokens, B, Q, C, spans=list(zip(starts.tolist(), q.tolist(), ctx.tolist())),
+                 blocks=None if fresh else t(bt[rows]))
 
 
 def build_layout(q_lens: np.ndarray, ctx_lens: np.ndarray, block_tables: np.ndarray,
@@ -102,8 +87,8 @@ def build_layout(q_lens: np.ndarray, ctx_lens: np.ndarray, block_tables: np.ndar
     return StepLayout(
         t(positions), t(bt[seq_of, positions // block_size]), t(positions % block_size),
         t(cu[1:] - 1),
-        _group(dec, cu[dec], q_lens, ctx_lens, bt, N, block_size, t) if len(dec) else None,
-        _group(pre, pre_tok, q_lens, ctx_lens, bt, N, block_size, t) if len(pre) else None)
+        _group(dec, cu[dec], q_lens, ctx_lens, bt, N, t) if len(dec) else None,
+        _group(pre, pre_tok, q_lens, ctx_lens, bt, N, t) if len(pre) else None)
 
 
 def paged_decode(q: torch.Tensor, kv: torch.Tensor, layer: int, table: torch.Tensor,
@@ -135,15 +120,30 @@ def paged_decode_torch(q: torch.Tensor, kv: torch.Tensor, layer: int, table: tor
     return torch.where((ctx > 0)[:, None], o.reshape(B, H * D), 0)
 
 
-def _fresh(q, k, v, g: Group, scale: float) -> torch.Tensor:
-    """Prompts with no earlier context: causal attention per prompt (flash), no cache reads."""
+def _prefill(q, k, v, kv: torch.Tensor, layer: int, g: Group, scale: float) -> torch.Tensor:
+    """Prompt chunks, one sequence at a time (a few per step): causal attention aligned to the
+    end of the context (a chunk's queries see all earlier context). A chunk with no earlier
+    context attends over its own k/v; one with earlier context over the cache, where its own
+    k/v were just written. K/V heads are expanded to the query heads, so the fused (flash)
+    kernels apply."""
     n, H, D = q.shape
+    KVH = k.shape[1]
+    kc, vc = kv[:, layer, 0], kv[:, layer, 1]     # [nb, bs, KVH, D] views
+    bs = kc.shape[1]
     out = q.new_empty(n, H * D)
-    for start, m in g.spans:
+    for b, (start, m, c) in enumerate(g.spans):
         sl = slice(start, start + m)
-        o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), k[sl].transpose(0, 1),
-                                           v[sl].transpose(0, 1), is_causal=True, scale=scale,
-                                           enable_gqa=True)
+        if c == m:
+            K, V, mask = k[sl], v[sl], None
+        else:
+            rows = g.blocks[b, :-(-c // bs)]
+            K = kc[rows].flatten(0, 1)[:c]
+            V = vc[rows].flatten(0, 1)[:c]
+            mask = causal_lower_right(m, c)
+        K = K.repeat_interleave(H // KVH, dim=1).transpose(0, 1)     # [H, c, D]
+        V = V.repeat_interleave(H // KVH, dim=1).transpose(0, 1)
+        o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), K, V, attn_mask=mask,
+                                           is_causal=mask is None, scale=scale)
         out[sl] = o.transpose(0, 1).reshape(m, H * D)
     return out
 
@@ -151,24 +151,9 @@ def _fresh(q, k, v, g: Group, scale: float) -> torch.Tensor:
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, layer: int,
             g: Group, scale: float) -> torch.Tensor:
     """q [n, H, D] (k, v [n, KVH, D]) of one group -> [n, H*D]."""
-    if g.spans is not None:
-        return _fresh(q, k, v, g, scale)
     if g.table is not None:
         return paged_decode(q.contiguous(), kv, layer, g.table, g.ctx, scale, g.max_ctx)
-    kc = kv[:, layer, 0]      # [nb, bs, KVH, D] view
-    vc = kv[:, layer, 1]
-    n, H, D = q.shape
-    KVH = kc.shape[-2]
-    G = H // KVH
-    B, Q, C = g.num_seqs, g.max_q, g.max_ctx
-    K = kc[g.read_blocks, g.read_offsets].permute(0, 2, 1, 3)      # [B, KVH, C, D]
-    V = vc[g.read_blocks, g.read_offsets].permute(0, 2, 1, 3)
-    qpad = torch.cat([q, q.new_zeros(1, H, D)])[g.q_gather]             # [B, Q, H, D]
-    qp = qpad.view(B, Q, KVH, G, D).permute(0, 2, 3, 1, 4).reshape(B, KVH, G * Q, D)
-    mask = g.mask[:, None, None].expand(B, 1, G, Q, C).reshape(B, 1, G * Q, C)
-    o = F.scaled_dot_product_attention(qp, K, V, attn_mask=mask, scale=scale)
-    o = o.view(B, KVH, G, Q, D).permute(0, 3, 1, 2, 4).reshape(B * Q, H * D)
-    return o[g.out_gather]
+    return _prefill(q, k, v, kv, layer, g, scale)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,

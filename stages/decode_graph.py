@@ -37,8 +37,8 @@ class _Bucket:
         self.ctx = torch.zeros(Bp, dtype=torch.int32, device=device)
         last = torch.arange(Bp, device=device)
         self.layout = StepLayout(self.positions, self.write_blocks, self.write_offsets, last,
-                                 Group(None, Bp, 1, width * block_size, None, None, None, None,
-                                       None, table=self.table, ctx=self.ctx), None)
+                                 Group(None, Bp, 1, width * block_size, table=self.table,
+                                       ctx=self.ctx), None)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
 

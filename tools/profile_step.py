@@ -65,7 +65,6 @@ def main(argv=None) -> int:
     ctx = np.concatenate([ctx, np.full(P, pctx, np.int32)])
     q = np.concatenate([np.ones(B, np.int32), np.full(P, L, np.int32)])
     toks = torch.randint(0, cfg.vocab_size, (int(q.sum()),), device=dev)
-    last = torch.from_numpy(np.cumsum(q) - 1).to(dev)
     ones = torch.ones(rows, device=dev)
     zeros_k = torch.zeros(rows, dtype=torch.int64, device=dev)
 
@@ -74,7 +73,7 @@ def main(argv=None) -> int:
             h = graphs.run(toks, ctx, bt)
         else:
             h = model(toks, build_layout(q, ctx, bt, bs, dev), kv.data)
-        so = sample(model.logits(h[last]), 0 * ones, ones, zeros_k, 0 * ones, 0)
+        so = sample(model.logits(h), 0 * ones, ones, zeros_k, 0 * ones, 0)
         return so.token_ids
 
     with torch.inference_mode():
