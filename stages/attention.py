@@ -140,11 +140,12 @@ def _prefill(q, k, v, kv: torch.Tensor, layer: int, g: Group, scale: float) -> t
             K = kc[rows].flatten(0, 1)[:c]
             V = vc[rows].flatten(0, 1)[:c]
             mask = causal_lower_right(m, c)
-        K = K.repeat_interleave(H // KVH, dim=1).transpose(0, 1)     # [H, c, D]
-        V = V.repeat_interleave(H // KVH, dim=1).transpose(0, 1)
-        o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), K, V, attn_mask=mask,
+        # [1, H, len, D]: the fused kernels want a batch dimension
+        K = K.repeat_interleave(H // KVH, dim=1).transpose(0, 1)[None]
+        V = V.repeat_interleave(H // KVH, dim=1).transpose(0, 1)[None]
+        o = F.scaled_dot_product_attention(q[sl].transpose(0, 1)[None], K, V, attn_mask=mask,
                                            is_causal=mask is None, scale=scale)
-        out[sl] = o.transpose(0, 1).reshape(m, H * D)
+        out[sl] = o[0].transpose(0, 1).reshape(m, H * D)
     return out
 
 

@@ -104,8 +104,9 @@ class Stage:
                 "figures": figures}
 
     def final_report(self) -> dict:
-        peak = (torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda"
-                else 0)
+        cuda = self.device.type == "cuda"
+        peak = torch.cuda.max_memory_reserved(self.device) if cuda else 0
+        retries = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0) if cuda else 0
         off = self.offloader
         return {"stage": self.spec.index, "peak_gpu_bytes": int(peak),
                 "busy_s": self.busy_s, "wait_s": self.wait_s, "steps": self.steps,
@@ -115,7 +116,8 @@ class Stage:
                 "prefetch_seconds": off.copy_s if off else 0.0,
                 "compute_stall_seconds": off.stall_s if off else 0.0,
                 "peak_staging_blocks": self.peak_staging, "resident_blocks": self.resident,
-                "gpu_idle_share": self.clock.idle_share(), "step_kinds": self.clock.by_kind()}
+                "gpu_idle_share": self.clock.idle_share(), "step_kinds": self.clock.by_kind(),
+                "alloc_retries": int(retries)}
 
     def alloc(self, meta: dict) -> None:
         """KV memory: R resident blocks, plus two staging buffers of S blocks when offloading."""
