@@ -39,6 +39,11 @@ class Group:
     max_ctx: int
     spans: list | None = None           # prefill: (first token, count, context) per sequence
     blocks: torch.Tensor | None = None  # prefill with earlier context: [B, W] int64 block table
+    # prefill on CUDA, all sequences in one variable-length flash call (see _prefill_varlen)
+    cu_q: torch.Tensor | None = None    # [B+1] int32, where each sequence's queries start
+    cu_k: torch.Tensor | None = None    # [B+1] int32, where each sequence's context starts
+    k_blocks: torch.Tensor | None = None   # [sum ctx] int64, cache block of each context token
+    k_offsets: torch.Tensor | None = None  # [sum ctx] int64 (None with k_blocks: fresh prompts)
     table: torch.Tensor | None = None   # decode: [B, W] int32 block table (Triton kernel)
     ctx: torch.Tensor | None = None     # decode: [B] int32 context lengths (Triton kernel)
 
@@ -54,7 +59,7 @@ class StepLayout:
 
 
 def _group(rows: np.ndarray, tok: np.ndarray, q_lens: np.ndarray, ctx_lens: np.ndarray,
-           bt: np.ndarray, N: int, t) -> Group:
+           bt: np.ndarray, N: int, t, block_size: int, varlen: bool) -> Group:
     q = q_lens[rows]
     ctx = ctx_lens[rows]
     B, Q, C = len(rows), int(q.max()), int(ctx.max())
@@ -65,8 +70,18 @@ def _group(rows: np.ndarray, tok: np.ndarray, q_lens: np.ndarray, ctx_lens: np.n
     starts = np.zeros(B, dtype=np.int64)
     np.cumsum(q[:-1], out=starts[1:])
     fresh = bool((ctx == q).all())    # no earlier context: the step's own k/v are all of it
-    return Group(tokens, B, Q, C, spans=list(zip(starts.tolist(), q.tolist(), ctx.tolist())),
-                 blocks=None if fresh else t(bt[rows]))
+    g = Group(tokens, B, Q, C, spans=list(zip(starts.tolist(), q.tolist(), ctx.tolist())),
+              blocks=None if fresh else t(bt[rows]))
+    if varlen:
+        cu_q = np.concatenate([[0], np.cumsum(q)])
+        cu_k = np.concatenate([[0], np.cumsum(ctx)])
+        g.cu_q, g.cu_k = t(cu_q.astype(np.int32)), t(cu_k.astype(np.int32))
+        if not fresh:
+            seq_k = np.repeat(np.arange(B), ctx)
+            pos_k = np.arange(int(cu_k[-1])) - cu_k[seq_k]
+            g.k_blocks = t(bt[rows][seq_k, pos_k // block_size])
+            g.k_offsets = t(pos_k % block_size)
+    return g
 
 
 def build_layout(q_lens: np.ndarray, ctx_lens: np.ndarray, block_tables: np.ndarray,
@@ -87,8 +102,10 @@ def build_layout(q_lens: np.ndarray, ctx_lens: np.ndarray, block_tables: np.ndar
     return StepLayout(
         t(positions), t(bt[seq_of, positions // block_size]), t(positions % block_size),
         t(cu[1:] - 1),
-        _group(dec, cu[dec], q_lens, ctx_lens, bt, N, t) if len(dec) else None,
-        _group(pre, pre_tok, q_lens, ctx_lens, bt, N, t) if len(pre) else None)
+        _group(dec, cu[dec], q_lens, ctx_lens, bt, N, t, block_size, False)
+        if len(dec) else None,
+        _group(pre, pre_tok, q_lens, ctx_lens, bt, N, t, block_size, device.type == "cuda")
+        if len(pre) else None)
 
 
 def paged_decode(q: torch.Tensor, kv: torch.Tensor, layer: int, table: torch.Tensor,
@@ -149,11 +166,33 @@ def _prefill(q, k, v, kv: torch.Tensor, layer: int, g: Group, scale: float) -> t
     return out
 
 
+def _prefill_varlen(q, k, v, kv: torch.Tensor, layer: int, g: Group,
+                    scale: float) -> torch.Tensor:
+    """All prompt chunks of the step in one variable-length flash attention call (CUDA, 16-bit):
+    queries packed [n, H, D], each sequence's context packed after it (its own k/v when every
+    chunk is a fresh prompt, else gathered from the cache). Flash aligns the causal mask to the
+    end of each context, as ``_prefill`` does, and reads K/V heads grouped (no expansion)."""
+    if g.k_blocks is None:
+        K, V = k, v
+    else:
+        K = kv[:, layer, 0][g.k_blocks, g.k_offsets]
+        V = kv[:, layer, 1][g.k_blocks, g.k_offsets]
+    n, H, D = q.shape
+    out = torch.ops.aten._flash_attention_forward(
+        q.contiguous(), K.contiguous(), V.contiguous(), g.cu_q, g.cu_k, g.max_q, g.max_ctx,
+        0.0, True, False, scale=scale)[0]
+    return out.reshape(n, H * D)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, layer: int,
             g: Group, scale: float) -> torch.Tensor:
     """q [n, H, D] (k, v [n, KVH, D]) of one group -> [n, H*D]."""
     if g.table is not None:
         return paged_decode(q.contiguous(), kv, layer, g.table, g.ctx, scale, g.max_ctx)
+    D = q.shape[-1]
+    if (g.cu_q is not None and q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0
+            and D <= 256):
+        return _prefill_varlen(q, k, v, kv, layer, g, scale)
     return _prefill(q, k, v, kv, layer, g, scale)
 
 

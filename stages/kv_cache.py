@@ -38,8 +38,9 @@ def workspace_bytes(spec, dtype: torch.dtype, decode_kernel: bool) -> int:
     per_token = 4 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + 3 * cfg.intermediate_size
     act = T * per_token * esize * 2
     ctx = min(spec.max_model_len, 8192)
-    # prefill chunks gather their sequences' context (k and v, then a permuted copy)
-    gather = 4 * max(1, T // 128) * ctx * cfg.kv_size * esize
+    # prefill chunks gather their sequences' context from the cache (k and v, packed); the
+    # per-sequence path also expands one sequence's k/v to the query heads
+    gather = 2 * (T + ctx) * cfg.kv_size * esize + 2 * ctx * cfg.q_size * esize
     if not decode_kernel:   # the torch decode path gathers every decoding sequence's context
         gather += 4 * spec.max_seqs_per_step * min(ctx, 2048) * cfg.kv_size * esize
     rows = min(spec.max_seqs_per_step, T)

@@ -19,24 +19,32 @@ def dense(q, k, v, scale):
     return torch.einsum("hmc,chd->mhd", s.softmax(-1), V).reshape(m, -1)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_mixed_step_matches_dense_attention(seed):
+MIXED = [9, 7, 3, 12, 6]    # context after the step: rows 3 and 4 continue earlier chunks
+FRESH = [9, 7, 3, 5, 3]     # every prompt chunk is a whole fresh prompt
+
+
+def make_step(seed, dtype=torch.float32, device="cpu", ctx=MIXED):
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     H, KVH, D, bs, L = 4, 2, 8, 4, 2
     q_lens = np.array([1, 7, 1, 5, 3], dtype=np.int64)       # decode, fresh, decode, continued x2
-    ctx_lens = np.array([9, 7, 3, 12, 6], dtype=np.int64)
+    ctx_lens = np.array(ctx, dtype=np.int64)
     width = -(-int(ctx_lens.max()) // bs)
     nb = len(q_lens) * width + 3
     perm = rng.permutation(nb)
     bt = perm[:len(q_lens) * width].reshape(len(q_lens), width)
-    kv = torch.randn(nb, L, 2, bs, KVH, D, generator=g)
     N = int(q_lens.sum())
-    q = torch.randn(N, H, D, generator=g)
-    k = torch.randn(N, KVH, D, generator=g)
-    v = torch.randn(N, KVH, D, generator=g)
-    layer, scale = 1, D ** -0.5
-    lay = build_layout(q_lens, ctx_lens, bt, bs, torch.device("cpu"))
+    kv, q, k, v = (torch.randn(*shape, generator=g).to(device, dtype) for shape in
+                   [(nb, L, 2, bs, KVH, D), (N, H, D), (N, KVH, D), (N, KVH, D)])
+    lay = build_layout(q_lens, ctx_lens, bt, bs, torch.device(device))
+    return q_lens, ctx_lens, bt, bs, kv, q, k, v, lay
+
+
+@pytest.mark.parametrize("ctx", [MIXED, FRESH])
+@pytest.mark.parametrize("seed", range(4))
+def test_mixed_step_matches_dense_attention(seed, ctx):
+    q_lens, ctx_lens, bt, bs, kv, q, k, v, lay = make_step(seed, ctx=ctx)
+    layer, scale = 1, q.shape[-1] ** -0.5
     out = paged_attention(q, k, v, kv, layer, lay, scale)
     cu = np.concatenate([[0], np.cumsum(q_lens)])
     for b in range(len(q_lens)):
@@ -47,3 +55,16 @@ def test_mixed_step_matches_dense_attention(seed):
         sl = slice(int(cu[b]), int(cu[b + 1]))
         assert torch.equal(K[c - m:], k[sl]) and torch.equal(V[c - m:], v[sl])   # written
         torch.testing.assert_close(out[sl], dense(q[sl], K, V, scale), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen flash path is CUDA-only")
+@pytest.mark.parametrize("ctx", [MIXED, FRESH])
+@pytest.mark.parametrize("seed", range(4))
+def test_varlen_prefill_matches_the_per_sequence_path_on_cuda(seed, ctx):
+    q_lens, ctx_lens, bt, bs, kv, q, k, v, lay = make_step(seed, torch.bfloat16, "cuda", ctx)
+    assert lay.prefill.cu_q is not None
+    layer, scale = 1, q.shape[-1] ** -0.5
+    fused = paged_attention(q, k, v, kv.clone(), layer, lay, scale)
+    lay.prefill.cu_q = None                 # the per-sequence SDPA path
+    loop = paged_attention(q, k, v, kv.clone(), layer, lay, scale)
+    torch.testing.assert_close(fused, loop, atol=2e-2, rtol=2e-2)
