@@ -23,10 +23,10 @@ MIXED = [9, 7, 3, 12, 6]    # context after the step: rows 3 and 4 continue earl
 FRESH = [9, 7, 3, 5, 3]     # every prompt chunk is a whole fresh prompt
 
 
-def make_step(seed, dtype=torch.float32, device="cpu", ctx=MIXED):
+def make_step(seed, dtype=torch.float32, device="cpu", ctx=MIXED, D=8):
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    H, KVH, D, bs, L = 4, 2, 8, 4, 2
+    H, KVH, bs, L = 4, 2, 4, 2
     q_lens = np.array([1, 7, 1, 5, 3], dtype=np.int64)       # decode, fresh, decode, continued x2
     ctx_lens = np.array(ctx, dtype=np.int64)
     width = -(-int(ctx_lens.max()) // bs)
@@ -61,7 +61,7 @@ def test_mixed_step_matches_dense_attention(seed, ctx):
 @pytest.mark.parametrize("ctx", [MIXED, FRESH])
 @pytest.mark.parametrize("seed", range(4))
 def test_varlen_prefill_matches_the_per_sequence_path_on_cuda(seed, ctx):
-    q_lens, ctx_lens, bt, bs, kv, q, k, v, lay = make_step(seed, torch.bfloat16, "cuda", ctx)
+    q_lens, ctx_lens, bt, bs, kv, q, k, v, lay = make_step(seed, torch.bfloat16, "cuda", ctx, D=64)
     assert lay.prefill.cu_q is not None
     layer, scale = 1, q.shape[-1] ** -0.5
     fused = paged_attention(q, k, v, kv.clone(), layer, lay, scale)

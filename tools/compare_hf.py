@@ -67,6 +67,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--std", type=float, default=0.05, help="weight scale of the random model")
     p.add_argument("--json", default=None)
+    p.add_argument("--pipemax-args", default="",
+                   help="extra pipemax flags, one string (e.g. a small --max-num-batched-tokens "
+                        "to split prompts into chunks)")
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype)
     with tempfile.TemporaryDirectory(prefix="pipemax-cmp-") as d:
@@ -90,7 +93,7 @@ def main(argv=None) -> int:
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         cmd = [sys.executable, "-m", "pipemax.launch", "--device", a.device, "--dtype", a.dtype,
                "--gpus", str(a.gpus), "--model", folder, "--input", str(req), "--output",
-               str(out)]
+               str(out), *a.pipemax_args.split()]
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if r.returncode != 0:
             print(r.stderr, file=sys.stderr)
