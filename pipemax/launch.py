@@ -243,7 +243,8 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
             Path(cfg.stats_json).write_text(json.dumps(figures, indent=1) + "\n")
         print(f"pipemax: {stats.summary()}", file=sys.stderr if cfg.input is None else sys.stdout,
               flush=True)
-        info(cfg, f"plan predicted {kv_plan.predicted_tok_s:.0f} output tok/s in steady state"
+        info(cfg, f"plan predicted {kv_plan.predicted_tok_s:.0f} output tok/s "
+                  f"({kv_plan.decode_tok_s:.0f} in steady decode)"
                   f"{' (from nominal CPU figures)' if cfg.device == 'cpu' else ''}; "
                   f"measured {stats.as_dict()['output_tok_s']:.0f} over the whole run"
                   + offload_summary(finals, sched))

@@ -10,7 +10,13 @@ micro-batch of B sequences at mean context c takes
     t_p = n_off * c * L_s * k / BW_h2d      (offloaded sequences' KV, prefetched every step)
     step = max(max(t_w, t_f) + t_a, t_p)
 
-and the pipeline delivers B tokens per slowest-stage step. Without offload every micro-batch's
+and the pipeline delivers B tokens per slowest-stage step (``decode_tok_s``). Every request
+also brings its prompt, computed once at the GEMM rate on each stage,
+
+    t_prompt = 2 * layer params * mean_prompt / F      (per request, slowest stage)
+
+so the whole run's prediction is mean_output / (t_prompt + mean_output / decode_tok_s): the
+prompt and decode work of a request, done back to back on the slowest stage. Without offload every micro-batch's
 KV sits on the GPU, so GPU memory caps B * M. With offload, the GPU holds the resident
 sequences plus two staging buffers (the active micro-batch's offloaded KV and the next one's,
 being prefetched), and B grows until t_p no longer hides under the step.
@@ -77,13 +83,15 @@ class Plan:
     prefetch_ms: float
     bound: str
     other_tok_s: float      # the best plan of the other kind (offload on vs off), for the summary
+    decode_tok_s: float = 0.0   # the steady decode state alone (no prompts)
 
     def describe(self) -> str:
         kind = "offload on" if self.offload else "offload off"
         return (f"{kind}: {self.micro_batches} micro-batches x {self.seqs_per_mb} sequences "
                 f"({self.offloaded_per_mb} offloaded each), resident {self.resident_blocks} "
                 f"blocks, staging 2 x {self.staging_blocks}, host {self.host_blocks}; predicted "
-                f"{self.predicted_tok_s:.0f} output tok/s (step {self.predicted_step_ms:.2f} ms, "
+                f"{self.predicted_tok_s:.0f} output tok/s ({self.decode_tok_s:.0f} in steady "
+                f"decode; step {self.predicted_step_ms:.2f} ms, "
                 f"prefetch {self.prefetch_ms:.2f} ms, {self.bound}-bound; the other choice "
                 f"{self.other_tok_s:.0f})")
 
@@ -109,12 +117,29 @@ def stage_step(stage: StageShape, cfg: ModelConfig, B: int, ctx: float, n_off: i
     return compute, t_p, "compute" if t_f > t_w else "hbm"
 
 
+def prompt_seconds(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures,
+                   mean_prompt: float) -> float:
+    """GEMM time of one request's prompt on the slowest stage."""
+    return max(2 * s.layers * cfg.layer_params() * mean_prompt / (figs.tflops * 1e12)
+               for s in stages)
+
+
+def run_tok_s(decode_tok_s: float, t_prompt: float, mean_output: float) -> float:
+    """Output tokens/s of a whole run: each request's prompt, then its decode."""
+    if decode_tok_s <= 0:
+        return 0.0
+    return mean_output / (t_prompt + mean_output / decode_tok_s)
+
+
 def _predict(cfg, stages, figs, esize, wl, M, B, n_off):
+    """(whole-run tok/s, steady decode tok/s, (step, prefetch, bound) of the slowest stage)."""
     ctx = wl.mean_context
     steps = [stage_step(s, cfg, B, ctx, n_off, figs, esize) for s in stages]
     worst = max(steps, key=lambda x: x[0])
     bubble = min(1.0, M / len(stages))
-    return B / worst[0] * bubble, worst
+    decode = B / worst[0] * bubble
+    return run_tok_s(decode, prompt_seconds(cfg, stages, figs, wl.mean_prompt),
+                     wl.mean_output), decode, worst
 
 
 def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize: int,
@@ -144,8 +169,8 @@ def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize:
         B = n_res + n_off
         if B < 1:
             return None
-        tok_s, (step, t_p, bound) = _predict(cfg, stages, figs, esize, wl, M, B, n_off)
-        return (tok_s, S, R, B, n_off, step, t_p, bound)
+        tok_s, decode, (step, t_p, bound) = _predict(cfg, stages, figs, esize, wl, M, B, n_off)
+        return (tok_s, S, R, B, n_off, step, t_p, bound, decode)
 
     off = make(0)
     ons = [p for p in (make(S) for S in _staging_grid(G, longest)) if p is not None]
@@ -164,11 +189,11 @@ def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize:
                             f"(the longest request, {wl.max_total} tokens) and as many host "
                             f"blocks; the GPU holds {G} blocks per stage and the host pool "
                             f"{host_blocks} (raise --gpu-memory-gb or --host-kv-gb)")
-    tok_s, S, R, B, n_off, step, t_p, bound = chosen
+    tok_s, S, R, B, n_off, step, t_p, bound, decode = chosen
     return Plan(offload=S > 0, micro_batches=M, seqs_per_mb=B, resident_blocks=R,
                 staging_blocks=S, host_blocks=host_blocks if S else 0, offloaded_per_mb=n_off,
                 predicted_tok_s=tok_s, predicted_step_ms=step * 1e3, prefetch_ms=t_p * 1e3,
-                bound=bound, other_tok_s=other[0] if other else 0.0)
+                bound=bound, other_tok_s=other[0] if other else 0.0, decode_tok_s=decode)
 
 
 def _staging_grid(G: int, longest: int) -> list[int]:

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipemax.model_config import ModelConfig
+from stages import triton_fused
 from stages.attention import StepLayout, paged_attention
 
 
@@ -67,20 +68,43 @@ class DecoderLayer(nn.Module):
         self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
 
-    def forward(self, x, cos, sin, kv, layer: int, lay: StepLayout):
+    def forward(self, x, d, cos, sin, kv, layer: int, lay: StepLayout):
+        """x: the residual stream; d: the previous layer's output, not yet added to it (None
+        before the first layer). Returns (residual stream, this layer's output to add)."""
         cfg = self.cfg
         N = x.shape[0]
-        qkv = self.qkv(self.input_layernorm(x))
+        fused = triton_fused.available(x)
+        x, h = _add_norm(self.input_layernorm, x, d, fused)
+        qkv = self.qkv(h)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(N, cfg.num_heads, cfg.head_dim)
         k = k.view(N, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(N, cfg.num_kv_heads, cfg.head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        if fused and triton_fused.rope_fits(cfg.head_dim):
+            triton_fused.rope_(q, cos, sin)
+            triton_fused.rope_(k, cos, sin)
+        else:
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
         a = paged_attention(q, k, v, kv, layer, lay, cfg.head_dim ** -0.5)
-        x = x + self.o_proj(a)
-        gate, up = self.gate_up(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        x, h = _add_norm(self.post_attention_layernorm, x, self.o_proj(a), fused)
+        gu = self.gate_up(h)
+        if fused:
+            act = triton_fused.silu_mul(gu)
+        else:
+            gate, up = gu.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return x, self.down_proj(act)
+
+
+def _add_norm(norm: RMSNorm, x: torch.Tensor, d: torch.Tensor | None,
+              fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + d, norm(x + d)); one kernel when fused."""
+    if fused:
+        return triton_fused.add_rmsnorm(x, norm.weight, norm.eps, d)
+    if d is not None:
+        x = x + d
+    return x, norm(x)
 
 
 class StageModel(nn.Module):
@@ -116,8 +140,11 @@ class StageModel(nn.Module):
         freqs = lay.positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        d = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv, i, lay)
+            x, d = layer(x, d, cos, sin, kv, i, lay)
+        if d is not None:
+            x = x + d
         if self.is_last:
             x = self.norm(x[lay.last_index])
         return x

@@ -7,7 +7,7 @@ import pytest
 from pipemax.block_manager import ExtentAllocator
 from pipemax.model_config import builtin_config
 from pipemax.planner import (DeviceFigures, PlanError, StageShape, Workload, plan,
-                             stage_step)
+                             prompt_seconds, run_tok_s, stage_step)
 from pipemax.timetable import Run, Timetable, staging_for
 
 
@@ -195,6 +195,21 @@ def test_stage_step_by_hand():
     assert bound == ("compute" if t_f > t_w else "hbm")
     step, t_p, bound = stage_step(st, cfg, B, ctx, 64, figs, 2)
     assert t_p == pytest.approx(64 * ctx * 32 * 4096 / 1e10) and bound == "pcie" and step == t_p
+
+
+def test_whole_run_prediction_adds_each_prompt_by_hand():
+    """llama3-8b on one stage at 790 TFLOP/s: a 512-token prompt is 2 * params * 512 flops;
+    with 256 output tokens at a steady 10,000 tok/s the run makes 256 / (t_p + 0.0256) tok/s."""
+    cfg = builtin_config("llama3-8b")
+    st = [StageShape(32, 32 * cfg.layer_params(), 0, 0)]
+    figs = DeviceFigures(hbm_gbs=3350, h2d_gbs=46, tflops=790)
+    t_p = 2 * 32 * cfg.layer_params() * 512 / 790e12
+    assert prompt_seconds(cfg, st, figs, 512) == pytest.approx(t_p)
+    assert t_p == pytest.approx(0.0089, rel=0.05)             # 6.98e9 layer params
+    assert run_tok_s(10_000, t_p, 256) == pytest.approx(256 / (t_p + 0.0256))
+    halves = [StageShape(16, 16 * cfg.layer_params(), 0, 0)] * 2
+    assert prompt_seconds(cfg, halves, figs, 512) == pytest.approx(t_p / 2)
+    assert run_tok_s(0, t_p, 256) == 0
 
 
 def test_auto_offloads_when_memory_caps_the_batch_and_pcie_keeps_up():

@@ -4,74 +4,13 @@ Runs on the GPU when there is one, else on CPU tensors under Triton's interprete
 (TRITON_INTERPRET=1, set only while the kernel module is imported). Skipped only when
 neither is possible.
 """
-import importlib
-import os
-import sys
-
 import pytest
 import torch
 
-
-def _interpreter_patches():
-    """Triton 3.6's interpreter turns a scalar tensor into an int with int(ndarray of shape
-    (1,)), which numpy >= 2.? refuses (a kernel loop with run-time bounds needs it)."""
-    from triton.runtime import interpreter as ti
-    orig = ti._patch_lang_tensor
-    if getattr(orig, "_pipemax", False):
-        return
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    patched._pipemax = True
-    ti._patch_lang_tensor = patched
+from triton_env import load
 
 
-def _setup():
-    """(module, device, why-skipped)."""
-    if torch.cuda.is_available():
-        try:
-            import stages.triton_decode as td
-        except Exception as e:                               # pragma: no cover
-            return None, None, f"CUDA but stages.triton_decode fails to import ({e!r})"
-        if not td.available(torch.device("cuda")):
-            return None, None, "CUDA but triton is not importable"
-        return td, torch.device("cuda"), None
-    # No GPU: Triton's interpreter on CPU tensors. TRITON_INTERPRET must be set when triton
-    # itself is imported (its own library functions are @jit too), so a triton imported
-    # earlier in compiled mode is imported again. The variable is put back afterwards (the
-    # knob keeps the interpreter on in this process), so processes that later tests start
-    # do not inherit it.
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        if "triton" in sys.modules:
-            from triton.runtime.interpreter import InterpretedFunction
-            import triton.language as tl
-            if not isinstance(tl.sum, InterpretedFunction):
-                for name in [m for m in sys.modules if (m == "triton" or m.startswith("triton."))
-                             and not m.startswith("triton._C")]:
-                    del sys.modules[name]
-        import triton
-        triton.knobs.runtime.interpret = True     # stays on in this process after the env goes
-        _interpreter_patches()
-        if "stages.triton_decode" in sys.modules:
-            td = importlib.reload(sys.modules["stages.triton_decode"])
-        else:
-            import stages.triton_decode as td
-    except Exception as e:                                   # pragma: no cover
-        return None, None, f"no GPU, and triton's interpreter is not usable ({e!r})"
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    if not td._HAVE_TRITON:                                  # pragma: no cover
-        return None, None, "no GPU, and triton is not importable"
-    return td, torch.device("cpu"), None
-
-
-td, DEV, WHY = _setup()
+td, DEV, WHY = load("stages.triton_decode")
 if WHY:
     print(f"test_triton_decode skipped: {WHY}")
 pytestmark = pytest.mark.skipif(WHY is not None, reason=WHY or "")

@@ -1,0 +1,131 @@
+"""The small per-layer operations of a decoder layer, each one Triton kernel (16-bit, CUDA).
+
+A layer's norms, residual adds, rotary embedding and SiLU gate are ~20 elementwise kernels in
+torch: at decode batch sizes they read and write the activations again and again, and in
+eager prompt steps each is a Python launch. Here each is one kernel, with the same rounding
+steps as the torch code it replaces (``stages/model.py``), so results stay those of the model
+written out plainly:
+
+    add_rmsnorm   r = x + d (rounded to the dtype); y = w * (r * rsqrt(mean(r^2) + eps))
+                  (the norm in float32, rounded before the weight, like transformers)
+    rope          q1, q2 halves: (q1 cos - q2 sin, q2 cos + q1 sin), each product and the sum
+                  rounded, in place on q and k
+    silu_mul      silu(gate) * up, gate and up the halves of one [N, 2I] tensor
+
+``available`` says when to use them: a compiled Triton on CUDA and a 16-bit dtype (float32 and
+the CPU keep the torch code). The tests also run them on the CPU under Triton's interpreter.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    _HAVE_TRITON = True
+except Exception:                       # pragma: no cover - no triton: torch path only
+    triton = None
+    tl = None
+    _HAVE_TRITON = False
+
+
+def _interpreted() -> bool:
+    return _HAVE_TRITON and type(_add_rmsnorm_kernel).__name__ == "InterpretedFunction"
+
+
+def available(x: torch.Tensor) -> bool:
+    return (_HAVE_TRITON and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and not _interpreted())
+
+
+def rope_fits(head_dim: int) -> bool:
+    """The rope kernel takes head sizes whose half is a power of two (64, 128, 256)."""
+    half = head_dim // 2
+    return head_dim % 2 == 0 and half & (half - 1) == 0
+
+
+if _HAVE_TRITON:
+    @triton.jit
+    def _add_rmsnorm_kernel(x_ptr, d_ptr, r_ptr, w_ptr, y_ptr, n_cols, eps,
+                            HAS_D: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        m = cols < n_cols
+        dt = y_ptr.dtype.element_ty
+        x = tl.load(x_ptr + row * n_cols + cols, mask=m, other=0.0)
+        if HAS_D:
+            x = (x.to(tl.float32) + tl.load(d_ptr + row * n_cols + cols, mask=m,
+                                            other=0.0).to(tl.float32)).to(dt)
+            tl.store(r_ptr + row * n_cols + cols, x, mask=m)
+        xf = x.to(tl.float32)
+        var = tl.sum(xf * xf, axis=0) / n_cols
+        normed = (xf * tl.math.rsqrt(var + eps)).to(dt).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * n_cols + cols, (w * normed).to(dt), mask=m)
+
+    @triton.jit
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, row_stride, n_heads, HALF: tl.constexpr,
+                     BLOCK_H: tl.constexpr):
+        tok = tl.program_id(0).to(tl.int64)
+        heads = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, HALF)
+        m = (heads < n_heads)[:, None]
+        dt = x_ptr.dtype.element_ty
+        base = x_ptr + tok * row_stride + heads[:, None] * (2 * HALF) + d[None, :]
+        x1 = tl.load(base, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(base + HALF, mask=m, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + tok * (2 * HALF) + d).to(tl.float32)[None, :]
+        s = tl.load(sin_ptr + tok * (2 * HALF) + d).to(tl.float32)[None, :]
+        r = lambda v: v.to(dt).to(tl.float32)   # noqa: E731 - one rounding step
+        o1 = r(r(x1 * c) + r(-x2 * s))
+        o2 = r(r(x2 * c) + r(x1 * s))
+        tl.store(base, o1.to(dt), mask=m)
+        tl.store(base + HALF, o2.to(dt), mask=m)
+
+    @triton.jit
+    def _silu_mul_kernel(gu_ptr, y_ptr, n_cols, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < n_cols
+        dt = y_ptr.dtype.element_ty
+        g = tl.load(gu_ptr + row * 2 * n_cols + cols, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * 2 * n_cols + n_cols + cols, mask=m, other=0.0)
+        act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        tl.store(y_ptr + row * n_cols + cols, (act * u.to(tl.float32)).to(dt), mask=m)
+
+
+def add_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float,
+                d: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, y): r = x + d (x itself when d is None), y = rmsnorm(r) * w. x, d [N, H]."""
+    N, H = x.shape
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    r = torch.empty_like(x) if d is not None else x
+    if N:
+        _add_rmsnorm_kernel[(N,)](x, d.contiguous() if d is not None else x, r, w, y, H, eps,
+                                  HAS_D=d is not None, BLOCK=triton.next_power_of_2(H),
+                                  num_warps=8 if H >= 4096 else 4)
+    return r, y
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in place on x [N, heads, D] (a view whose last two dims are dense);
+    cos, sin [N, 1, D] (or [N, D]) contiguous, their two halves equal."""
+    N, n_heads, D = x.shape
+    assert x.stride(2) == 1 and x.stride(1) == D, "heads must be dense within a token"
+    if N:
+        _rope_kernel[(N,)](x, cos.contiguous(), sin.contiguous(), x.stride(0), n_heads,
+                           HALF=D // 2, BLOCK_H=triton.next_power_of_2(n_heads), num_warps=4)
+    return x
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gu[:, :I]) * gu[:, I:] for gu [N, 2I] contiguous."""
+    N, two_i = gu.shape
+    n = two_i // 2
+    gu = gu.contiguous()
+    y = torch.empty(N, n, dtype=gu.dtype, device=gu.device)
+    if N:
+        BLOCK = 1024
+        _silu_mul_kernel[(N, triton.cdiv(n, BLOCK))](gu, y, n, BLOCK=BLOCK, num_warps=4)
+    return y

@@ -1,0 +1,69 @@
+"""stages.triton_fused against the torch code it replaces (stages/model.py), in bfloat16.
+
+On the GPU compiled, where the results must equal the torch ops' (same rounding points; the
+norm's float32 sum, added up in another order, may move a result by one bf16 ulp). Else on
+CPU tensors under Triton's interpreter, whose float32 -> bfloat16 conversion truncates instead
+of rounding: there a few ulp per rounding point are allowed."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stages.model import RMSNorm, rotate_half
+from triton_env import load
+
+tf, DEV, WHY = load("stages.triton_fused")
+pytestmark = pytest.mark.skipif(WHY is not None, reason=WHY or "")
+BF = torch.bfloat16
+GPU = DEV is not None and DEV.type == "cuda"
+
+
+def close(got, want, gpu_ulps, cpu_ulps, cpu_atol=1e-6):
+    """Equal within ``*_ulps`` bf16 units in the last place (relative, 2**-7 each); on the CPU
+    also within ``cpu_atol`` (a difference of truncated products cancels to near zero)."""
+    ulps = gpu_ulps if GPU else cpu_ulps
+    if ulps == 0:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got.float(), want.float(), rtol=ulps * 2 ** -7,
+                                   atol=1e-6 if GPU else cpu_atol)
+
+
+def rnd(*shape, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(BF).to(DEV)
+
+
+@pytest.mark.parametrize("with_d", [False, True])
+@pytest.mark.parametrize("N,H", [(1, 64), (5, 96), (3, 256)])
+def test_add_rmsnorm_matches_torch(N, H, with_d):
+    x, d = rnd(N, H, seed=1), rnd(N, H, seed=2, scale=3.0)
+    norm = RMSNorm(H, 1e-5).to(DEV, BF)
+    with torch.no_grad():
+        norm.weight.copy_(rnd(H, seed=3))
+    r, y = tf.add_rmsnorm(x, norm.weight, norm.eps, d if with_d else None)
+    ref_r = x + d if with_d else x
+    close(r, ref_r, 0, 1)
+    close(y, norm(ref_r), 1, 4)
+
+
+@pytest.mark.parametrize("N,heads,D", [(4, 3, 16), (2, 8, 128)])
+def test_rope_in_place_matches_torch(N, heads, D):
+    qkv = rnd(N, heads * D + 2 * D, seed=4)                 # q is a view of a wider row
+    q = qkv[:, :heads * D].view(N, heads, D)
+    pos = torch.arange(N, dtype=torch.float32, device=DEV) * 7
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device=DEV).float() / D))
+    f = pos[:, None] * inv[None, :]
+    emb = torch.cat((f, f), dim=-1)[:, None, :]
+    cos, sin = emb.cos().to(BF), emb.sin().to(BF)
+    ref = q * cos + rotate_half(q) * sin
+    rest = qkv[:, heads * D:].clone()
+    tf.rope_(q, cos, sin)
+    close(q, ref, 0, 4, cpu_atol=2 ** -6)
+    assert torch.equal(qkv[:, heads * D:], rest)             # the rest of the row untouched
+
+
+@pytest.mark.parametrize("N,I", [(1, 64), (3, 1500)])
+def test_silu_mul_matches_torch(N, I):
+    gu = rnd(N, 2 * I, seed=5, scale=4.0)
+    gate, up = gu.chunk(2, dim=-1)
+    close(tf.silu_mul(gu), F.silu(gate) * up, 0, 3)
