@@ -76,9 +76,9 @@ if _HAVE_TRITON:
         x2 = tl.load(base + HALF, mask=m, other=0.0).to(tl.float32)
         c = tl.load(cos_ptr + tok * (2 * HALF) + d).to(tl.float32)[None, :]
         s = tl.load(sin_ptr + tok * (2 * HALF) + d).to(tl.float32)[None, :]
-        r = lambda v: v.to(dt).to(tl.float32)   # noqa: E731 - one rounding step
-        o1 = r(r(x1 * c) + r(-x2 * s))
-        o2 = r(r(x2 * c) + r(x1 * s))
+        # each product rounded to the dtype, then their sum (as torch does it)
+        o1 = (x1 * c).to(dt).to(tl.float32) + (-x2 * s).to(dt).to(tl.float32)
+        o2 = (x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)
         tl.store(base, o1.to(dt), mask=m)
         tl.store(base + HALF, o2.to(dt), mask=m)
 
