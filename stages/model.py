@@ -80,12 +80,8 @@ class DecoderLayer(nn.Module):
         q = q.view(N, cfg.num_heads, cfg.head_dim)
         k = k.view(N, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(N, cfg.num_kv_heads, cfg.head_dim)
-        if fused and triton_fused.rope_fits(cfg.head_dim):
-            triton_fused.rope_(q, cos, sin)
-            triton_fused.rope_(k, cos, sin)
-        else:
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
         a = paged_attention(q, k, v, kv, layer, lay, cfg.head_dim ** -0.5)
         x, h = _add_norm(self.post_attention_layernorm, x, self.o_proj(a), fused)
         gu = self.gate_up(h)
