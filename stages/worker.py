@@ -1,8 +1,11 @@
 """The stage process: one per GPU (or per CPU stage), running its shard of layers.
 
 Loop: read a message from the ring before it, act on its op, write the result to the ring after
-it. The input slot is released as soon as its tensors are copied to the device, so the previous
-stage can hand over the next micro-batch while this one computes.
+it. The input slot is released as soon as its tensors are copied out (to page-locked memory on
+CUDA), so the previous stage can hand over the next micro-batch while this one computes. A step
+is launched without any host sync; its outputs come back through an event and are written to
+the ring after the next step is launched (``serve``), so the GPU never waits for the host to
+read and prepare a message.
 
     HELLO  -> load nothing new; append this stage's report (layers, KV block bytes, max blocks)
     ALLOC  -> allocate the KV cache with the driver's block count (the minimum over stages)
