@@ -176,7 +176,12 @@ class Pipeline:
                 meta = dict(m.meta)
                 tensors = {k: v.clone() for k, v in m.tensors.items()}
         except PeerGone:
-            self.check()
+            # a stage that went away usually follows another that died: name the first one
+            # (a killed process can take a moment to be reaped)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                self.check()
+                time.sleep(0.02)
             raise StageFailed("the last stage went away") from None
         op = meta.get("op")
         if op == P.OP_ERROR:

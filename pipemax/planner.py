@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import dataclasses
 from dataclasses import asdict, dataclass
 
 from pipemax.model_config import ModelConfig
@@ -62,11 +63,23 @@ class Workload:
     mean_prompt: float
     mean_output: float
     max_total: int          # longest prompt + max_tokens
+    samples: tuple[tuple[int, int], ...] = ()   # (prompt, output) of the requests sampled
 
     @property
     def mean_context(self) -> float:
         """Mean context over a sequence's decode life."""
         return self.mean_prompt + self.mean_output / 2
+
+    @staticmethod
+    def of(samples: list[tuple[int, int]]) -> "Workload":
+        n = len(samples)
+        return Workload(sum(p for p, _ in samples) / n, sum(o for _, o in samples) / n,
+                        max(p + o for p, o in samples), tuple(samples))
+
+    def within(self, limit: int) -> "Workload | None":
+        """The sampled requests of at most ``limit`` tokens (None: none, or no samples)."""
+        kept = [(p, o) for p, o in self.samples if p + o <= limit]
+        return Workload.of(kept) if kept else None
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,7 @@ class Plan:
     bound: str
     other_tok_s: float      # the best plan of the other kind (offload on vs off), for the summary
     decode_tok_s: float = 0.0   # the steady decode state alone (no prompts)
+    too_long: int = 0           # sampled requests longer than the plan can hold (error lines)
 
     def describe(self) -> str:
         kind = "offload on" if self.offload else "offload off"
@@ -93,7 +107,9 @@ class Plan:
                 f"{self.predicted_tok_s:.0f} output tok/s ({self.decode_tok_s:.0f} in steady "
                 f"decode; step {self.predicted_step_ms:.2f} ms, "
                 f"prefetch {self.prefetch_ms:.2f} ms, {self.bound}-bound; the other choice "
-                f"{self.other_tok_s:.0f})")
+                f"{self.other_tok_s:.0f})"
+                + (f"; {self.too_long} of the sampled requests are longer than it can hold "
+                   "and get error lines" if self.too_long else ""))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -145,7 +161,28 @@ def _predict(cfg, stages, figs, esize, wl, M, B, n_off):
 def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize: int,
          wl: Workload, *, mode: str, micro_batches: int, max_seqs: int, block_size: int,
          host_blocks: int) -> Plan:
-    """Choose the plan that maximises predicted tokens/s (mode: auto | on | off)."""
+    """Choose the plan that maximises predicted tokens/s (mode: auto | on | off).
+
+    When no plan holds the longest requests, plan for those that fit (one sequence alone in
+    the GPU's blocks; with offload on, in a staging buffer): the others get error lines
+    instead of the whole run being refused. PlanError when not even those can run."""
+    kw = dict(mode=mode, micro_batches=micro_batches, max_seqs=max_seqs,
+              block_size=block_size, host_blocks=host_blocks)
+    try:
+        return _plan(cfg, stages, figs, esize, wl, **kw)
+    except PlanError:
+        G = min(s.gpu_blocks for s in stages)
+        limit = (G // 2 if mode == "on" else G) * block_size
+        fit = wl.within(limit)
+        if fit is None or len(fit.samples) == len(wl.samples):
+            raise
+        p = _plan(cfg, stages, figs, esize, fit, **kw)
+        return dataclasses.replace(p, too_long=len(wl.samples) - len(fit.samples))
+
+
+def _plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize: int,
+          wl: Workload, *, mode: str, micro_batches: int, max_seqs: int, block_size: int,
+          host_blocks: int) -> Plan:
     M = micro_batches
     G = min(s.gpu_blocks for s in stages)
     foot = max(1, math.ceil(wl.mean_context / block_size))       # mean blocks held per seq

@@ -12,14 +12,12 @@ def estimate(lines: Iterable[tuple[int, bytes]], parser: Parser, max_model_len: 
              sample: int = 2000) -> Workload:
     """Mean prompt and output lengths of the first ``sample`` good requests (the parser is a
     fresh one: this pass does not count as having seen their ids)."""
-    prompts, outputs, longest = [], [], 0
+    samples = []
     for index, raw in itertools.islice(lines, sample):
         r = parser.parse(raw, index)
         if isinstance(r, Request):
-            n, m = len(r.prompt_ids), min(r.params.max_tokens, max_model_len - len(r.prompt_ids))
-            prompts.append(n)
-            outputs.append(m)
-            longest = max(longest, n + m)
-    if not prompts:
+            n = len(r.prompt_ids)
+            samples.append((n, min(r.params.max_tokens, max_model_len - n)))
+    if not samples:
         return Workload(1.0, 1.0, 2)
-    return Workload(sum(prompts) / len(prompts), sum(outputs) / len(outputs), longest)
+    return Workload.of(samples)

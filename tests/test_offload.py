@@ -153,3 +153,25 @@ def test_killed_pool_stops_the_run(tmp_path, model_dir):
     assert proc.returncode == 1
     assert "KV pool process" in err
     assert 0 < len(read_results(out)) < 200
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_an_overlong_request_gets_an_error_line_and_the_run_goes_on(tmp_path, model_dir, mode):
+    """One request longer than the KV memory can hold (within the model's context) must not
+    refuse the whole run: the plan is made for the others, the long one gets an error line."""
+    ids = prompts(6)
+    rows = rows_for(ids)
+    long = rows_for([[3 + i % 400 for i in range(400)]])[0]      # the context is 512
+    rows.insert(3, {**long, "custom_id": "long"})
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "o.jsonl"
+    p = run_cli(["--model", str(model_dir), "--input", str(inp), "--output", str(out),
+                 "--kv-offload", mode, "--kv-cache-gb", "0.0002", "--block-size", "4"])
+    assert p.returncode == 0, p.stderr
+    assert "1 of the sampled requests are longer than it can hold" in p.stderr + p.stdout
+    res = read_results(out)
+    assert res["long"]["error"]["code"] == "prompt_too_long"
+    assert "does not fit the KV cache" in res["long"]["error"]["message"]
+    ref = hf_greedy(model_dir, ids, MAX_NEW)
+    for i in range(len(ids)):
+        assert res[f"r{i}"]["response"]["body"]["choices"][0]["token_ids"] == ref[i]

@@ -1,6 +1,8 @@
 """The offload timetable, the host extent allocator and the planner: pure, no processes."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -246,6 +248,23 @@ def test_auto_leaves_offload_off_when_memory_is_plenty():
     p = plan(cfg, st, H200, 2, wl, mode="auto", micro_batches=2, max_seqs=512, block_size=16,
              host_blocks=10**6)
     assert not p.offload and p.staging_blocks == 0
+
+
+def test_plan_is_made_for_the_requests_that_fit():
+    """With offload on, one sampled request longer than a staging buffer: plan for the others
+    (it gets an error line when it comes), and say so; with none left, the error stays."""
+    cfg, st = shapes("llama3-8b", 1, 24)
+    G = min(s.gpu_blocks for s in st)
+    too_long = (G // 2) * 16 + 100
+    wl = Workload.of([(500, 200)] * 9 + [(too_long, 10)])
+    kw = dict(mode="on", micro_batches=4, max_seqs=512, block_size=16, host_blocks=10**6)
+    p = plan(cfg, st, H200, 2, wl, **kw)
+    assert p.offload and p.too_long == 1 and "1 of the sampled requests" in p.describe()
+    assert p == dataclasses.replace(plan(cfg, st, H200, 2, wl.within(G // 2 * 16), **kw),
+                                    too_long=1)
+    with pytest.raises(PlanError, match="staging buffers"):
+        plan(cfg, st, H200, 2, Workload.of([(too_long, 10)]), **kw)
+    assert plan(cfg, st, H200, 2, Workload.of([(500, 200)] * 3), **kw).too_long == 0
 
 
 def test_plan_errors_name_the_figures():
