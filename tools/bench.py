@@ -13,13 +13,14 @@ Systems:
     pipemax-1gpu     one stage with --kv-offload on (FlexGen's setting)
     transformers     HuggingFace ``generate`` at each of ``--hf-batch-sizes`` (best one counts),
                      where transformers is installed
-    roofline         the cost model's steady-state prediction for the plan pipemax chose
+    roofline         the cost model's whole-run prediction for the plan pipemax chose
                      (pipemax/planner.py), read from the first pipemax run
 
 Figures per run: output and total tokens/s, requests/s, peak GPU memory per stage, host KV
 bytes, PCIe bytes moved, the share of stage time spent waiting for work (pipeline bubbles),
 and measured over predicted. ``--chart FILE.png`` draws output tokens/s (matplotlib, if
-installed).
+installed). While a pipemax system runs, its own lines pass through to stderr: the plan, and
+its progress (a bar on a terminal, else a line every ``--progress-interval`` seconds).
 """
 from __future__ import annotations
 
@@ -42,6 +43,22 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
+def _run_teed(cmd: list[str]) -> tuple[int, str]:
+    """Run pipemax with its stderr (progress, plan, errors) shown as it comes and kept."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    kept = bytearray()
+    while True:
+        chunk = os.read(p.stderr.fileno(), 65536)
+        if not chunk:
+            break
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.flush()
+        kept += chunk
+    p.stderr.close()
+    return p.wait(), kept.decode(errors="replace")
+
+
 def run_pipemax(a, name: str, gpus: int, extra: list[str], req_file: str, tmp: Path) -> dict:
     out = tmp / f"{name}.out.jsonl"
     stats = tmp / f"{name}.stats.json"
@@ -51,11 +68,13 @@ def run_pipemax(a, name: str, gpus: int, extra: list[str], req_file: str, tmp: P
                                                       []), *extra]
     if a.gpu_memory_gb:
         cmd += ["--gpu-memory-gb", str(a.gpu_memory_gb)]
+    if sys.stderr.isatty():
+        cmd += ["--progress", "bar"]      # drawn through the pipe below
     print(f"[bench] {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     t0 = time.monotonic()
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
-    if p.returncode != 0:
-        return {"system": name, "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+    rc, err = _run_teed(cmd)
+    if rc != 0:
+        return {"system": name, "error": (err.strip().splitlines() or ["?"])[-1]}
     s = json.loads(stats.read_text())
     s.update(system=name, gpus=gpus, wall_seconds=time.monotonic() - t0)
     return s
