@@ -51,3 +51,20 @@ def spawned_children(launcher: int, n: int, timeout: float = 60) -> list[int]:
             return sorted(pids)
         time.sleep(0.05)
     raise AssertionError(f"{n} spawned processes did not appear")
+
+
+def wait_first_result(proc: subprocess.Popen, out: Path, timeout: float = 60) -> None:
+    """Until the run has written its first result line (it must still be running)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while not out.exists() or not out.read_text():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no result within the timeout"
+        time.sleep(0.02)
+
+
+def reap(proc: subprocess.Popen) -> None:
+    """Kill a run a test left running (call from ``finally``)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()

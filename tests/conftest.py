@@ -36,6 +36,18 @@ def no_shm_left_behind():
     assert not left, f"shared-memory objects left behind: {sorted(left)}"
 
 
+@pytest.fixture
+def run_id():
+    """A unique run id; the test must remove all of its objects itself."""
+    from ipc import names
+    rid = names.new_run_id()
+    yield rid
+    left = names.run_objects(rid)
+    names.cleanup_run(rid)
+    assert left == [], f"test left shared-memory objects behind: {left}"
+    assert names.run_objects(rid) == []
+
+
 @pytest.fixture(autouse=True, scope="session")
 def tiny_cache(tmp_path_factory):
     """Keep the built-in tiny model out of the user's cache."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from cli import ROOT, read_results, run_cli, write_jsonl
+from cli import ROOT, read_results, reap, run_cli, wait_first_result, write_jsonl
 from pipemax import control
 from pipemax.control import ControlError, ControlServer, encode_frame, request
 from pipemax.status import prometheus
@@ -375,9 +375,7 @@ def test_a_run_driven_through_the_socket(tmp_path):
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        while not out.exists() or not out.read_text():
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.02)
+        wait_first_result(proc, out)
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
         abuse(sock)                                       # while it runs
         if IS_ROOT:
@@ -411,9 +409,7 @@ def test_a_run_driven_through_the_socket(tmp_path):
         assert ctl("drain", sock=sock).returncode == 0
         _, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        reap(proc)
     assert proc.returncode == 0, err
     assert "draining (drain command)" in err and "drained" in err
     assert not os.path.exists(sock)

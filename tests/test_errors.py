@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from checkpoints import make_checkpoint
-from cli import ROOT, read_results, run_cli, spawned_children, write_jsonl
+from cli import ROOT, read_results, reap, run_cli, spawned_children, wait_first_result, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -164,18 +164,14 @@ def test_killed_stage_stops_the_run_naming_it(tmp_path, model_dir, victim):
     proc, out = _long_run(tmp_path, model_dir)
     try:
         pids = spawned_children(proc.pid, 3)
-        while not out.exists() or not out.read_text():
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.1)
+        wait_first_result(proc, out)
         # spawn order is stage order, and pids grow with it
         os.kill(pids[victim], signal.SIGKILL)
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=30)
         assert time.monotonic() - t0 < 10
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        reap(proc)
     assert proc.returncode == 1
     assert f"stage {victim}" in err, err
     done = read_results(out)
@@ -193,9 +189,7 @@ def test_signal_stops_cleanly_keeping_results(tmp_path, model_dir, sigs):
     proc, out = _long_run(tmp_path, model_dir, stages=2)
     try:
         pids = spawned_children(proc.pid, 2)
-        while not out.exists() or not out.read_text():
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.1)
+        wait_first_result(proc, out)
         for sig in sigs:
             os.kill(proc.pid, sig)
             time.sleep(0.2)
@@ -203,9 +197,7 @@ def test_signal_stops_cleanly_keeping_results(tmp_path, model_dir, sigs):
         _, err = proc.communicate(timeout=30)
         assert time.monotonic() - t0 < 10
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        reap(proc)
     assert proc.returncode == 130, err
     assert "interrupted" in err
     assert len(read_results(out)) > 0
@@ -220,15 +212,11 @@ def test_sigterm_drains_the_running_requests_then_exits_0(tmp_path, model_dir):
     proc, out = _long_run(tmp_path, model_dir, stages=2)
     try:
         pids = spawned_children(proc.pid, 2)
-        while not out.exists() or not out.read_text():
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.1)
+        wait_first_result(proc, out)
         os.kill(proc.pid, signal.SIGTERM)
         stdout, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        reap(proc)
     assert proc.returncode == 0, err
     assert "draining (SIGTERM)" in err and "drained" in err, err
     done = read_results(out)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cli import ROOT, read_results, run_cli, spawned_children, write_jsonl
+from cli import ROOT, read_results, reap, run_cli, spawned_children, wait_first_result, write_jsonl
 from pipemax.control import request
 
 N = 200
@@ -36,14 +36,6 @@ def _start(inp: Path, out: Path, sock: Path, stages: int = 3) -> subprocess.Pope
                             text=True)
 
 
-
-
-def _wait_first_result(proc, out: Path) -> None:
-    deadline = time.monotonic() + 60
-    while not out.exists() or not out.read_text():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
 
 
 def _shm(prefix: str) -> list[str]:
@@ -85,7 +77,7 @@ def test_stop_at_a_random_moment_then_restart_completes_exactly_once(tmp_path, v
     why = f"(seed {seed})"
     try:
         pids = spawned_children(proc.pid, 3)
-        _wait_first_result(proc, out)
+        wait_first_result(proc, out)
         time.sleep(rng.uniform(0.0, 0.5))
         assert proc.poll() is None, f"the run ended before the fault {why}"
         t0 = time.monotonic()
@@ -104,9 +96,7 @@ def test_stop_at_a_random_moment_then_restart_completes_exactly_once(tmp_path, v
             assert time.monotonic() - t0 < 10, why
             time.sleep(0.05)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        reap(proc)
     prefix = f"pipemax-{proc.pid}-"
     if victim == "stage":
         assert proc.returncode == 1, (err, why)

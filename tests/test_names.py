@@ -11,17 +11,6 @@ from ipc import names
 from ipc.ring import Ring
 
 
-@pytest.fixture
-def run_id():
-    """A unique run id; the test must remove all of its objects itself."""
-    rid = names.new_run_id()
-    yield rid
-    left = names.run_objects(rid)
-    names.cleanup_run(rid)
-    assert left == [], f"test left shared-memory objects behind: {left}"
-    assert names.run_objects(rid) == []
-
-
 def _make_objects(rid):
     """A ring (segment + 2 semaphores), a bare segment and a bare semaphore."""
     ring = Ring.create(names.shm_name(rid, "ring0"), 4096)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from checkpoints import hf_greedy, make_checkpoint
-from cli import ROOT, read_results, run_cli, spawned_children, write_jsonl
+from cli import ROOT, read_results, reap, run_cli, spawned_children, wait_first_result, write_jsonl
 
 MAX_NEW = 10
 # a GPU budget so small that most sequences must live in the host pool
@@ -139,17 +139,13 @@ def test_killed_pool_stops_the_run(tmp_path, model_dir):
         # spawned children: two stages, then (after they loaded) the pool, the newest pid
         kids = spawned_children(proc.pid, 3)
         pool = max(kids)
-        while not out.exists() or not out.read_text():
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.1)
+        wait_first_result(proc, out)
         os.kill(pool, signal.SIGKILL)
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=30)
         assert time.monotonic() - t0 < 10
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        reap(proc)
     assert proc.returncode == 1
     assert "KV pool process" in err
     assert 0 < len(read_results(out)) < 200

@@ -19,17 +19,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32
 
 
 @pytest.fixture
-def run_id():
-    """A unique run id; the test must remove all of its objects itself."""
-    rid = names.new_run_id()
-    yield rid
-    left = names.run_objects(rid)
-    names.cleanup_run(rid)
-    assert left == [], f"test left shared-memory objects behind: {left}"
-    assert names.run_objects(rid) == []
-
-
-@pytest.fixture
 def ring_name(run_id):
     return names.shm_name(run_id, "ring0")
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from cli import ROOT, read_results, write_jsonl
+from cli import ROOT, read_results, reap, write_jsonl
 from pipemax.control import request
 
 
@@ -93,9 +93,7 @@ def test_serve_takes_jobs_one_after_another(tmp_path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        reap(proc)
     assert proc.returncode == 0, err
     assert "draining (SIGTERM)" in err and "service drained" in err, err
     assert not os.path.exists(sock)

@@ -41,9 +41,9 @@ def _echo(a_name: str, b_name: str, n: int) -> None:
         b.close()
 
 
-def hand_off(size: int, iters: int, warmup: int = 10) -> dict:
+def hand_off(size: int, iters: int, warmup: int = 10, run_id: str | None = None) -> dict:
     """Median and mean seconds of one hand-off of a ``size``-byte message."""
-    rid = names.new_run_id()
+    rid = run_id or names.new_run_id()
     cap = 4 * size + (1 << 20)
     a = Ring.create(names.shm_name(rid, "a"), cap)
     b = Ring.create(names.shm_name(rid, "b"), cap)
