@@ -37,7 +37,7 @@ class RunConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     seed: int = 0
-    threads: int | None = None          # torch threads per CPU stage
+    threads: int | None = None          # torch threads per stage (None: pipeline.stage_threads)
     overrides: tuple[str, ...] = ()
     quiet: bool = False
     stats_json: str | None = None       # write the run's figures here (for tools/bench.py)
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per micro-batch step (prompts longer than this are chunked)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads per CPU stage")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per stage (default: the cores shared among the stages; at most 4 per GPU stage)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="change a model field, e.g. num_layers=4")
     p.add_argument("--quiet", action="store_true")

@@ -42,6 +42,19 @@ def ring_capacity(cfg: RunConfig, model: ModelConfig, max_model_len: int) -> int
     return 2 * one + (1 << 20)
 
 
+def stage_threads(device: str, threads: int | None, stages: int, cpus: int) -> int:
+    """Torch threads of each stage process. A CPU stage computes: the cores are shared among
+    the stages. A CUDA stage only copies messages in and out of the rings; more threads than a
+    few buy nothing there and cost much: idle OpenMP threads spin before they sleep, and with
+    every process owning all the cores a stage woken by its ring waited for a scheduler tick
+    (4 ms, against a 15 ms decode step; see tools/ring_latency.py)."""
+    if threads:
+        return threads
+    if device == "cpu":
+        return max(1, cpus // stages)
+    return max(1, min(4, cpus // (stages + 1)))
+
+
 class Pipeline:
     def __init__(self, cfg: RunConfig, model: ModelConfig, run_id: str, max_model_len: int,
                  interrupted: Callable[[], bool] = lambda: True):
@@ -66,9 +79,7 @@ class Pipeline:
             self.rings.append(Ring.create(n, cap))
         self.to_first, self.from_last = self.rings[0], self.rings[-1]
         ctx = mp.get_context("spawn")
-        threads = cfg.threads
-        if cfg.device == "cpu" and threads is None:
-            threads = max(1, (os.cpu_count() or 1) // cfg.gpus)
+        threads = stage_threads(cfg.device, cfg.threads, cfg.gpus, os.cpu_count() or 1)
         max_blocks_useful = cfg.max_num_seqs * (-(-self.max_model_len // cfg.block_size))
         for i, (a, b) in enumerate(self.ranges):
             spec = StageSpec(

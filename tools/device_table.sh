@@ -29,7 +29,8 @@ run_case() {
     chat_24gb) bench chat_24gb --model llama3-8b --gpu-memory-gb 24 --workload chat \
         --num-requests 200 --systems pipemax-resident,pipemax-offload,roofline \
         --pipemax-args "--micro-batches 4" --chart "$OUT/bench_chat_24gb.png" ;;
-    ring) python3 -m tools.ring_latency --sizes 8K,2M,16M --iters 200 | tee "$OUT/ring.jsonl" \
+    ring) for th in 0 4 1; do python3 -m tools.ring_latency --sizes 8K,256K,2M,16M --iters 200 \
+        --threads $th; done | tee "$OUT/ring.jsonl" \
         | sed "s/^/ring: /" ;;
     *) echo "unknown case $1"; return 1 ;;
     esac
