@@ -50,9 +50,8 @@ def setup(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload,
              micro_batches=cfg.num_micro_batches, max_seqs=cfg.max_num_seqs,
              block_size=cfg.block_size, host_blocks=host_avail)
     pool = None
-    H = 0
-    if p.offload:
-        H = min(host_avail, p.micro_batches * p.staging_blocks)
+    H = (min(host_avail, p.micro_batches * p.staging_blocks) if p.offload else 0) + p.stream_blocks
+    if H:
         p = dataclasses.replace(p, host_blocks=H)
         check_host_memory(H * per_block, pinned)
         pool = KVPool(run_id, [H * s.block_bytes for s in shapes])

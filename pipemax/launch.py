@@ -128,15 +128,17 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, ModelConfig, Tokenizer | None, i
 
 
 def offload_summary(finals: list[dict], sched: Scheduler) -> str:
+    streamed = (f"; {sched.num_streamed_admitted} sequences streamed from the host pool"
+                if sched.num_streamed_admitted else "")
     if not sched.offload:
-        return ""
+        return streamed
     gib = lambda x: x / 2**30
     pre = sum(f.get("bytes_prefetched", 0) for f in finals)
     off = sum(f.get("bytes_offloaded", 0) for f in finals)
     peak = max((f.get("peak_staging_blocks", 0) for f in finals), default=0)
     return (f"; KV offload: {sched.num_offloaded_admitted} sequences offloaded, "
             f"{gib(pre):.2f} GiB prefetched, {gib(off):.2f} GiB offloaded, peak staging "
-            f"{peak} blocks per buffer")
+            f"{peak} blocks per buffer" + streamed)
 
 
 class PrintWriter:
@@ -237,6 +239,7 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
                        "max_seqs_per_mb": sched_cfg.max_seqs_per_mb,
                        "plan": json.loads(kv_plan.to_json()),
                        "offloaded_admitted": sched.num_offloaded_admitted,
+                       "streamed_admitted": sched.num_streamed_admitted,
                        "bytes_prefetched": sum(f.get("bytes_prefetched", 0) for f in finals),
                        "bytes_offloaded": sum(f.get("bytes_offloaded", 0) for f in finals),
                        "finals": finals}

@@ -173,6 +173,7 @@ class Pipeline:
             "ctx_lens": torch.from_numpy(plan.ctx_lens),
             "block_tables": torch.from_numpy(plan.block_tables),
             "offloaded": torch.from_numpy(plan.offloaded),
+            "streamed": torch.from_numpy(plan.streamed),
             "sample_rows": torch.from_numpy(plan.sample_rows),
             **{k: torch.from_numpy(v) for k, v in sampling.items()},
             "tokens": torch.from_numpy(plan.tokens),

@@ -98,6 +98,8 @@ class Plan:
     other_tok_s: float      # the best plan of the other kind (offload on vs off), for the summary
     decode_tok_s: float = 0.0   # the steady decode state alone (no prompts)
     too_long: int = 0           # sampled requests longer than the plan can hold (error lines)
+    streamed: int = 0           # sampled requests too long for the GPU, served streamed
+    stream_blocks: int = 0      # host blocks kept for streamed sequences
 
     def describe(self) -> str:
         kind = "offload on" if self.offload else "offload off"
@@ -108,6 +110,9 @@ class Plan:
                 f"decode; step {self.predicted_step_ms:.2f} ms, "
                 f"prefetch {self.prefetch_ms:.2f} ms, {self.bound}-bound; the other choice "
                 f"{self.other_tok_s:.0f})"
+                + (f"; {self.streamed} of the sampled requests are too long for the GPU and "
+                   f"run streamed from {self.stream_blocks} host blocks (not in the prediction)"
+                   if self.streamed else "")
                 + (f"; {self.too_long} of the sampled requests are longer than it can hold "
                    "and get error lines" if self.too_long else ""))
 
@@ -164,12 +169,16 @@ def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize:
     """Choose the plan that maximises predicted tokens/s (mode: auto | on | off).
 
     When no plan holds the longest requests, plan for those that fit (one sequence alone in
-    the GPU's blocks; with offload on, in a staging buffer): the others get error lines
-    instead of the whole run being refused. PlanError when not even those can run."""
+    the GPU's blocks; with offload on, in a staging buffer). Unless offload is off, the longer
+    ones run streamed (their KV read in place in the host pool, pipemax/scheduler.py) from
+    host blocks kept for them, one at a time per micro-batch; those the host cannot hold either
+    get error lines instead of the whole run being refused. PlanError when not even those that
+    fit the GPU can run."""
     kw = dict(mode=mode, micro_batches=micro_batches, max_seqs=max_seqs,
               block_size=block_size, host_blocks=host_blocks)
     try:
-        return _plan(cfg, stages, figs, esize, wl, **kw)
+        p = _plan(cfg, stages, figs, esize, wl, **kw)
+        limit = max(p.resident_blocks, p.staging_blocks) * block_size
     except PlanError:
         G = min(s.gpu_blocks for s in stages)
         limit = (G // 2 if mode == "on" else G) * block_size
@@ -177,7 +186,19 @@ def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize:
         if fit is None or len(fit.samples) == len(wl.samples):
             raise
         p = _plan(cfg, stages, figs, esize, fit, **kw)
-        return dataclasses.replace(p, too_long=len(wl.samples) - len(fit.samples))
+    long = [a + b for a, b in wl.samples if a + b > limit]
+    if not long:
+        return p
+    if len(long) < len(wl.samples):       # the batch's plan, from the requests it will hold
+        p = _plan(cfg, stages, figs, esize, wl.within(limit), **kw)
+    spare = 0
+    if mode != "off":
+        spare = host_blocks - (min(host_blocks, p.micro_batches * p.staging_blocks)
+                               if p.offload else 0)
+    held = [n for n in long if n <= spare * block_size]
+    stream = min(spare, p.micro_batches * math.ceil(max(held) / block_size)) if held else 0
+    return dataclasses.replace(p, too_long=len(long) - len(held), streamed=len(held),
+                               stream_blocks=stream)
 
 
 def _plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize: int,

@@ -16,6 +16,13 @@ reserved for its whole length (prompt + max_tokens), and each step of its micro-
 its context on the GPU (pipemax/timetable.py). The context of a micro-batch's offloaded
 sequences must fit one staging buffer, which is how the plan bounds the bytes prefetched per
 step; when it outgrows the buffer, the newest sequence is preempted, as for resident blocks.
+
+A sequence too long for the resident blocks and for a staging buffer (it could never finish
+in either) is admitted *streamed* when a host pool exists: its KV lives in a host extent
+reserved for its whole length, like an offloaded one, but it is never staged: attention reads
+and writes it in the host pool in place (stages/attention.py), its prompt chunk by chunk.
+At most ``MAX_STREAMED_PER_MB`` per micro-batch, since each of its steps reads its whole
+context over PCIe. Nothing that fits the host pool is refused.
 """
 from __future__ import annotations
 
@@ -26,6 +33,8 @@ import numpy as np
 
 from pipemax.block_manager import BlockManager, ExtentAllocator
 from pipemax.sequence import Sequence
+
+MAX_STREAMED_PER_MB = 1
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,8 @@ class StepPlan:
     block_tables: np.ndarray  # [B, max blocks] int32
     tokens: np.ndarray        # [N] int64
     sample_rows: np.ndarray   # [n] int64, rows of seqs that sample a token this step
-    offloaded: np.ndarray     # [B] bool, rows whose block table holds host block ids
+    offloaded: np.ndarray     # [B] bool, rows whose block table holds host block ids (staged)
+    streamed: np.ndarray      # [B] bool, rows whose KV stays in the host pool (host ids too)
 
     @property
     def num_tokens(self) -> int:
@@ -71,16 +81,14 @@ class Scheduler:
         self.num_preemptions = 0
         self.watermark = max(1, cfg.num_blocks // 100)
         self.offload = cfg.staging_blocks > 0
-        self.host = ExtentAllocator(cfg.host_blocks) if self.offload else None
+        self.host = ExtentAllocator(cfg.host_blocks) if cfg.host_blocks > 0 else None
         self.staged = [0] * cfg.num_micro_batches     # staging blocks in use per mb
         self.num_offloaded_admitted = 0
+        self.num_streamed_admitted = 0
 
     def max_tokens_servable(self) -> int:
-        """The longest sequence that can ever run (alone)."""
-        most = self.cfg.num_blocks
-        if self.offload:
-            most = max(most, min(self.cfg.staging_blocks, self.cfg.host_blocks))
-        return most * self.cfg.block_size
+        """The longest sequence that can ever run (alone): streamed, what the host pool holds."""
+        return max(self.cfg.num_blocks, self.cfg.host_blocks) * self.cfg.block_size
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -93,12 +101,12 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.running[seq.mb].remove(seq)
-        if seq.offloaded:
+        if seq.offloaded or seq.streamed:
             self.host.free(seq.blocks[0], len(seq.blocks))
             self.staged[seq.mb] -= seq.staged_blocks
             seq.staged_blocks = 0
             seq.blocks.clear()
-            seq.offloaded = False
+            seq.offloaded = seq.streamed = False
         else:
             self.blocks.release(seq.blocks)
 
@@ -135,14 +143,7 @@ class Scheduler:
             whole = self.blocks.blocks_for(len(s.token_ids) + s.params.max_tokens - s.num_output)
             fits = ((need + self.watermark <= self.blocks.num_free or not run)
                     and whole <= self.blocks.num_blocks)   # it can finish resident
-            if fits and self.blocks.grow(s.blocks, n):
-                pass
-            elif not (self._stage(s, mb) and self._grow_staged(s, n)):
-                if s.offloaded:
-                    self.host.free(s.blocks[0], len(s.blocks))
-                    s.blocks.clear()
-                    s.offloaded = False
-                    s.mb = -1
+            if not ((fits and self.blocks.grow(s.blocks, n)) or self._admit_to_host(s, mb, n)):
                 break
             self.waiting.popleft()
             s.mb = mb
@@ -155,10 +156,14 @@ class Scheduler:
 
     def _make_room(self, run: list[Sequence], s: Sequence, n: int) -> bool:
         """Memory for ``s`` to take ``n`` more tokens, preempting the newest sequences that hold
-        the same kind of memory (GPU-resident blocks or staging); False if ``s`` itself went."""
+        the same kind of memory (GPU-resident blocks or staging); False if ``s`` itself went.
+        A streamed sequence's extent already covers its whole length."""
+        if s.streamed:
+            return True
         while not (self._grow_staged(s, n) if s.offloaded else
                    self.blocks.grow(s.blocks, s.num_computed + n)):
-            victim = next(x for x in reversed(run) if x.offloaded == s.offloaded)
+            victim = next(x for x in reversed(run)
+                          if x.offloaded == s.offloaded and not x.streamed)
             self._preempt(victim)
             if victim is s:
                 return False
@@ -173,6 +178,36 @@ class Scheduler:
         s.staged_blocks += need
         return True
 
+    def _admit_to_host(self, s: Sequence, mb: int, n: int) -> bool:
+        """Admit ``s`` (taking ``n`` tokens now) offloaded, else streamed; True if either."""
+        if self._stage(s, mb):
+            if self._grow_staged(s, n):
+                return True
+            self.host.free(s.blocks[0], len(s.blocks))
+            s.blocks.clear()
+            s.offloaded = False
+            s.mb = -1
+        return self._stream(s, mb)
+
+    def _stream(self, s: Sequence, mb: int) -> bool:
+        """Admit ``s`` streamed into ``mb`` if it can never run on the GPU and the host holds
+        it; True if it did."""
+        if self.host is None:
+            return False
+        whole = self.blocks.blocks_for(len(s.token_ids) + s.params.max_tokens - s.num_output)
+        if whole <= max(self.cfg.num_blocks, self.cfg.staging_blocks - 1):
+            return False          # it can run on the GPU: it waits for room there
+        if sum(x.streamed for x in self.running[mb]) >= MAX_STREAMED_PER_MB:
+            return False
+        start = self.host.alloc(whole)
+        if start is None:
+            return False
+        s.blocks = list(range(start, start + whole))
+        s.streamed = True
+        s.mb = mb
+        self.num_streamed_admitted += 1
+        return True
+
     def _stage(self, s: Sequence, mb: int) -> bool:
         """Admit ``s`` offloaded into micro-batch ``mb`` if it fits; True if it did."""
         if not self.offload:
@@ -181,6 +216,8 @@ class Scheduler:
         if self.staged[mb] + first + 1 > self.cfg.staging_blocks:   # one block to grow into
             return False
         ext = self.blocks.blocks_for(len(s.token_ids) + s.params.max_tokens - s.num_output)
+        if ext > self.cfg.staging_blocks:      # it could never finish staged: it streams
+            return False
         start = self.host.alloc(ext)
         if start is None:
             return False
@@ -204,8 +241,10 @@ class Scheduler:
             if s.num_computed + n == len(s.token_ids):
                 rows.append(r)
         offl = np.fromiter((s.offloaded for s, _ in items), dtype=bool, count=B)
+        streamed = np.fromiter((s.streamed for s, _ in items), dtype=bool, count=B)
         return StepPlan(mb, [s for s, _ in items], q_lens, ctx, bt,
-                        np.asarray(toks, dtype=np.int64), np.asarray(rows, dtype=np.int64), offl)
+                        np.asarray(toks, dtype=np.int64), np.asarray(rows, dtype=np.int64), offl,
+                        streamed)
 
     def complete(self, plan: StepPlan, new_tokens: list[int]) -> list[Sequence]:
         """Account for a finished step; returns the sequences that got a new token."""

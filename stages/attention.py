@@ -16,6 +16,12 @@ across all the stage's layers, which is what offload moves)::
 
 ``StepLayout`` is everything attention needs, derived once per step from
 (q_lens, ctx_lens, block_tables) and shared by all layers of the stage.
+
+Streamed sequences (too long for the GPU's blocks and for a staging buffer, pipemax/scheduler.py)
+keep their KV in the host pool, which has the same layout: their rows of the block table hold
+host block ids, their k/v are written there and attention reads it in place (on CUDA through
+the pool's device mapping, over PCIe). They form the layout's ``host`` part, with its own
+groups; every other sequence's KV is in the stage's cache.
 """
 from __future__ import annotations
 
@@ -49,13 +55,26 @@ class Group:
 
 
 @dataclass
+class HostPart:
+    """The streamed sequences of a step: their KV is in the host pool ``kv``."""
+    kv: torch.Tensor              # the host pool [H, L_stage, 2, bs, KVH, D] (device view on CUDA)
+    tokens: torch.Tensor          # [n] flat indices of their tokens
+    write_blocks: torch.Tensor    # [n] host block of each of those tokens' k/v
+    write_offsets: torch.Tensor   # [n]
+    decode: Group | None
+    prefill: Group | None
+
+
+@dataclass
 class StepLayout:
     positions: torch.Tensor       # [N] int64, absolute position of each new token
-    write_blocks: torch.Tensor    # [N] int64, cache block the new token's k/v goes to
+    write_blocks: torch.Tensor    # [N] int64 (or [write_tokens]), cache block of the k/v
     write_offsets: torch.Tensor   # [N] int64, slot inside that block
     last_index: torch.Tensor      # [B] int64, flat index of each sequence's last new token
     decode: Group | None
     prefill: Group | None
+    write_tokens: torch.Tensor | None = None   # the tokens whose k/v go to the cache (None: all)
+    host: HostPart | None = None               # streamed sequences, if any
 
 
 def _group(rows: np.ndarray, tok: np.ndarray, q_lens: np.ndarray, ctx_lens: np.ndarray,
@@ -85,7 +104,9 @@ def _group(rows: np.ndarray, tok: np.ndarray, q_lens: np.ndarray, ctx_lens: np.n
 
 
 def build_layout(q_lens: np.ndarray, ctx_lens: np.ndarray, block_tables: np.ndarray,
-                 block_size: int, device: torch.device) -> StepLayout:
+                 block_size: int, device: torch.device, streamed: np.ndarray | None = None,
+                 host_kv: torch.Tensor | None = None) -> StepLayout:
+    """The step's layout; rows marked ``streamed`` have their KV in ``host_kv``."""
     q_lens = np.asarray(q_lens, dtype=np.int64)
     ctx_lens = np.asarray(ctx_lens, dtype=np.int64)
     bt = np.asarray(block_tables, dtype=np.int64)
@@ -96,16 +117,29 @@ def build_layout(q_lens: np.ndarray, ctx_lens: np.ndarray, block_tables: np.ndar
     seq_of = np.repeat(np.arange(B), q_lens)
     positions = (ctx_lens - q_lens)[seq_of] + np.arange(N) - cu[seq_of]
     t = lambda a: to_device(a, device)
-    dec = np.flatnonzero(q_lens == 1)
-    pre = np.flatnonzero(q_lens > 1)
-    pre_tok = np.flatnonzero(q_lens[seq_of] > 1)
-    return StepLayout(
-        t(positions), t(bt[seq_of, positions // block_size]), t(positions % block_size),
-        t(cu[1:] - 1),
-        _group(dec, cu[dec], q_lens, ctx_lens, bt, N, t, block_size, False)
-        if len(dec) else None,
-        _group(pre, pre_tok, q_lens, ctx_lens, bt, N, t, block_size, device.type == "cuda")
-        if len(pre) else None)
+    varlen = device.type == "cuda"
+    on_host = (np.zeros(B, dtype=bool) if streamed is None or host_kv is None
+               else np.asarray(streamed, dtype=bool))
+
+    def part(rows_mask: np.ndarray):
+        """(token indices, write blocks, write offsets, decode group, prefill group)."""
+        tok = np.flatnonzero(rows_mask[seq_of])
+        dec = np.flatnonzero(rows_mask & (q_lens == 1))
+        pre = np.flatnonzero(rows_mask & (q_lens > 1))
+        pos = positions[tok]
+        return (tok, t(bt[seq_of[tok], pos // block_size]), t(pos % block_size),
+                _group(dec, cu[dec], q_lens, ctx_lens, bt, N, t, block_size, False)
+                if len(dec) else None,
+                _group(pre, np.flatnonzero(rows_mask[seq_of] & (q_lens[seq_of] > 1)), q_lens,
+                       ctx_lens, bt, N, t, block_size, varlen) if len(pre) else None)
+
+    tok, wb, wo, dec, pre = part(~on_host)
+    lay = StepLayout(t(positions), wb, wo, t(cu[1:] - 1), dec, pre)
+    if on_host.any():
+        lay.write_tokens = t(tok)
+        htok, hwb, hwo, hdec, hpre = part(on_host)
+        lay.host = HostPart(host_kv, t(htok), hwb, hwo, hdec, hpre)
+    return lay
 
 
 def paged_decode(q: torch.Tensor, kv: torch.Tensor, layer: int, table: torch.Tensor,
@@ -198,20 +232,29 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
                     layer: int, lay: StepLayout, scale: float) -> torch.Tensor:
-    """Write the step's k/v into the cache, then attend. q [N, H, D]; k, v [N, KVH, D].
-
-    Returns [N, H*D]. Batched over sequences: no Python loop over them.
-    """
+    """Write the step's k/v into the cache (the streamed sequences' into the host pool), then
+    attend. q [N, H, D]; k, v [N, KVH, D]. Returns [N, H*D]. Batched over sequences: no
+    Python loop over them."""
     N, H, D = q.shape
-    kc = kv[:, layer, 0]      # [nb, bs, KVH, D] view
-    vc = kv[:, layer, 1]
-    kc[lay.write_blocks, lay.write_offsets] = k
-    vc[lay.write_blocks, lay.write_offsets] = v
-    groups = [g for g in (lay.decode, lay.prefill) if g is not None]
-    if len(groups) == 1 and groups[0].tokens is None:
-        return _attend(q, k, v, kv, layer, groups[0], scale)
+    w = lay.write_tokens
+    _write(kv, layer, lay.write_blocks, lay.write_offsets, k if w is None else k[w],
+           v if w is None else v[w])
+    groups = [(g, kv) for g in (lay.decode, lay.prefill) if g is not None]
+    if lay.host is not None:
+        h = lay.host
+        _write(h.kv, layer, h.write_blocks, h.write_offsets, k[h.tokens], v[h.tokens])
+        groups += [(g, h.kv) for g in (h.decode, h.prefill) if g is not None]
+    if len(groups) == 1 and groups[0][0].tokens is None:
+        g, cache = groups[0]
+        return _attend(q, k, v, cache, layer, g, scale)
     out = q.new_empty(N, H * D)
-    for g in groups:
+    for g, cache in groups:
         t = g.tokens
-        out[t] = _attend(q[t], k[t], v[t], kv, layer, g, scale)
+        out[t] = _attend(q[t], k[t], v[t], cache, layer, g, scale)
     return out
+
+
+def _write(kv: torch.Tensor, layer: int, blocks: torch.Tensor, offsets: torch.Tensor,
+           k: torch.Tensor, v: torch.Tensor) -> None:
+    kv[:, layer, 0][blocks, offsets] = k      # [nb, bs, KVH, D] views
+    kv[:, layer, 1][blocks, offsets] = v

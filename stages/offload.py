@@ -5,7 +5,9 @@ pipemax/kv_pool.py) has the same block layout as the GPU cache::
 
     host[num_host_blocks, L_stage, 2, block_size, n_kv_heads, head_dim]
 
-On CUDA the mapping is registered with the driver (cudaHostRegister), so copies are DMA;
+On CUDA the mapping is registered with the driver (cudaHostRegister, mapped), so copies are DMA
+and kernels can read and write it in place (``HostPool.device_view``: the streamed sequences'
+attention, stages/attention.py);
 prefetches run on their own stream, offloads on another, and CUDA events carry the
 timetable's dependencies (pipemax/timetable.py). On the CPU the same copies are plain memcpy,
 done at once, so every path runs in the tests.
@@ -20,6 +22,17 @@ import torch
 from pipemax.timetable import Staging, Timetable
 
 EVENT_WINDOW = 1024     # steps of CUDA events kept (more than any micro-batch count)
+HOST_REGISTER_PORTABLE_MAPPED = 1 | 2   # cudaHostRegisterPortable | cudaHostRegisterMapped
+
+
+class _CudaArray:
+    """The host pool's bytes as a CUDA array (``__cuda_array_interface__``): with unified
+    addressing a registered host pointer is also its device pointer."""
+
+    def __init__(self, ptr: int, nbytes: int):
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1",
+                                         "data": (ptr, False), "version": 3, "strides": None,
+                                         "stream": None}
 
 
 class HostPool:
@@ -40,11 +53,21 @@ class HostPool:
         self.registered = False
         if pin:
             cudart = torch.cuda.cudart()
-            err = cudart.cudaHostRegister(self.data.data_ptr(), n * esize, 0)
+            err = cudart.cudaHostRegister(self.data.data_ptr(), n * esize,
+                                          HOST_REGISTER_PORTABLE_MAPPED)
             if int(err) != 0:
                 raise RuntimeError(f"cudaHostRegister of the host KV pool failed ({err}); "
                                    "check `ulimit -l` (LimitMEMLOCK=infinity)")
             self.registered = True
+
+    def device_view(self, device: torch.device) -> torch.Tensor:
+        """The pool as a tensor kernels on ``device`` read and write in place (over PCIe); on
+        the CPU, the pool itself."""
+        if not self.registered:
+            return self.data
+        nbytes = self.data.numel() * self.data.element_size()
+        raw = torch.as_tensor(_CudaArray(self.data.data_ptr(), nbytes), device=device)
+        return raw.view(self.data.dtype).view(self.data.shape)
 
     def close(self) -> None:
         if self.registered:

@@ -85,6 +85,7 @@ class Stage:
             device=self.device, seed=spec.seed)
         self.kv: KVCache | None = None
         self.host: HostPool | None = None
+        self.host_kv: torch.Tensor | None = None    # the host pool as attention reads it
         self.offloader: Offloader | None = None
         self.graphs: DecodeGraphs | None = None
         self.resident = self.staging_blocks = self.peak_staging = 0
@@ -123,7 +124,8 @@ class Stage:
                 "alloc_retries": int(retries)}
 
     def alloc(self, meta: dict) -> None:
-        """KV memory: R resident blocks, plus two staging buffers of S blocks when offloading."""
+        """KV memory: R resident blocks, plus two staging buffers of S blocks when offloading;
+        the host pool mapped when there is one (offloaded or streamed sequences)."""
         s = self.spec
         self.resident = int(meta["resident_blocks"])
         self.staging_blocks = int(meta["staging_blocks"])
@@ -134,15 +136,17 @@ class Stage:
             self.graphs = DecodeGraphs(self.model, self.kv.data, scratch, s.block_size,
                                        -(-s.max_model_len // s.block_size), self.dtype,
                                        self.device, capture=True)
-        if self.staging_blocks:
+        if int(meta["host_blocks"]):
             shape = (int(meta["host_blocks"]), *self.kv.data.shape[1:])
             self.host = HostPool(meta["host_segments"][s.index], shape, self.dtype,
                                  pin=self.device.type == "cuda")
+            self.host_kv = self.host.device_view(self.device)
             self.offloader = Offloader(self.kv.data, self.host, bool(meta["overlap"]))
 
     def close(self) -> None:
         if self.offloader is not None:
             self.offloader.synchronize()
+        self.host_kv = None
         if self.host is not None:
             self.host.close()
 
@@ -188,13 +192,14 @@ class Stage:
             off.before_compute(k)
         table = st.table if st is not None else t["block_tables"].numpy()
         q_lens, ctx = t["q_lens"].numpy(), t["ctx_lens"].numpy()
+        streamed = t["streamed"].numpy()
         d = self.device
         x = to_device(t["tokens"] if s.is_first else t["hidden"], d)
-        if (self.graphs is not None and bool((q_lens == 1).all())
+        if (self.graphs is not None and bool((q_lens == 1).all()) and not streamed.any()
                 and self.graphs.fits(len(q_lens), table.shape[1])):
             h = self.graphs.run(x, ctx, table)
         else:
-            lay = build_layout(q_lens, ctx, table, s.block_size, d)
+            lay = build_layout(q_lens, ctx, table, s.block_size, d, streamed, self.host_kv)
             h = self.model(x, lay, self.kv.data)
         if s.is_last:
             rows = to_device(t["sample_rows"], d)

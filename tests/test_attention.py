@@ -68,3 +68,29 @@ def test_varlen_prefill_matches_the_per_sequence_path_on_cuda(seed, ctx):
     lay.prefill.cu_q = None                 # the per-sequence SDPA path
     loop = paged_attention(q, k, v, kv.clone(), layer, lay, scale)
     torch.testing.assert_close(fused, loop, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_streamed_rows_read_and_write_the_host_pool(seed):
+    """Streamed sequences (a decode, a fresh prompt, a continued chunk) keep their KV in the
+    host pool: their k/v land there, attention reads it there, the cache is left alone."""
+    q_lens, ctx_lens, bt, bs, kv, q, k, v, _ = make_step(seed)
+    streamed = np.array([False, True, True, True, False])
+    host = torch.randn(kv.shape, generator=torch.Generator().manual_seed(seed + 100))
+    lay = build_layout(q_lens, ctx_lens, bt, bs, torch.device("cpu"), streamed, host)
+    assert lay.host is not None and lay.host.decode is not None and lay.host.prefill is not None
+    layer, scale = 1, q.shape[-1] ** -0.5
+    gpu_before, host_before = kv.clone(), host.clone()
+    out = paged_attention(q, k, v, kv, layer, lay, scale)
+    cu = np.concatenate([[0], np.cumsum(q_lens)])
+    for b in range(len(q_lens)):
+        c, m = int(ctx_lens[b]), int(q_lens[b])
+        blocks = torch.as_tensor(bt[b, :-(-c // bs)])
+        mem, other, other_before = (host, kv, gpu_before) if streamed[b] else (kv, host, host_before)
+        K = mem[blocks, layer, 0].flatten(0, 1)[:c]
+        V = mem[blocks, layer, 1].flatten(0, 1)[:c]
+        sl = slice(int(cu[b]), int(cu[b + 1]))
+        assert torch.equal(K[c - m:], k[sl]) and torch.equal(V[c - m:], v[sl])   # written
+        written = other[blocks, layer].flatten(1, 2)[:, :, :c]
+        assert torch.equal(written, other_before[blocks, layer].flatten(1, 2)[:, :, :c])
+        torch.testing.assert_close(out[sl], dense(q[sl], K, V, scale), atol=1e-5, rtol=1e-5)

@@ -151,10 +151,9 @@ def test_killed_pool_stops_the_run(tmp_path, model_dir):
     assert 0 < len(read_results(out)) < 200
 
 
-@pytest.mark.parametrize("mode", ["off", "on"])
-def test_an_overlong_request_gets_an_error_line_and_the_run_goes_on(tmp_path, model_dir, mode):
-    """One request longer than the KV memory can hold (within the model's context) must not
-    refuse the whole run: the plan is made for the others, the long one gets an error line."""
+def test_an_overlong_request_gets_an_error_line_when_offload_is_off(tmp_path, model_dir):
+    """One request longer than the GPU's KV memory (within the model's context), offload off:
+    the plan is made for the others, the long one gets an error line, the run goes on."""
     ids = prompts(6)
     rows = rows_for(ids)
     long = rows_for([[3 + i % 400 for i in range(400)]])[0]      # the context is 512
@@ -162,7 +161,7 @@ def test_an_overlong_request_gets_an_error_line_and_the_run_goes_on(tmp_path, mo
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "o.jsonl"
     p = run_cli(["--model", str(model_dir), "--input", str(inp), "--output", str(out),
-                 "--kv-offload", mode, "--kv-cache-gb", "0.0002", "--block-size", "4"])
+                 "--kv-offload", "off", "--kv-cache-gb", "0.0002", "--block-size", "4"])
     assert p.returncode == 0, p.stderr
     assert "1 of the sampled requests are longer than it can hold" in p.stderr + p.stdout
     res = read_results(out)
@@ -171,3 +170,23 @@ def test_an_overlong_request_gets_an_error_line_and_the_run_goes_on(tmp_path, mo
     ref = hf_greedy(model_dir, ids, MAX_NEW)
     for i in range(len(ids)):
         assert res[f"r{i}"]["response"]["body"]["choices"][0]["token_ids"] == ref[i]
+
+
+@pytest.mark.parametrize("stages,mode,overlap", [(1, "on", "on"), (2, "auto", "on"),
+                                                 (2, "on", "off")])
+def test_requests_longer_than_the_gpu_run_streamed(tmp_path, model_dir, stages, mode, overlap):
+    """Two requests of 400 and 330 prompt tokens beside a GPU KV budget of about 100 tokens:
+    nothing is refused that fits the host pool. They run streamed (KV read and written in
+    the host pool, the prompt chunk by chunk) beside ordinary ones, and every request gives
+    transformers' tokens."""
+    ids = prompts(8)
+    ids.insert(2, [3 + (7 * i) % 450 for i in range(400)])
+    ids.insert(5, [5 + (11 * i) % 470 for i in range(330)])
+    toks, st, p = run(tmp_path, model_dir, rows_for(ids), "stream", "--gpus", str(stages),
+                      "--kv-offload", mode, "--kv-cache-gb", "0.0002", "--block-size", "4",
+                      "--max-num-batched-tokens", "64", "--offload-overlap", overlap)
+    assert st["streamed_admitted"] == 2 and st["plan"]["streamed"] == 2
+    assert "2 sequences streamed from the host pool" in p.stdout + p.stderr
+    ref = hf_greedy(model_dir, ids, MAX_NEW)
+    for i in range(len(ids)):
+        assert toks[f"r{i}"] == ref[i], f"prompt {i}"

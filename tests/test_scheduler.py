@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pipemax.requests import Request, SamplingParams
-from pipemax.scheduler import Scheduler, SchedulerConfig
+from pipemax.scheduler import MAX_STREAMED_PER_MB, Scheduler, SchedulerConfig
 from pipemax.sequence import Sequence
 
 
@@ -20,9 +20,9 @@ def seqs(rng, n, longest):
     return out
 
 
-def drive(cfg: SchedulerConfig, rng, n=60) -> Scheduler:
+def drive(cfg: SchedulerConfig, rng, n=60, longest=40) -> Scheduler:
     sch = Scheduler(cfg)
-    todo = seqs(rng, n, 40)
+    todo = seqs(rng, n, longest)
     for s in todo:
         sch.add(s)
     done = 0
@@ -34,11 +34,22 @@ def drive(cfg: SchedulerConfig, rng, n=60) -> Scheduler:
                 continue
             progressed = True
             # invariants of every plan
-            owned = [b for s in sch.running[mb] if not s.offloaded for b in s.blocks]
+            owned = [b for s in sch.running[mb] if not (s.offloaded or s.streamed)
+                     for b in s.blocks]
             assert len(owned) == len(set(owned)), "a resident block given twice"
             assert all(b < cfg.num_blocks for b in owned), "a resident id outside [0, R)"
             assert sch.staged[mb] <= cfg.staging_blocks
             assert sum(s.staged_blocks for s in sch.running[mb] if s.offloaded) == sch.staged[mb]
+            assert sum(s.streamed for s in sch.running[mb]) <= MAX_STREAMED_PER_MB
+            hosted = [b for run in sch.running for s in run if s.offloaded or s.streamed
+                      for b in s.blocks]
+            assert len(hosted) == len(set(hosted)), "a host block given twice"
+            for s in sch.running[mb]:
+                if s.streamed:          # only what could never finish on the GPU streams
+                    whole = sch.blocks.blocks_for(s.num_prompt + s.params.max_tokens)
+                    assert whole > max(cfg.num_blocks, cfg.staging_blocks - 1)
+                    assert len(s.blocks) == whole and s.staged_blocks == 0
+            assert (plan.streamed == [s.streamed for s in plan.seqs]).all()
             sampled = sch.complete(plan, [7] * len(plan.sample_rows))
             for s in sampled:
                 if s.num_output >= s.params.max_tokens:
@@ -72,3 +83,15 @@ def test_offload_with_no_resident_blocks(seed):
     sch = drive(SchedulerConfig(2, 4, 32, 4, 0, staging_blocks=16, host_blocks=200),
                 np.random.default_rng(seed), n=30)
     assert sch.num_offloaded_admitted >= 30
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("staging", [0, 8, 16])
+def test_sequences_too_long_for_the_gpu_run_streamed(seed, staging):
+    """Prompts up to 80 tokens (up to 25 blocks of 4) beside 12 resident blocks and staging
+    buffers of 8 (or none): the long ones run streamed from the host pool, and all finish."""
+    cfg = SchedulerConfig(3, 5, 32, 4, 12, staging_blocks=staging, host_blocks=300)
+    sch = Scheduler(cfg)
+    assert sch.max_tokens_servable() == 300 * 4
+    sch = drive(cfg, np.random.default_rng(seed), n=40, longest=80)
+    assert sch.num_streamed_admitted > 0 and sch.host.used == 0

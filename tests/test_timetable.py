@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -251,20 +252,46 @@ def test_auto_leaves_offload_off_when_memory_is_plenty():
 
 
 def test_plan_is_made_for_the_requests_that_fit():
-    """With offload on, one sampled request longer than a staging buffer: plan for the others
-    (it gets an error line when it comes), and say so; with none left, the error stays."""
+    """With offload on, one sampled request longer than a staging buffer: plan for the others,
+    and keep host blocks to run it streamed (one per micro-batch), and say so; with none
+    left that fits the GPU, the error stays."""
     cfg, st = shapes("llama3-8b", 1, 24)
     G = min(s.gpu_blocks for s in st)
     too_long = (G // 2) * 16 + 100
+    need = math.ceil((too_long + 10) / 16)
     wl = Workload.of([(500, 200)] * 9 + [(too_long, 10)])
     kw = dict(mode="on", micro_batches=4, max_seqs=512, block_size=16, host_blocks=10**6)
     p = plan(cfg, st, H200, 2, wl, **kw)
-    assert p.offload and p.too_long == 1 and "1 of the sampled requests" in p.describe()
-    assert p == dataclasses.replace(plan(cfg, st, H200, 2, wl.within(G // 2 * 16), **kw),
-                                    too_long=1)
+    base = plan(cfg, st, H200, 2, wl.within(G // 2 * 16), **kw)
+    assert p.offload and p.streamed == 1 and p.too_long == 0
+    assert p == dataclasses.replace(base, streamed=1, stream_blocks=4 * need)
+    assert "1 of the sampled requests are too long for the GPU" in p.describe()
     with pytest.raises(PlanError, match="staging buffers"):
         plan(cfg, st, H200, 2, Workload.of([(too_long, 10)]), **kw)
-    assert plan(cfg, st, H200, 2, Workload.of([(500, 200)] * 3), **kw).too_long == 0
+    assert plan(cfg, st, H200, 2, Workload.of([(500, 200)] * 3), **kw).stream_blocks == 0
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_a_request_longer_than_the_gpu_streams_unless_offload_is_off(mode):
+    """A sampled request the GPU's blocks cannot hold at all: auto keeps the plan the others
+    want (offload off here) plus host blocks to stream it; off, or a host pool too small for
+    it, gives it an error line; the others' plan is the same in every case."""
+    cfg, st = shapes("llama3-8b", 1, 24)
+    G = min(s.gpu_blocks for s in st)
+    too_long = G * 16 + 100
+    need = math.ceil((too_long + 10) / 16)
+    wl = Workload.of([(500, 200)] * 9 + [(too_long, 10)])
+    kw = dict(mode=mode, micro_batches=2, max_seqs=512, block_size=16)
+    p = plan(cfg, st, H200, 2, wl, **kw, host_blocks=10**6)
+    base = plan(cfg, st, H200, 2, wl.within(G * 16), **kw, host_blocks=10**6)
+    assert not p.offload and not base.offload
+    if mode == "auto":
+        assert p == dataclasses.replace(base, streamed=1, stream_blocks=2 * need)
+    else:
+        assert p == dataclasses.replace(base, too_long=1)
+    small = plan(cfg, st, H200, 2, wl, **kw, host_blocks=need - 1)
+    assert small.too_long == 1 and small.stream_blocks == 0
+    assert "1 of the sampled requests are longer than it can hold" in small.describe()
 
 
 def test_plan_errors_name_the_figures():
