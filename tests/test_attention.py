@@ -94,3 +94,36 @@ def test_streamed_rows_read_and_write_the_host_pool(seed):
         written = other[blocks, layer].flatten(1, 2)[:, :, :c]
         assert torch.equal(written, other_before[blocks, layer].flatten(1, 2)[:, :, :c])
         torch.testing.assert_close(out[sl], dense(q[sl], K, V, scale), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pool's device mapping is CUDA-only")
+@pytest.mark.parametrize("seed", range(3))
+def test_streamed_rows_through_the_registered_pool_on_cuda(seed, run_id):
+    """On CUDA the kernels (Triton decode, varlen flash prefill, the k/v writes) read and write
+    the registered host pool in place: the same results, bit for bit, as over a GPU copy."""
+    import posix_ipc
+    from ipc.names import shm_name
+    from stages.offload import HostPool
+    q_lens, ctx_lens, bt, bs, kv, q, k, v, _ = make_step(seed, torch.bfloat16, "cuda", D=64)
+    name = shm_name(run_id, "hostkv0")
+    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=kv.numel() * kv.element_size())
+    shm.close_fd()
+    pool = HostPool(name, tuple(kv.shape), torch.bfloat16, pin=True)
+    try:
+        pool.data.copy_(torch.randn(kv.shape, generator=torch.Generator().manual_seed(seed)))
+        view = pool.device_view(torch.device("cuda"))
+        assert view.is_cuda and view.data_ptr() == pool.data.data_ptr()
+        copy = pool.data.to("cuda")
+        streamed = np.array([False, True, True, True, False])
+        layer, scale = 1, q.shape[-1] ** -0.5
+        outs = []
+        for host in (view, copy):
+            lay = build_layout(q_lens, ctx_lens, bt, bs, torch.device("cuda"), streamed, host)
+            outs.append(paged_attention(q, k, v, kv.clone(), layer, lay, scale))
+        torch.cuda.synchronize()
+        assert torch.equal(outs[0], outs[1])
+        assert torch.equal(pool.data, copy.cpu())       # the writes landed in the pool
+    finally:
+        view = None
+        pool.close()
+        posix_ipc.unlink_shared_memory(name)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tools import bench
 
 TINY = ["--override", "num_layers=2", "--override", "hidden_size=64", "--override",
@@ -40,3 +42,15 @@ def test_bench_cpu_table_has_every_column(tmp_path, capsys):
     assert rows["pipemax-1gpu"]["gpus"] == 1
     assert rows["transformers"]["output_tok_s"] > 0
     assert rows["roofline"]["output_tok_s"] == rows["pipemax"]["plan"]["predicted_tok_s"]
+
+
+def test_workload_with_long_outliers():
+    from tools.workload import lengths
+    base = lengths("fixed:16/8", 10, 0, 4096)
+    mixed = lengths("fixed:16/8+3x900/5", 10, 0, 4096)
+    assert len(mixed) == 13 and mixed.count((900, 5)) == 3
+    assert [x for x in mixed if x != (900, 5)] == base
+    where = [i for i, x in enumerate(mixed) if x == (900, 5)]
+    assert where[0] > 0 and where[-1] < 12 and min(b - a for a, b in zip(where, where[1:])) > 1
+    with pytest.raises(ValueError, match="COUNTxIN/OUT"):
+        lengths("fixed:16/8+3y900", 10, 0, 4096)

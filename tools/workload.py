@@ -2,6 +2,8 @@
 
     fixed:512/256   every request has 512 prompt tokens and 256 output tokens
     chat            log-normal prompt and output lengths, like chat logs (seeded)
+    SPEC+4x7900/100 SPEC's requests, with 4 more of 7900 / 100 spread evenly among them
+                    (long outliers: they run streamed when the GPU cannot hold them)
 """
 from __future__ import annotations
 
@@ -12,6 +14,21 @@ import numpy as np
 
 
 def lengths(spec: str, n: int, seed: int, max_len: int) -> list[tuple[int, int]]:
+    spec, _, extra = spec.partition("+")
+    out = _lengths(spec, n, seed, max_len)
+    if extra:
+        try:
+            k, size = extra.split("x")
+            i, o = (int(x) for x in size.split("/"))
+            k = int(k)
+        except ValueError:
+            raise ValueError(f"bad extra requests {extra!r}: COUNTxIN/OUT") from None
+        for j in range(k):           # evenly spread: positions of the final list
+            out.insert((j + 1) * (len(out) + 1) // (k + 1), (i, o))
+    return out
+
+
+def _lengths(spec: str, n: int, seed: int, max_len: int) -> list[tuple[int, int]]:
     rng = np.random.default_rng(seed)
     if spec.startswith("fixed:"):
         i, o = (int(x) for x in spec[len("fixed:"):].split("/"))
@@ -21,7 +38,7 @@ def lengths(spec: str, n: int, seed: int, max_len: int) -> list[tuple[int, int]]
         ins = np.clip(rng.lognormal(np.log(600), 0.8, n), 16, max_len // 2).astype(int)
         outs = np.clip(rng.lognormal(np.log(250), 0.7, n), 8, max_len // 2).astype(int)
         return list(zip(ins.tolist(), outs.tolist()))
-    raise ValueError(f"unknown workload {spec!r}: fixed:IN/OUT or chat")
+    raise ValueError(f"unknown workload {spec!r}: fixed:IN/OUT or chat (+COUNTxIN/OUT)")
 
 
 def requests(spec: str, n: int, vocab_size: int, seed: int = 0, max_len: int = 4096) -> list[dict]:
