@@ -143,7 +143,10 @@ class Scheduler:
             whole = self.blocks.blocks_for(len(s.token_ids) + s.params.max_tokens - s.num_output)
             fits = ((need + self.watermark <= self.blocks.num_free or not run)
                     and whole <= self.blocks.num_blocks)   # it can finish resident
-            if not ((fits and self.blocks.grow(s.blocks, n)) or self._admit_to_host(s, mb, n)):
+            # resident: the whole prompt's blocks are taken now, not the first chunk's, so
+            # the other micro-batches cannot take them before its prefill is done
+            if not ((fits and self.blocks.grow(s.blocks, len(s.token_ids)))
+                    or self._admit_to_host(s, mb, n)):
                 break
             self.waiting.popleft()
             s.mb = mb
