@@ -179,13 +179,20 @@ def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize:
     try:
         p = _plan(cfg, stages, figs, esize, wl, **kw)
         limit = max(p.resident_blocks, p.staging_blocks) * block_size
-    except PlanError:
+    except PlanError as e:
         G = min(s.gpu_blocks for s in stages)
         limit = (G // 2 if mode == "on" else G) * block_size
         fit = wl.within(limit)
-        if fit is None or len(fit.samples) == len(wl.samples):
+        if not wl.samples or mode == "off" and fit is None or (
+                fit is not None and len(fit.samples) == len(wl.samples)):
             raise
-        p = _plan(cfg, stages, figs, esize, fit, **kw)
+        refused = e
+        # every sampled request too long for the GPU: a plan for short ones, with no prediction
+        p = (_plan(cfg, stages, figs, esize, fit, **kw) if fit is not None else
+             dataclasses.replace(_plan(cfg, stages, figs, esize, Workload(1.0, 1.0, 2), **kw),
+                                 predicted_tok_s=0.0, decode_tok_s=0.0, other_tok_s=0.0))
+    else:
+        refused = None
     long = [a + b for a, b in wl.samples if a + b > limit]
     if not long:
         return p
@@ -196,6 +203,8 @@ def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize:
         spare = host_blocks - (min(host_blocks, p.micro_batches * p.staging_blocks)
                                if p.offload else 0)
     held = [n for n in long if n <= spare * block_size]
+    if refused is not None and len(long) == len(wl.samples) and not held:
+        raise refused
     stream = min(spare, p.micro_batches * math.ceil(max(held) / block_size)) if held else 0
     return dataclasses.replace(p, too_long=len(long) - len(held), streamed=len(held),
                                stream_blocks=stream)

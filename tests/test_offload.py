@@ -190,3 +190,14 @@ def test_requests_longer_than_the_gpu_run_streamed(tmp_path, model_dir, stages, 
     ref = hf_greedy(model_dir, ids, MAX_NEW)
     for i in range(len(ids)):
         assert toks[f"r{i}"] == ref[i], f"prompt {i}"
+
+
+def test_a_file_of_only_requests_longer_than_the_gpu_runs(tmp_path, model_dir):
+    """Every request too long for the GPU: the run is not refused, all of them stream."""
+    ids = [[3 + (7 * i) % 450 for i in range(400)], [5 + (11 * i) % 470 for i in range(330)]]
+    toks, st, p = run(tmp_path, model_dir, rows_for(ids), "only", "--kv-offload", "on",
+                      "--kv-cache-gb", "0.0002", "--block-size", "4",
+                      "--max-num-batched-tokens", "64")
+    assert st["streamed_admitted"] == 2 and st["requests_ok"] == 2
+    ref = hf_greedy(model_dir, ids, MAX_NEW)
+    assert [toks["r0"], toks["r1"]] == ref

@@ -266,8 +266,11 @@ def test_plan_is_made_for_the_requests_that_fit():
     assert p.offload and p.streamed == 1 and p.too_long == 0
     assert p == dataclasses.replace(base, streamed=1, stream_blocks=4 * need)
     assert "1 of the sampled requests are too long for the GPU" in p.describe()
-    with pytest.raises(PlanError, match="staging buffers"):
-        plan(cfg, st, H200, 2, Workload.of([(too_long, 10)]), **kw)
+    every = plan(cfg, st, H200, 2, Workload.of([(too_long, 10)] * 3), **kw)
+    assert every.streamed == 3 and every.stream_blocks == 4 * need    # no request refused
+    assert every.predicted_tok_s == 0      # and no prediction: none of them is in the batch
+    with pytest.raises(PlanError, match="staging buffers"):           # the host too small
+        plan(cfg, st, H200, 2, Workload.of([(too_long, 10)]), **{**kw, "host_blocks": 50})
     assert plan(cfg, st, H200, 2, Workload.of([(500, 200)] * 3), **kw).stream_blocks == 0
 
 
@@ -292,6 +295,12 @@ def test_a_request_longer_than_the_gpu_streams_unless_offload_is_off(mode):
     small = plan(cfg, st, H200, 2, wl, **kw, host_blocks=need - 1)
     assert small.too_long == 1 and small.stream_blocks == 0
     assert "1 of the sampled requests are longer than it can hold" in small.describe()
+    every = Workload.of([(too_long, 10)] * 2)
+    if mode == "off":
+        with pytest.raises(PlanError, match="too few for one sequence"):
+            plan(cfg, st, H200, 2, every, **kw, host_blocks=10**6)
+    else:
+        assert plan(cfg, st, H200, 2, every, **kw, host_blocks=10**6).streamed == 2
 
 
 def test_plan_errors_name_the_figures():
