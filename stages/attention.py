@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from stages import triton_decode
+from stages import triton_decode, triton_fused
 from stages.transfer import to_device
 
 
@@ -256,5 +256,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch
 
 def _write(kv: torch.Tensor, layer: int, blocks: torch.Tensor, offsets: torch.Tensor,
            k: torch.Tensor, v: torch.Tensor) -> None:
+    if triton_fused.available(k) and kv.is_contiguous():
+        triton_fused.write_kv(kv, layer, blocks, offsets, k, v)
+        return
     kv[:, layer, 0][blocks, offsets] = k      # [nb, bs, KVH, D] views
     kv[:, layer, 1][blocks, offsets] = v

@@ -9,6 +9,8 @@ written out plainly:
     add_rmsnorm   r = x + d (rounded to the dtype); y = w * (r * rsqrt(mean(r^2) + eps))
                   (the norm in float32, rounded before the weight, like transformers)
     silu_mul      silu(gate) * up, gate and up the halves of one [N, 2I] tensor
+    write_kv      a step's k and v into their cache slots (one program per token; a copy,
+                  so exact), in place of two indexed writes per layer
 
 (A fused rotary embedding was tried and left out: on the H100 it rounded about 7% of its
 outputs one bfloat16 unit away from the torch code, for a reason not found.)
@@ -68,6 +70,34 @@ if _HAVE_TRITON:
         u = tl.load(gu_ptr + row * 2 * n_cols + n_cols + cols, mask=m, other=0.0)
         act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
         tl.store(y_ptr + row * n_cols + cols, (act * u.to(tl.float32)).to(dt), mask=m)
+
+
+    @triton.jit
+    def _write_kv_kernel(k_ptr, v_ptr, kv_ptr, blocks_ptr, offsets_ptr, layer_off,
+                         stride_block, stride_slot, v_off, ROW: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64)
+        b = tl.load(blocks_ptr + n).to(tl.int64)
+        o = tl.load(offsets_ptr + n).to(tl.int64)
+        dst = kv_ptr + layer_off + b * stride_block + o * stride_slot
+        cols = tl.arange(0, BLOCK)
+        m = cols < ROW
+        tl.store(dst + cols, tl.load(k_ptr + n * ROW + cols, mask=m), mask=m)
+        tl.store(dst + v_off + cols, tl.load(v_ptr + n * ROW + cols, mask=m), mask=m)
+
+
+def write_kv(kv: torch.Tensor, layer: int, blocks: torch.Tensor, offsets: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor) -> None:
+    """kv[blocks[i], layer, 0, offsets[i]] = k[i] (and v into slot 1) for every token i.
+    kv [nb, L, 2, bs, KVH, D] contiguous; k, v [n, KVH, D]."""
+    n = k.shape[0]
+    if n == 0:
+        return
+    _, L, _, bs, KVH, D = kv.shape
+    row = KVH * D
+    _write_kv_kernel[(n,)](k.contiguous(), v.contiguous(), kv, blocks, offsets,
+                           layer * 2 * bs * row, L * 2 * bs * row, row, bs * row, ROW=row,
+                           BLOCK=triton.next_power_of_2(row), num_warps=4)
 
 
 def add_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float,

@@ -51,3 +51,21 @@ def test_silu_mul_matches_torch(N, I):
     gu = rnd(N, 2 * I, seed=5, scale=4.0)
     gate, up = gu.chunk(2, dim=-1)
     close(tf.silu_mul(gu), F.silu(gate) * up, 0, 3)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+@pytest.mark.parametrize("n", [1, 37])
+def test_write_kv_matches_indexed_writes(n, layer):
+    """The k/v cache write: the same slots as the two indexed writes of the torch path, and
+    nothing else touched (exact: it is a copy)."""
+    nb, L, bs, KVH, D = 12, 3, 4, 2, 24
+    kv = rnd(nb, L, 2, bs, KVH, D, seed=7)
+    g = torch.Generator().manual_seed(n + layer)
+    slots = torch.randperm(nb * bs, generator=g)[:n]
+    blocks, offsets = (slots // bs).to(DEV), (slots % bs).to(DEV)
+    k, v = rnd(n, KVH, D, seed=8), rnd(n, KVH, D, seed=9)
+    want = kv.clone()
+    want[:, layer, 0][blocks, offsets] = k
+    want[:, layer, 1][blocks, offsets] = v
+    tf.write_kv(kv, layer, blocks, offsets, k, v)
+    assert torch.equal(kv, want)
