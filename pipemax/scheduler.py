@@ -140,7 +140,7 @@ class Scheduler:
             s = self.waiting[0]
             n = min(s.remaining, budget)
             need = self.blocks.blocks_for(len(s.token_ids))
-            whole = self.blocks.blocks_for(len(s.token_ids) + s.params.max_tokens - s.num_output)
+            whole = self._extent(s)
             fits = ((need + self.watermark <= self.blocks.num_free or not run)
                     and whole <= self.blocks.num_blocks)   # it can finish resident
             # resident: the whole prompt's blocks are taken now, not the first chunk's, so
@@ -197,18 +197,27 @@ class Scheduler:
         it; True if it did."""
         if self.host is None:
             return False
-        whole = self.blocks.blocks_for(len(s.token_ids) + s.params.max_tokens - s.num_output)
+        whole = self._extent(s)
         if whole <= max(self.cfg.num_blocks, self.cfg.staging_blocks - 1):
             return False          # it can run on the GPU: it waits for room there
-        if sum(x.streamed for x in self.running[mb]) >= MAX_STREAMED_PER_MB:
+        if (sum(x.streamed for x in self.running[mb]) >= MAX_STREAMED_PER_MB
+                or not self._take_host(s, mb, whole)):
             return False
-        start = self.host.alloc(whole)
+        s.streamed = True
+        self.num_streamed_admitted += 1
+        return True
+
+    def _extent(self, s: Sequence) -> int:
+        """Blocks ``s`` needs for its whole length (prompt and every token it may sample)."""
+        return self.blocks.blocks_for(len(s.token_ids) + s.params.max_tokens - s.num_output)
+
+    def _take_host(self, s: Sequence, mb: int, n: int) -> bool:
+        """Give ``s`` (in ``mb``) a host extent of ``n`` blocks, if one is free."""
+        start = self.host.alloc(n)
         if start is None:
             return False
-        s.blocks = list(range(start, start + whole))
-        s.streamed = True
+        s.blocks = list(range(start, start + n))
         s.mb = mb
-        self.num_streamed_admitted += 1
         return True
 
     def _stage(self, s: Sequence, mb: int) -> bool:
@@ -218,15 +227,12 @@ class Scheduler:
         first = self.blocks.blocks_for(min(s.remaining, self.cfg.max_tokens_per_step))
         if self.staged[mb] + first + 1 > self.cfg.staging_blocks:   # one block to grow into
             return False
-        ext = self.blocks.blocks_for(len(s.token_ids) + s.params.max_tokens - s.num_output)
+        ext = self._extent(s)
         if ext > self.cfg.staging_blocks:      # it could never finish staged: it streams
             return False
-        start = self.host.alloc(ext)
-        if start is None:
+        if not self._take_host(s, mb, ext):
             return False
-        s.blocks = list(range(start, start + ext))
         s.offloaded = True
-        s.mb = mb
         self.num_offloaded_admitted += 1
         return True
 
