@@ -198,6 +198,11 @@ def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize:
         return p
     if len(long) < len(wl.samples):       # the batch's plan, from the requests it will hold
         p = _plan(cfg, stages, figs, esize, wl.within(limit), **kw)
+    # the scheduler streams only what the plan's resident blocks and staging cannot hold
+    held_on_gpu = max(p.resident_blocks, p.staging_blocks - 1) * block_size
+    long = [n for n in long if n > held_on_gpu]
+    if not long:
+        return p
     spare = 0
     if mode != "off":
         spare = host_blocks - (min(host_blocks, p.micro_batches * p.staging_blocks)

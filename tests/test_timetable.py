@@ -257,12 +257,13 @@ def test_plan_is_made_for_the_requests_that_fit():
     left that fits the GPU, the error stays."""
     cfg, st = shapes("llama3-8b", 1, 24)
     G = min(s.gpu_blocks for s in st)
-    too_long = (G // 2) * 16 + 100
+    kw = dict(mode="on", micro_batches=4, max_seqs=512, block_size=16, host_blocks=10**6)
+    base = plan(cfg, st, H200, 2, Workload.of([(500, 200)] * 9), **kw)
+    # longer than a staging buffer (half the GPU at most) and than the resident blocks
+    too_long = max(G // 2, base.resident_blocks) * 16 + 100
     need = math.ceil((too_long + 10) / 16)
     wl = Workload.of([(500, 200)] * 9 + [(too_long, 10)])
-    kw = dict(mode="on", micro_batches=4, max_seqs=512, block_size=16, host_blocks=10**6)
     p = plan(cfg, st, H200, 2, wl, **kw)
-    base = plan(cfg, st, H200, 2, wl.within(G // 2 * 16), **kw)
     assert p.offload and p.streamed == 1 and p.too_long == 0
     assert p == dataclasses.replace(base, streamed=1, stream_blocks=4 * need)
     assert "1 of the sampled requests are too long for the GPU" in p.describe()
@@ -272,6 +273,11 @@ def test_plan_is_made_for_the_requests_that_fit():
     with pytest.raises(PlanError, match="staging buffers"):           # the host too small
         plan(cfg, st, H200, 2, Workload.of([(too_long, 10)]), **{**kw, "host_blocks": 50})
     assert plan(cfg, st, H200, 2, Workload.of([(500, 200)] * 3), **kw).stream_blocks == 0
+    # longer than a staging buffer but within the resident blocks: it runs resident, as the
+    # scheduler places it (whole prompt's blocks at admission), and nothing is kept for it
+    if base.resident_blocks > G // 2 + 10:
+        mid = Workload.of([(500, 200)] * 9 + [((G // 2 + 5) * 16, 10)])
+        assert plan(cfg, st, H200, 2, mid, **kw).stream_blocks == 0
 
 
 @pytest.mark.parametrize("mode", ["auto", "off"])
