@@ -73,7 +73,6 @@ class Engine:
         self.log = log
         self.seed_rng = np.random.Generator(np.random.Philox(seed))
         self.inflight: dict[int, tuple[StepPlan, list[Sequence]]] = {}
-        self.detok: dict[int, IncrementalDetokenizer] = {}
         self.stats = Stats()
         self.step_no = 0
         self.queue_target = 2 * sched.cfg.max_seqs_per_mb * sched.cfg.num_micro_batches
@@ -139,7 +138,7 @@ class Engine:
                 self.seed_rng.integers(1 << 62))
             seq = Sequence(r, seed)
             if self.tokenizer is not None:
-                self.detok[id(seq)] = IncrementalDetokenizer(self.tokenizer, list(r.params.stop))
+                seq.detok = IncrementalDetokenizer(self.tokenizer, list(r.params.stop))
             self.sched.add(seq)
 
     def check_fits(self, r: Request) -> Request | RequestError:
@@ -197,7 +196,7 @@ class Engine:
     def finish_reason(self, s: Sequence, tok: int) -> str | None:
         p = s.params
         is_stop_token = (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids
-        d = self.detok.get(id(s))
+        d = s.detok
         if is_stop_token:
             return "stop"
         if d is not None and d.add(tok):
@@ -207,7 +206,7 @@ class Engine:
         return None
 
     def emit(self, s: Sequence) -> None:
-        d = self.detok.pop(id(s), None)
+        d, s.detok = s.detok, None
         text = d.text if d is not None else ""
         req = s.req
         body_fn = chat_body if req.kind == "chat" else completion_body

@@ -21,6 +21,7 @@ class Sequence:
         self.rng = np.random.Generator(np.random.Philox(seed))
         self.logprobs: list | None = [] if req.params.logprobs is not None else None
         self.finish_reason: str | None = None
+        self.detok = None              # its IncrementalDetokenizer, when the run has a tokenizer
         self.num_preemptions = 0
 
     @property

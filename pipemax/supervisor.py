@@ -287,8 +287,6 @@ class Supervisor:
         engine.paused = False
         sched = engine.sched
         dropped = len(sched.waiting)
-        for s in sched.waiting:
-            engine.detok.pop(id(s), None)
         sched.waiting.clear()
         self.phase = "draining"
         left = "" if self.job is None else (
@@ -337,7 +335,6 @@ class Supervisor:
                 self._write_cancelled(engine, s)
 
     def _write_cancelled(self, engine, s) -> None:
-        engine.detok.pop(id(s), None)
         engine.write(error_line(RequestError(s.req.index, s.req.custom_id, "cancelled",
                                              "cancelled by a control command")))
         engine.stats.requests_error += 1
