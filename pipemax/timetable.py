@@ -75,7 +75,9 @@ def staging_for(q_lens: np.ndarray, ctx_lens: np.ndarray, block_tables: np.ndarr
                 offloaded: np.ndarray, block_size: int, resident_blocks: int,
                 staging_blocks: int, buffer: int) -> Staging:
     """Where the blocks of one step go. Resident rows of ``block_tables`` hold GPU ids and are
-    kept; offloaded rows hold host ids and are remapped into staging buffer ``buffer``."""
+    kept; offloaded rows hold host ids and are remapped into staging buffer ``buffer``.
+    Streamed rows (not ``offloaded``) keep their host ids: attention reads them in the host
+    pool, and nothing of theirs is copied."""
     table = np.array(block_tables, dtype=np.int64, copy=True)
     if not offloaded.any():
         return Staging(table)
