@@ -184,12 +184,9 @@ class Scheduler:
     def _admit_to_host(self, s: Sequence, mb: int, n: int) -> bool:
         """Admit ``s`` (taking ``n`` tokens now) offloaded, else streamed; True if either."""
         if self._stage(s, mb):
-            if self._grow_staged(s, n):
-                return True
-            self.host.free(s.blocks[0], len(s.blocks))
-            s.blocks.clear()
-            s.offloaded = False
-            s.mb = -1
+            grown = self._grow_staged(s, n)
+            assert grown, "_stage found room for the first chunk"
+            return True
         return self._stream(s, mb)
 
     def _stream(self, s: Sequence, mb: int) -> bool:

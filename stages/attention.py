@@ -6,8 +6,9 @@ A step carries B sequences; sequence b brings ``q_lens[b]`` new tokens and, afte
 splits the step in two groups so that neither pays for the other's shape:
 
 - decode: sequences bringing one token; batched as [B_d, 1 query] over their context;
-- prefill: sequences bringing a chunk of prompt; causal attention one sequence at a time
-  (a step holds a few), through the fused kernels.
+- prefill: sequences bringing a chunk of prompt; causal attention aligned to the end of each
+  context: on CUDA in 16-bit all chunks in one variable-length flash call, elsewhere one
+  sequence at a time (a step holds a few).
 
 KV cache of one stage (block-major, so one block of one sequence is one contiguous run of bytes
 across all the stage's layers, which is what offload moves)::

@@ -24,14 +24,7 @@ import math
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-    _HAVE_TRITON = True
-except Exception:                       # pragma: no cover - no triton: torch path only
-    triton = None
-    tl = None
-    _HAVE_TRITON = False
+from stages.triton_import import HAVE_TRITON as _HAVE_TRITON, tl, triton
 
 # Tunables, picked on an H100 (python -m stages.triton_decode --tune): with these, the
 # Llama-3-8B shapes read K/V at 2.6-2.9 TB/s. BLOCK_N 32..128, num_warps 2..4 and num_stages

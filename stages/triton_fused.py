@@ -22,14 +22,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-    _HAVE_TRITON = True
-except Exception:                       # pragma: no cover - no triton: torch path only
-    triton = None
-    tl = None
-    _HAVE_TRITON = False
+from stages.triton_import import HAVE_TRITON as _HAVE_TRITON, tl, triton
 
 
 def _interpreted() -> bool:

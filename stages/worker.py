@@ -141,6 +141,7 @@ class Stage:
             self.host = HostPool(meta["host_segments"][s.index], shape, self.dtype,
                                  pin=self.device.type == "cuda")
             self.host_kv = self.host.device_view(self.device)
+        if self.staging_blocks:       # streamed sequences alone need no copies, no timetable
             self.offloader = Offloader(self.kv.data, self.host, bool(meta["overlap"]))
 
     def close(self) -> None:

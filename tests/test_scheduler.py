@@ -1,12 +1,15 @@
 """The scheduler on random workloads: no stalls, no block shared, staging never overfull."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from pipemax.requests import Request, SamplingParams
 from pipemax.scheduler import MAX_STREAMED_PER_MB, Scheduler, SchedulerConfig
 from pipemax.sequence import Sequence
+from tools.replay_scheduler import replay
 
 
 def seqs(rng, n, longest):
@@ -102,25 +105,18 @@ def test_a_long_prompt_is_not_starved_by_the_other_micro_batch():
     two micro-batches: its prompt's blocks are taken when it is admitted, so the other
     micro-batch cannot take them between its chunks (it used to preempt itself, chunk after
     chunk, and recompute its prompt over and over)."""
-    cfg = SchedulerConfig(2, 5, 16, 4, 100)
-    sch = Scheduler(cfg)
     lens = [(16, 32)] * 10 + [(300, 8)] + [(16, 32)] * 20
-    for i, (p, o) in enumerate(lens):
-        r = Request(i, f"r{i}", "completion", tuple(range(3, 3 + p)),
-                    SamplingParams(max_tokens=o, temperature=0), False, None)
-        sch.add(Sequence(r, i))
-    computed = 0
-    for _ in range(5000):
-        for mb in range(2):
-            plan = sch.schedule(mb)
-            if plan is None:
-                continue
-            computed += int(plan.q_lens.sum())
-            for s in sch.complete(plan, [7] * len(plan.sample_rows)):
-                if s.num_output >= s.params.max_tokens:
-                    sch.finish(s)
-        if not sch.has_work():
-            break
-    assert not sch.has_work()
-    needed = sum(p + o - 1 for p, o in lens)
-    assert computed <= 1.3 * needed, (computed, needed, sch.num_preemptions)   # was 2.26x
+    r = replay(SchedulerConfig(2, 5, 16, 4, 100), lens)
+    assert r["finished"]
+    computed, needed = r["tokens_computed"], r["tokens_needed"]
+    assert computed <= 1.3 * needed, (computed, needed, r["preemptions"])   # was 2.26x
+
+
+def test_replay_tool_prints_its_figures(capsys):
+    from tools.replay_scheduler import main
+    assert main(["--workload", "fixed:40/8+1x200/4", "--num-requests", "12", "--resident", "30",
+                 "--staging", "8", "--host", "80", "--block-size", "4",
+                 "--max-tokens-per-step", "32"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["finished"] and r["streamed"] == 1 and r["tokens_needed"] == 12 * 47 + 203
+    assert r["tokens_computed"] >= r["tokens_needed"]
