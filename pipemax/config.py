@@ -9,6 +9,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipemax import devices
 from pipemax.model_config import (BUILTIN_MODELS, ModelConfig, ModelConfigError, apply_overrides,
                                   builtin_config)
 
@@ -23,6 +24,7 @@ class ConfigError(ValueError):
 class RunConfig:
     gpus: int = 1
     device: str = "cpu"                 # "cuda" | "cpu"
+    stage_devices: tuple[int, ...] | None = None   # CUDA device of each stage (None: 0..N-1)
     model: str | None = None            # folder, or a built-in name with load_format="dummy"
     load_format: str = "auto"           # "auto" | "dummy"
     dtype: str = "float32"              # resolved (never "auto")
@@ -59,6 +61,14 @@ class RunConfig:
             raise ConfigError(f"--gpus must be at least 1, got {self.gpus}")
         if self.device not in ("cuda", "cpu"):
             raise ConfigError(f"--device must be cuda or cpu, got {self.device!r}")
+        if self.stage_devices is not None:
+            if self.device != "cuda":
+                raise ConfigError("--stage-devices places stages on CUDA devices: it needs "
+                                  "--device cuda")
+            try:
+                devices.resolve(self.gpus, self.stage_devices)
+            except devices.DeviceListError as e:
+                raise ConfigError(str(e)) from None
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError(f"--load-format must be auto or dummy, got {self.load_format!r}")
         if self.dtype not in DTYPES[1:]:
@@ -108,6 +118,11 @@ class RunConfig:
             raise ConfigError("--progress-interval must be positive")
 
     @property
+    def stage_device_ids(self) -> tuple[int, ...]:
+        """The CUDA device id of every stage."""
+        return devices.resolve(self.gpus, self.stage_devices)
+
+    @property
     def num_micro_batches(self) -> int:
         return self.micro_batches or (self.gpus + 1)
 
@@ -153,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=1, help="pipeline stages, one per GPU")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="cuda if a GPU is present, else cpu")
+    p.add_argument("--stage-devices", default=None, metavar="0,0,1,...",
+                   help="CUDA device of each stage, one per stage (default 0..N-1); an id may "
+                        "repeat, so several stages share a GPU and its memory")
     p.add_argument("--model", default=None,
                    help="HF model folder, or a built-in name with --load-format dummy "
                         f"({', '.join(sorted(BUILTIN_MODELS))}); default: the built-in tiny model")
@@ -228,10 +246,16 @@ def resolve_device(requested: str | None) -> str:
 def from_args(argv: list[str] | None = None) -> RunConfig:
     a = build_parser().parse_args(argv)
     device = resolve_device(a.device)
+    try:
+        stage_devices = (devices.parse_stage_devices(a.stage_devices)
+                         if a.stage_devices is not None else None)
+    except devices.DeviceListError as e:
+        raise ConfigError(str(e)) from None
     dtype = a.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
-    cfg = RunConfig(gpus=a.gpus, device=device, model=a.model, load_format=a.load_format,
+    cfg = RunConfig(gpus=a.gpus, device=device, stage_devices=stage_devices, model=a.model,
+                    load_format=a.load_format,
                     dtype=dtype, input=a.input, output=a.output, errors=a.errors,
                     gpu_memory_gb=a.gpu_memory_gb, kv_cache_gb=a.kv_cache_gb,
                     block_size=a.block_size, max_num_seqs=a.max_num_seqs,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ipc.names import cleanup_stale, new_run_id
 from pipemax.config import ConfigError, RunConfig, from_args
-from pipemax import supervisor
+from pipemax import devices, supervisor
 from pipemax.control import ControlError
 from pipemax.job import Job, JobError
 from pipemax.service import serve
@@ -104,10 +104,7 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, ModelConfig, Tokenizer | None, i
         raise ConfigError(f"--gpus {cfg.gpus} is more stages than the model's "
                           f"{model.num_layers} layers")
     if cfg.device == "cuda":
-        import torch
-        n = torch.cuda.device_count()
-        if cfg.gpus > n:
-            raise ConfigError(f"--gpus {cfg.gpus} but only {n} CUDA device(s) are present")
+        check_cuda_devices(cfg)
     max_len = model.max_position_embeddings
     if cfg.max_model_len:
         if cfg.max_model_len > max_len:
@@ -125,6 +122,31 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, ModelConfig, Tokenizer | None, i
             raise ConfigError(f"cannot write output file {cfg.output}: folder {out_dir} "
                               "is missing or not writable")
     return cfg, model, tokenizer, max_len
+
+
+def handoff_summary(finals: list[dict]) -> str:
+    """The ring hand-offs the stages waited for (writer's stamp to the copy out)."""
+    n = sum(f.get("handoffs", 0) for f in finals)
+    if not n:
+        return ""
+    mean = sum(f["handoff_s"] for f in finals) / n
+    worst = max(f["handoff_max_s"] for f in finals)
+    return f"; ring hand-offs {mean * 1e3:.2f} ms mean, {worst * 1e3:.1f} ms max ({n})"
+
+
+def check_cuda_devices(cfg: RunConfig) -> None:
+    """The stages' devices are present, and the memory caps of stages sharing one fit it."""
+    import torch
+    n = torch.cuda.device_count()
+    if cfg.stage_devices is None and cfg.gpus > n:
+        raise ConfigError(f"--gpus {cfg.gpus} but only {n} CUDA device(s) are present "
+                          "(--stage-devices puts several stages on one)")
+    try:
+        devices.check_present(cfg.stage_device_ids, n)
+        devices.check_caps(cfg.stage_device_ids, cfg.gpu_memory_gb, {
+            d: torch.cuda.get_device_properties(d).total_memory for d in set(cfg.stage_device_ids)})
+    except devices.DeviceListError as e:
+        raise ConfigError(str(e)) from None
 
 
 def offload_summary(finals: list[dict], sched: Scheduler) -> str:
@@ -206,7 +228,9 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
                       f"{r['weight_bytes'] / 2**30:.2f} GiB, room for {r['max_blocks']} KV blocks")
         kv_plan, pool, sched_cfg = kv_setup.setup(cfg, model, reports, wl, pipeline, run_id)
         num_blocks = sched_cfg.num_blocks
-        info(cfg, f"loaded in {time.monotonic() - t0:.1f} s; plan: {kv_plan.describe()}")
+        paths = sorted({r["decode_attention"] for r in reports})
+        info(cfg, f"loaded in {time.monotonic() - t0:.1f} s; plan: {kv_plan.describe()}; "
+                  f"decode attention: {', '.join(paths)}")
         sched = Scheduler(sched_cfg)
         engine = Engine(pipeline=pipeline, sched=sched, tokenizer=tokenizer,
                         eos_ids=tuple(model.eos_token_ids) + (
@@ -250,7 +274,7 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
                   f"({kv_plan.decode_tok_s:.0f} in steady decode)"
                   f"{' (from nominal CPU figures)' if cfg.device == 'cpu' else ''}; "
                   f"measured {stats.as_dict()['output_tok_s']:.0f} over the whole run"
-                  + offload_summary(finals, sched))
+                  + offload_summary(finals, sched) + handoff_summary(finals))
         if sup.outcome != "done" and (job is None or job.done < job.total):
             info(cfg, f"{sup.outcome}: stopped before the end of the input; run again with the "
                       "same --output to serve the rest")

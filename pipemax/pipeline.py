@@ -20,6 +20,7 @@ import torch
 from ipc import protocol as P
 from ipc.names import cleanup_run, shm_name
 from ipc.ring import PeerGone, Ring
+from pipemax import devices
 from pipemax.config import RunConfig
 from pipemax.model_config import ModelConfig
 from pipemax.partition import split_layers
@@ -81,11 +82,14 @@ class Pipeline:
         ctx = mp.get_context("spawn")
         threads = stage_threads(cfg.device, cfg.threads, cfg.gpus, os.cpu_count() or 1)
         max_blocks_useful = cfg.max_num_seqs * (-(-self.max_model_len // cfg.block_size))
+        ids = cfg.stage_device_ids
+        shares = devices.sharers(ids)
         for i, (a, b) in enumerate(self.ranges):
             spec = StageSpec(
                 index=i, num_stages=cfg.gpus, layer_start=a, layer_end=b, model=self.model,
                 folder=cfg.model_folder if cfg.load_format == "auto" else None,
-                dtype=cfg.dtype, device="cpu" if cfg.device == "cpu" else f"cuda:{i}",
+                dtype=cfg.dtype, device="cpu" if cfg.device == "cpu" else f"cuda:{ids[i]}",
+                device_sharers=shares[i],
                 ring_in=names[i], ring_out=names[i + 1], block_size=cfg.block_size,
                 max_blocks_useful=max_blocks_useful, memory_gb=cfg.gpu_memory_gb,
                 kv_cache_gb=cfg.kv_cache_gb, max_tokens_per_step=cfg.max_num_batched_tokens,
@@ -178,8 +182,8 @@ class Pipeline:
             **{k: torch.from_numpy(v) for k, v in sampling.items()},
             "tokens": torch.from_numpy(plan.tokens),
         }
-        self.to_first.write({"op": P.OP_STEP, "mb": plan.mb, "step": step, "num_top": num_top},
-                            tensors, timeout=None, alive=self.check)
+        self.to_first.write({"op": P.OP_STEP, "mb": plan.mb, "step": step, "num_top": num_top,
+                             "sent": time.monotonic()}, tensors, timeout=None, alive=self.check)
 
     def recv(self, expect: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
         self.check()    # also between messages: a dead helper process (the pool) stops the run

@@ -51,8 +51,9 @@ class Group:
     cu_k: torch.Tensor | None = None    # [B+1] int32, where each sequence's context starts
     k_blocks: torch.Tensor | None = None   # [sum ctx] int64, cache block of each context token
     k_offsets: torch.Tensor | None = None  # [sum ctx] int64 (None with k_blocks: fresh prompts)
-    table: torch.Tensor | None = None   # decode: [B, W] int32 block table (Triton kernel)
-    ctx: torch.Tensor | None = None     # decode: [B] int32 context lengths (Triton kernel)
+    table: torch.Tensor | None = None   # decode: [B, W] int32 block table
+    ctx: torch.Tensor | None = None     # decode: [B] int32 context lengths
+    kernel: bool = False                # decode: the Triton kernel (else the torch path)
 
 
 @dataclass
@@ -79,14 +80,14 @@ class StepLayout:
 
 
 def _group(rows: np.ndarray, tok: np.ndarray, q_lens: np.ndarray, ctx_lens: np.ndarray,
-           bt: np.ndarray, N: int, t, block_size: int, varlen: bool) -> Group:
+           bt: np.ndarray, N: int, t, block_size: int, varlen: bool, kernel: bool) -> Group:
     q = q_lens[rows]
     ctx = ctx_lens[rows]
     B, Q, C = len(rows), int(q.max()), int(ctx.max())
     tokens = None if len(tok) == N and bool((tok == np.arange(N)).all()) else t(tok)
     if Q == 1:   # decode reads the cache through the block table itself (paged_decode)
         return Group(tokens, B, 1, C, table=t(bt[rows].astype(np.int32)),
-                     ctx=t(ctx.astype(np.int32)))
+                     ctx=t(ctx.astype(np.int32)), kernel=kernel)
     starts = np.zeros(B, dtype=np.int64)
     np.cumsum(q[:-1], out=starts[1:])
     fresh = bool((ctx == q).all())    # no earlier context: the step's own k/v are all of it
@@ -106,8 +107,13 @@ def _group(rows: np.ndarray, tok: np.ndarray, q_lens: np.ndarray, ctx_lens: np.n
 
 def build_layout(q_lens: np.ndarray, ctx_lens: np.ndarray, block_tables: np.ndarray,
                  block_size: int, device: torch.device, streamed: np.ndarray | None = None,
-                 host_kv: torch.Tensor | None = None) -> StepLayout:
-    """The step's layout; rows marked ``streamed`` have their KV in ``host_kv``."""
+                 host_kv: torch.Tensor | None = None, *,
+                 decode_kernel: bool | None = None) -> StepLayout:
+    """The step's layout; rows marked ``streamed`` have their KV in ``host_kv``.
+    ``decode_kernel``: decode through the Triton kernel (a stage decides once at start, see
+    ``decode_path``; None: wherever a compiled Triton runs)."""
+    if decode_kernel is None:
+        decode_kernel = triton_decode.available(device)
     q_lens = np.asarray(q_lens, dtype=np.int64)
     ctx_lens = np.asarray(ctx_lens, dtype=np.int64)
     bt = np.asarray(block_tables, dtype=np.int64)
@@ -129,10 +135,10 @@ def build_layout(q_lens: np.ndarray, ctx_lens: np.ndarray, block_tables: np.ndar
         pre = np.flatnonzero(rows_mask & (q_lens > 1))
         pos = positions[tok]
         return (tok, t(bt[seq_of[tok], pos // block_size]), t(pos % block_size),
-                _group(dec, cu[dec], q_lens, ctx_lens, bt, N, t, block_size, False)
-                if len(dec) else None,
+                _group(dec, cu[dec], q_lens, ctx_lens, bt, N, t, block_size, False,
+                       decode_kernel) if len(dec) else None,
                 _group(pre, np.flatnonzero(rows_mask[seq_of] & (q_lens[seq_of] > 1)), q_lens,
-                       ctx_lens, bt, N, t, block_size, varlen) if len(pre) else None)
+                       ctx_lens, bt, N, t, block_size, varlen, False) if len(pre) else None)
 
     tok, wb, wo, dec, pre = part(~on_host)
     lay = StepLayout(t(positions), wb, wo, t(cu[1:] - 1), dec, pre)
@@ -144,15 +150,56 @@ def build_layout(q_lens: np.ndarray, ctx_lens: np.ndarray, block_tables: np.ndar
 
 
 def paged_decode(q: torch.Tensor, kv: torch.Tensor, layer: int, table: torch.Tensor,
-                 ctx: torch.Tensor, scale: float, max_ctx: int) -> torch.Tensor:
+                 ctx: torch.Tensor, scale: float, max_ctx: int, kernel: bool) -> torch.Tensor:
     """Decode attention (one query per sequence) through block tables: q [B, H, D] -> [B, H*D].
 
-    The Triton kernel on CUDA; elsewhere the same function in torch (gather, then SDPA). Rows
-    with ctx 0 (padding) give zeros. All inputs are device tensors: capturable in a graph.
+    The Triton kernel when ``kernel`` (see ``decode_path``); else the same function in torch
+    (gather, then SDPA). Rows with ctx 0 (padding) give zeros. All inputs are device tensors:
+    capturable in a graph.
     """
-    if triton_decode.available(q.device):
+    if kernel:
         return triton_decode.paged_decode(q, kv, layer, table, ctx, scale, max_ctx=max_ctx)
     return paged_decode_torch(q, kv, layer, table, ctx, scale, max_ctx)
+
+
+def decode_path(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
+    """Which decode attention a stage runs, decided once at start: (use the Triton kernel,
+    what to tell the user). The kernel must be compiled for this device and take the shape
+    (``triton_decode.unsupported``), and then it is run once at the model's own head layout,
+    block size and dtype, on a direct and a split context, against the torch path: a kernel
+    that fails to build (say, too little shared memory for a large head) or disagrees leaves
+    the stage on the torch path, and the plan line says why."""
+    why = triton_decode.unsupported(head_dim, block_size, dtype, device)
+    if why is None:
+        why = _probe(num_heads, num_kv_heads, head_dim, block_size, dtype, device)
+    if why is None:
+        return True, "triton kernel"
+    return False, f"torch ({why})"
+
+
+def _probe(H: int, KVH: int, D: int, bs: int, dtype: torch.dtype,
+           device: torch.device) -> str | None:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for ctx_lens in ((5, 37), (300, 700)):          # one chunk (direct), several (combined)
+        width = -(-max(ctx_lens) // bs)
+        nb = len(ctx_lens) * width + 1
+        kv = torch.randn(nb, 1, 2, bs, KVH, D, generator=g).to(dtype).to(device)
+        table = (torch.randperm(nb - 1, generator=g)[:len(ctx_lens) * width]
+                 .view(len(ctx_lens), width).to(torch.int32).to(device))
+        ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=device)
+        q = torch.randn(len(ctx_lens), H, D, generator=g).to(dtype).to(device)
+        want = paged_decode_torch(q, kv, 0, table, ctx, D ** -0.5, max(ctx_lens)).float()
+        try:
+            got = triton_decode.paged_decode(q, kv, 0, table, ctx, D ** -0.5,
+                                             max_ctx=max(ctx_lens)).float()
+        except Exception as e:  # noqa: BLE001 - any build or launch failure means "not here"
+            return f"the Triton kernel fails at head_dim {D}: {type(e).__name__}"
+        err = (got - want).abs().max().item()
+        if not err <= tol * max(1.0, want.abs().max().item()):
+            return f"the Triton kernel is off by {err:.2g} at head_dim {D}"
+    return None
 
 
 def paged_decode_torch(q: torch.Tensor, kv: torch.Tensor, layer: int, table: torch.Tensor,
@@ -223,7 +270,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
             g: Group, scale: float) -> torch.Tensor:
     """q [n, H, D] (k, v [n, KVH, D]) of one group -> [n, H*D]."""
     if g.table is not None:
-        return paged_decode(q.contiguous(), kv, layer, g.table, g.ctx, scale, g.max_ctx)
+        return paged_decode(q.contiguous(), kv, layer, g.table, g.ctx, scale, g.max_ctx,
+                            g.kernel)
     D = q.shape[-1]
     if (g.cu_q is not None and q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0
             and D <= 256):

@@ -26,7 +26,7 @@ BUCKETS = (8, 16, 32, 64, 128, 256, 384, 512, 768, 1024)
 
 class _Bucket:
     def __init__(self, Bp: int, width: int, block_size: int, hidden: int | None, dtype,
-                 device):
+                 device, kernel: bool):
         self.Bp = Bp
         self.x = (torch.zeros(Bp, dtype=torch.long, device=device) if hidden is None else
                   torch.zeros(Bp, hidden, dtype=dtype, device=device))
@@ -38,20 +38,22 @@ class _Bucket:
         last = torch.arange(Bp, device=device)
         self.layout = StepLayout(self.positions, self.write_blocks, self.write_offsets, last,
                                  Group(None, Bp, 1, width * block_size, table=self.table,
-                                       ctx=self.ctx), None)
+                                       ctx=self.ctx, kernel=kernel), None)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
 
 
 class DecodeGraphs:
     def __init__(self, model, kv: torch.Tensor, scratch_block: int, block_size: int,
-                 max_blocks_per_seq: int, dtype, device: torch.device, capture: bool):
+                 max_blocks_per_seq: int, dtype, device: torch.device, capture: bool,
+                 decode_kernel: bool):
         self.model, self.kv = model, kv
         self.scratch = scratch_block
         self.bs = block_size
         self.width = max_blocks_per_seq
         self.dtype, self.device = dtype, device
         self.capture = capture and device.type == "cuda"
+        self.kernel = decode_kernel        # the stage's decode path (attention.decode_path)
         self.hidden = None if model.is_first else model.cfg.hidden_size
         self.buckets: dict[int, _Bucket] = {}
         self.pool = None
@@ -63,7 +65,8 @@ class DecodeGraphs:
         Bp = next(b for b in BUCKETS if b >= B)
         bk = self.buckets.get(Bp)
         if bk is None:
-            bk = _Bucket(Bp, self.width, self.bs, self.hidden, self.dtype, self.device)
+            bk = _Bucket(Bp, self.width, self.bs, self.hidden, self.dtype, self.device,
+                         self.kernel)
             bk.ctx.zero_()
             bk.write_blocks.fill_(self.scratch)
             if self.capture:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from pipemax.devices import stage_memory_cap
 from pipemax.model_config import ModelConfig
-from stages import triton_decode
 
 GiB = 1 << 30
 CPU_DEFAULT_KV_GB = 0.25
@@ -48,14 +48,18 @@ def workspace_bytes(spec, dtype: torch.dtype, decode_kernel: bool) -> int:
     return act + gather + logits + 256 * (1 << 20)
 
 
-def kv_budget_bytes(spec, device: torch.device, weight_bytes: int, dtype: torch.dtype) -> int:
-    """Bytes this stage may give its KV cache."""
+def kv_budget_bytes(spec, device: torch.device, weight_bytes: int, dtype: torch.dtype,
+                    decode_kernel: bool, free_at_start: int | None = None) -> int:
+    """Bytes this stage may give its KV cache. On CUDA: what is left of its share of the device
+    (``pipemax/devices.py``; ``free_at_start`` is what the device had free when the stage's
+    CUDA context was new) after what the stage holds and a step's workspace."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        cap = spec.memory_gb * GiB if spec.memory_gb else total
+        start = total if free_at_start is None else free_at_start + CUDA_CONTEXT_BYTES
+        cap = stage_memory_cap(total, start, spec.device_sharers, spec.memory_gb)
         used_by_us = torch.cuda.memory_reserved(device) + CUDA_CONTEXT_BYTES
         budget = (min(cap - used_by_us, free) * 0.95
-                  - workspace_bytes(spec, dtype, triton_decode.available(device)))
+                  - workspace_bytes(spec, dtype, decode_kernel))
     else:
         budget = (spec.kv_cache_gb or CPU_DEFAULT_KV_GB) * GiB
         if spec.memory_gb:

@@ -50,6 +50,31 @@ def available(device: torch.device | str) -> bool:
             and not _interpreted())
 
 
+MAX_HEAD_DIM = 256
+
+
+def unsupported(head_dim: int, block_size: int, dtype: torch.dtype,
+                device: torch.device | str) -> str | None:
+    """Why paged_decode cannot take this shape on ``device`` (None: it can). Head sizes under
+    16 are padded to 16 (``tl.dot`` needs K >= 16) and others to a power of two; whether the
+    tiles of a large head fit the device's shared memory only a launch tells
+    (``stages.attention.decode_path`` tries one)."""
+    if not available(device):
+        return "no compiled Triton on this device"
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the kernel has no {dtype} path"
+    if head_dim > MAX_HEAD_DIM:
+        return f"head_dim {head_dim} is over the kernel's {MAX_HEAD_DIM}"
+    if block_size & (block_size - 1):
+        return f"block_size {block_size} is not a power of two"
+    return None
+
+
+def _d_pad(D: int) -> int:
+    """The head size the kernel's tiles use: a power of two, at least 16 (tl.dot's least K)."""
+    return max(16, _pow2(D))
+
+
 if _HAVE_TRITON:
 
     @triton.jit
@@ -245,12 +270,12 @@ def paged_decode(q: torch.Tensor, kv: torch.Tensor, layer: int, block_tables: to
         layer * s[1], s[0], s[2], s[3], s[4], s[5],
         block_tables.stride(0), q.stride(0), q.stride(1),
         chunk, scale * math.log2(math.e), n_split,
-        G=G, G_PAD=G_PAD, D=D, D_PAD=_pow2(D), BS=bs, BLOCK=BLOCK_N,
+        G=G, G_PAD=G_PAD, D=D, D_PAD=_d_pad(D), BS=bs, BLOCK=BLOCK_N,
         IEEE=q.dtype == torch.float32, DIRECT=direct, DOT_F32=_interpreted(),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if not direct:
         _combine_kernel[(B, H)](out, lse, acc, ctx_lens, chunk, n_split,
-                                D=D, D_PAD=_pow2(D), num_warps=1 if D <= 64 else 2)
+                                D=D, D_PAD=_d_pad(D), num_warps=1 if D <= 64 else 2)
     return out
 
 

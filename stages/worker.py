@@ -27,7 +27,7 @@ import torch
 from ipc import protocol as P
 from ipc.ring import PeerGone, Ring, RingTimeout
 from pipemax.model_config import ModelConfig
-from stages.attention import build_layout
+from stages.attention import build_layout, decode_path
 from pipemax.timetable import Staging, staging_for
 from stages.kv_cache import KVCache, kv_budget_bytes
 from stages.decode_graph import DecodeGraphs
@@ -64,6 +64,7 @@ class StageSpec:
     threads: int | None
     seed: int
     decode_graphs: bool = True     # decode steps through per-bucket static buffers (CUDA graphs)
+    device_sharers: int = 1        # stages on this device (itself included): they split it
 
     @property
     def is_first(self) -> bool:
@@ -79,6 +80,12 @@ class Stage:
         self.spec = spec
         self.device = torch.device(spec.device)
         self.dtype = getattr(torch, spec.dtype)
+        cuda = self.device.type == "cuda"
+        # what the device had free before this stage's weights (its share: pipemax/devices.py)
+        self.free_at_start = torch.cuda.mem_get_info(self.device)[0] if cuda else None
+        m = spec.model
+        self.decode_kernel, self.decode_attention = decode_path(
+            m.num_heads, m.num_kv_heads, m.head_dim, spec.block_size, self.dtype, self.device)
         self.model = build_stage_model(
             spec.model, spec.layer_start, spec.layer_end, spec.is_first, spec.is_last,
             folder=Path(spec.folder) if spec.folder else None, dtype=self.dtype,
@@ -91,20 +98,36 @@ class Stage:
         self.resident = self.staging_blocks = self.peak_staging = 0
         self.busy_s = self.wait_s = 0.0       # time in steps / waiting for the ring before
         self.steps = 0
+        # ring hand-offs that this stage waited for: from the writer's stamp to the copy out
+        self.handoff_s = self.handoff_max_s = 0.0
+        self.handoffs = 0
         self._staged: dict[int, Staging] = {}  # staging of steps prefetched, not yet offloaded
         self.clock = GpuClock(self.device)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def handed_off(self, meta: dict, wait_start: float) -> None:
+        """A step message this stage was waiting for has been copied out of the ring: count
+        the time since its writer stamped it (clocks are system-wide), if it was written
+        after the wait began (else it only waited in the ring while this stage computed)."""
+        sent = meta.get("sent")
+        if meta.get("op") == P.OP_STEP and sent is not None and sent >= wait_start:
+            dt = time.monotonic() - sent
+            self.handoffs += 1
+            self.handoff_s += dt
+            self.handoff_max_s = max(self.handoff_max_s, dt)
 
     def report(self) -> dict:
         s = self.spec
         block_bytes = KVCache.block_bytes(s.model, s.layer_end - s.layer_start, s.block_size,
                                           self.dtype)
-        budget = kv_budget_bytes(s, self.device, self.weight_bytes, self.dtype)
+        budget = kv_budget_bytes(s, self.device, self.weight_bytes, self.dtype,
+                                 self.decode_kernel, self.free_at_start)
         figures = measure(self.device, self.dtype) if self.device.type == "cuda" else None
         return {"stage": s.index, "layers": [s.layer_start, s.layer_end],
                 "weight_bytes": self.weight_bytes, "block_bytes": block_bytes,
                 "max_blocks": int(min(budget // block_bytes, s.max_blocks_useful)),
                 "kv_budget_bytes": int(budget), "device": str(self.device),
+                "decode_attention": self.decode_attention,
                 "figures": figures}
 
     def final_report(self) -> dict:
@@ -121,6 +144,8 @@ class Stage:
                 "compute_stall_seconds": off.stall_s if off else 0.0,
                 "peak_staging_blocks": self.peak_staging, "resident_blocks": self.resident,
                 "gpu_idle_share": self.clock.idle_share(), "step_kinds": self.clock.by_kind(),
+                "handoffs": self.handoffs, "handoff_s": self.handoff_s,
+                "handoff_max_s": self.handoff_max_s,
                 "alloc_retries": int(retries)}
 
     def alloc(self, meta: dict) -> None:
@@ -135,7 +160,8 @@ class Stage:
         if s.decode_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv.data, scratch, s.block_size,
                                        -(-s.max_model_len // s.block_size), self.dtype,
-                                       self.device, capture=True)
+                                       self.device, capture=True,
+                                       decode_kernel=self.decode_kernel)
         if int(meta["host_blocks"]):
             shape = (int(meta["host_blocks"]), *self.kv.data.shape[1:])
             self.host = HostPool(meta["host_segments"][s.index], shape, self.dtype,
@@ -200,7 +226,8 @@ class Stage:
                 and self.graphs.fits(len(q_lens), table.shape[1])):
             h = self.graphs.run(x, ctx, table)
         else:
-            lay = build_layout(q_lens, ctx, table, s.block_size, d, streamed, self.host_kv)
+            lay = build_layout(q_lens, ctx, table, s.block_size, d, streamed, self.host_kv,
+                               decode_kernel=self.decode_kernel)
             h = self.model(x, lay, self.kv.data)
         if s.is_last:
             rows = to_device(t["sample_rows"], d)
@@ -262,7 +289,9 @@ def serve(spec: StageSpec) -> int:
 
     def send(o: Outbound | None) -> None:
         if o is not None:
-            rout.write(*o.ready(), timeout=None, alive=parent_alive)
+            meta, tensors = o.ready()
+            meta["sent"] = time.monotonic()       # the next stage times the hand-off from here
+            rout.write(meta, tensors, timeout=None, alive=parent_alive)
 
     try:
         stage = Stage(spec)
@@ -275,9 +304,10 @@ def serve(spec: StageSpec) -> int:
             if nxt is None:
                 send(unsent)
                 unsent = None
-                w0 = time.perf_counter()
+                w0, m0 = time.perf_counter(), time.monotonic()
                 nxt = _take(rin, parent_alive, None, pin)
                 waited = time.perf_counter() - w0
+                stage.handed_off(nxt[0], m0)
             (meta, tensors), nxt = nxt, None
             op = meta.get("op")
             if op == P.OP_STEP:

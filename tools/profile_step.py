@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pipemax.model_config import BUILTIN_MODELS, apply_overrides
+from stages import triton_decode
 from stages.attention import build_layout
 from stages.decode_graph import DecodeGraphs
 from stages.kv_cache import KVCache
@@ -58,7 +59,8 @@ def main(argv=None) -> int:
     rows = B + P
     kv = KVCache(cfg, cfg.num_layers, rows * per_seq + 1, bs, dtype, dev)   # + a scratch block
     graphs = (DecodeGraphs(model, kv.data, rows * per_seq, bs, per_seq, dtype, dev,
-                           capture=True) if a.graphs and P == 0 else None)
+                           capture=True, decode_kernel=triton_decode.available(dev))
+              if a.graphs and P == 0 else None)
     bt = np.arange(rows * per_seq, dtype=np.int32).reshape(rows, per_seq)
     rng = np.random.default_rng(0)
     ctx = (rng.integers(C // 2, C + 1, size=B) if a.uneven else np.full(B, C)).astype(np.int32)
