@@ -236,11 +236,16 @@ def _tensor_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
             shapes += [(p + "self_attn.q_proj.bias", (q,)),
                        (p + "self_attn.k_proj.bias", (kv,)),
                        (p + "self_attn.v_proj.bias", (kv,))]
-        shapes += [(p + "self_attn.o_proj.weight", (h, q)),
-                   (p + "post_attention_layernorm.weight", (h,)),
+        shapes.append((p + "self_attn.o_proj.weight", (h, q)))
+        if cfg.o_proj_bias:
+            shapes.append((p + "self_attn.o_proj.bias", (h,)))
+        shapes += [(p + "post_attention_layernorm.weight", (h,)),
                    (p + "mlp.gate_proj.weight", (inter, h)),
                    (p + "mlp.up_proj.weight", (inter, h)),
                    (p + "mlp.down_proj.weight", (h, inter))]
+        if cfg.mlp_bias:
+            shapes += [(p + "mlp.gate_proj.bias", (inter,)), (p + "mlp.up_proj.bias", (inter,)),
+                       (p + "mlp.down_proj.bias", (h,))]
     shapes.append(("model.norm.weight", (h,)))
     if not cfg.tie_word_embeddings:
         shapes.append(("lm_head.weight", (cfg.vocab_size, h)))
@@ -294,8 +299,6 @@ def write_random_checkpoint(folder, cfg_dict: dict, seed: int, *, shards: int = 
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     hf = complete_hf_config(cfg_dict, dtype_name)
     cfg = ModelConfig.from_hf_dict(hf, name=folder.name)
-    if cfg.attention_bias and cfg.architecture != "qwen2":
-        raise ValueError("attention_bias is only supported for Qwen2 checkpoints")
     weights = random_weights(cfg, seed, torch_dtype, std)
     (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
     gen = {"bos_token_id": hf.get("bos_token_id"), "eos_token_id": hf.get("eos_token_id"),
