@@ -58,7 +58,7 @@ _SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|
                 r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 # The fixed text the tokenizer's merges are learned from.
-_CORPUS = """\
+CORPUS = """\
 The sun rose slowly over the quiet hills, and the light spread across the fields where the
 farmers were already at work. In the village, the bakers had been awake for hours, and the smell
 of fresh bread drifted through the narrow streets. Children ran to school, laughing and shouting,
@@ -148,7 +148,7 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     for b, ch in sorted(_bytes_to_unicode().items()):
         vocab[ch] = len(vocab)
-    merges, new_tokens = _learn_merges(_CORPUS, vocab_size - base)
+    merges, new_tokens = _learn_merges(CORPUS, vocab_size - base)
     if len(new_tokens) < vocab_size - base:
         raise ValueError(f"vocab_size {vocab_size} is too large for the built-in text "
                          f"(at most {base + len(new_tokens)})")
