@@ -14,7 +14,7 @@ import pytest
 
 from checkpoints import hf_continuation_logprobs, hf_greedy
 from cli import read_results, run_cli, write_jsonl
-from tools.smollm2 import ensure_smollm2
+from tools.smollm2 import FetchError, build, ensure_smollm2
 
 MAX_NEW = 20
 TEXTS = ["The capital of France is",
@@ -147,3 +147,11 @@ def test_eos_ends_a_request_with_stop(run, ref, tok):
         assert c["finish_reason"] == ("stop" if stopped[i] else "length"), f"chat {i}"
         assert body["usage"]["completion_tokens"] == len(r)
         assert c["message"]["content"] == tok.decode(r, skip_special_tokens=True)
+
+
+def test_build_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    with pytest.raises(FetchError, match="is not a converted model folder"):
+        build(tmp_path / "m", gguf=tmp_path / "none.gguf")
+    assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
