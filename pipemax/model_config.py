@@ -160,7 +160,7 @@ class ModelConfig:
                 eos_token_ids=_eos_tuple(d.get("eos_token_id")),
                 torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "bfloat16"),
             )
-            _refuse_unsupported(d, kw["head_dim"])
+            _refuse_unsupported(d)
             sw = _sliding_window(d, arch, kw["num_layers"])
         except KeyError as e:
             raise ModelConfigError(f"config.json lacks {e.args[0]!r}") from None
@@ -207,7 +207,7 @@ _ROPE_KEYS = {"default": (), "linear": ("factor",),
 _ACTIVATIONS = ("silu", "swish")   # the same function in transformers' ACT2FN
 
 
-def _refuse_unsupported(d: dict, head_dim: int) -> None:
+def _refuse_unsupported(d: dict) -> None:
     """Fields that change the math in ways pipemax does not compute: one line each."""
     act = d.get("hidden_act", "silu")
     if act not in _ACTIVATIONS:
