@@ -3,6 +3,15 @@
 One frozen object describes every architecture pipemax runs (Llama 2/3, Mistral, Qwen2/2.5);
 the few places they differ are fields (``attention_bias``, ``tie_word_embeddings``,
 ``rope_scaling``), not subclasses.
+
+Every field of a HF config.json that changes the model's math is either honoured here or
+refused with one line (``ModelConfigError``), as transformers reads it for the architecture:
+sizes, ``head_dim``, ``rms_norm_eps``, ``rope_theta``, ``rope_scaling`` (default, linear,
+llama3), ``tie_word_embeddings``, the biases (Llama: ``attention_bias`` on q/k/v/o and
+``mlp_bias``; Qwen2: q/k/v always; Mistral: none), sliding windows (the context is capped at
+the window, where attention is exact), ``hidden_act`` (silu), ``partial_rotary_factor`` (1).
+``pretraining_tp`` only splits matmuls (transformers 5 ignores it) and ``attention_dropout``
+acts in training only. A quantized checkpoint (``quantization_config``) is refused.
 """
 from __future__ import annotations
 
@@ -39,10 +48,12 @@ class ModelConfig:
     rope_scaling: tuple = ()
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False     # q/k/v biases
     bos_token_id: int | None = None
     eos_token_ids: tuple = ()
     torch_dtype: str = "bfloat16"
+    o_proj_bias: bool = False        # Llama's attention_bias also covers o_proj
+    mlp_bias: bool = False           # gate/up/down biases (Llama's mlp_bias)
 
     def __post_init__(self):
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -57,9 +68,13 @@ class ModelConfig:
         rs = self.rope_scaling_dict
         if rs:
             kind = rs.get("rope_type", rs.get("type"))
-            if kind not in ("llama3", "default", "linear"):
+            if kind not in _ROPE_KEYS:
                 raise ModelConfigError(f"model config: rope_scaling type {kind!r} is not supported "
-                                       "(supported: llama3, linear)")
+                                       "(supported: default, linear, llama3)")
+            lacking = [k for k in _ROPE_KEYS[kind] if rs.get(k) is None]
+            if lacking:
+                raise ModelConfigError(f"model config: rope_scaling of type {kind} lacks "
+                                       + ", ".join(lacking))
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -80,7 +95,11 @@ class ModelConfig:
         attn = h * self.q_size + 2 * h * self.kv_size + self.q_size * h
         if self.attention_bias:
             attn += self.q_size + 2 * self.kv_size
+        if self.o_proj_bias:
+            attn += h
         mlp = 3 * h * self.intermediate_size
+        if self.mlp_bias:
+            mlp += 2 * self.intermediate_size + h
         return attn + mlp + 2 * h
 
     def embed_params(self) -> int:
@@ -132,21 +151,24 @@ class ModelConfig:
                 rope_scaling=_rope_scaling_tuple(d.get("rope_scaling") or d.get("rope_parameters")),
                 max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                attention_bias=bool(d.get("attention_bias", arch == "qwen2")),
+                # as transformers builds each architecture (Qwen2 ignores attention_bias)
+                attention_bias={"llama": bool(d.get("attention_bias", False)), "mistral": False,
+                                "qwen2": True}[arch],
+                o_proj_bias=arch == "llama" and bool(d.get("attention_bias", False)),
+                mlp_bias=arch == "llama" and bool(d.get("mlp_bias", False)),
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=_eos_tuple(d.get("eos_token_id")),
                 torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "bfloat16"),
             )
+            _refuse_unsupported(d)
+            sw = _sliding_window(d, arch, kw["num_layers"])
         except KeyError as e:
             raise ModelConfigError(f"config.json lacks {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise ModelConfigError(f"config.json has a bad value: {e}") from None
-        if arch == "mistral" or arch == "qwen2":
-            sw = d.get("sliding_window")
-            use_sw = d.get("use_sliding_window", arch == "mistral")
-            if sw and use_sw and int(sw) < kw["max_position_embeddings"]:
-                # Attention is exact as long as no context exceeds the window: cap the context there.
-                kw["max_position_embeddings"] = int(sw)
+        if sw is not None and sw < kw["max_position_embeddings"]:
+            # Attention is exact as long as no context exceeds the window: cap the context there.
+            kw["max_position_embeddings"] = sw
         return ModelConfig(**kw)
 
     @staticmethod
@@ -176,6 +198,48 @@ class ModelConfig:
             except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
                 raise ModelConfigError(f"{gen} is not valid: {e}") from None
         return cfg
+
+
+# rope_scaling types pipemax computes (stages/model.py: rope_inv_freq) and the keys each needs
+_ROPE_KEYS = {"default": (), "linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                         "original_max_position_embeddings")}
+_ACTIVATIONS = ("silu", "swish")   # the same function in transformers' ACT2FN
+
+
+def _refuse_unsupported(d: dict) -> None:
+    """Fields that change the math in ways pipemax does not compute: one line each."""
+    act = d.get("hidden_act", "silu")
+    if act not in _ACTIVATIONS:
+        raise ModelConfigError(f"model config: hidden_act {act!r} is not supported (supported: "
+                               "silu)")
+    rp = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+    prf = d.get("partial_rotary_factor", rp.get("partial_rotary_factor", 1.0))
+    if prf is not None and float(prf) != 1.0:
+        raise ModelConfigError(f"model config: partial_rotary_factor {prf} is not supported "
+                               "(rotary embedding on the whole head only)")
+    q = d.get("quantization_config")
+    if q:
+        method = q.get("quant_method", "unknown") if isinstance(q, dict) else q
+        raise ModelConfigError(f"model config: quantized checkpoints are not supported "
+                               f"(quantization_config: {method}); use float16/bfloat16/float32 "
+                               "weights")
+
+
+def _sliding_window(d: dict, arch: str, num_layers: int) -> int | None:
+    """The attention window some layer uses, as transformers reads the config; None if none."""
+    sw = d.get("sliding_window")
+    if arch == "llama" or not sw:
+        return None
+    if arch == "mistral":                      # every layer, whenever a window is set
+        return int(sw)
+    if not d.get("use_sliding_window", False):  # qwen2: the switch, then the layers listed
+        return None                             # or else those from max_window_layers up
+    types = d.get("layer_types")
+    if types is None:
+        first = d.get("max_window_layers", 28)
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    return int(sw) if "sliding_attention" in types else None
 
 
 def _eos_tuple(v) -> tuple:

@@ -58,7 +58,7 @@ _SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|
                 r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 # The fixed text the tokenizer's merges are learned from.
-_CORPUS = """\
+CORPUS = """\
 The sun rose slowly over the quiet hills, and the light spread across the fields where the
 farmers were already at work. In the village, the bakers had been awake for hours, and the smell
 of fresh bread drifted through the narrow streets. Children ran to school, laughing and shouting,
@@ -148,7 +148,7 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     for b, ch in sorted(_bytes_to_unicode().items()):
         vocab[ch] = len(vocab)
-    merges, new_tokens = _learn_merges(_CORPUS, vocab_size - base)
+    merges, new_tokens = _learn_merges(CORPUS, vocab_size - base)
     if len(new_tokens) < vocab_size - base:
         raise ValueError(f"vocab_size {vocab_size} is too large for the built-in text "
                          f"(at most {base + len(new_tokens)})")
@@ -236,11 +236,16 @@ def _tensor_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
             shapes += [(p + "self_attn.q_proj.bias", (q,)),
                        (p + "self_attn.k_proj.bias", (kv,)),
                        (p + "self_attn.v_proj.bias", (kv,))]
-        shapes += [(p + "self_attn.o_proj.weight", (h, q)),
-                   (p + "post_attention_layernorm.weight", (h,)),
+        shapes.append((p + "self_attn.o_proj.weight", (h, q)))
+        if cfg.o_proj_bias:
+            shapes.append((p + "self_attn.o_proj.bias", (h,)))
+        shapes += [(p + "post_attention_layernorm.weight", (h,)),
                    (p + "mlp.gate_proj.weight", (inter, h)),
                    (p + "mlp.up_proj.weight", (inter, h)),
                    (p + "mlp.down_proj.weight", (h, inter))]
+        if cfg.mlp_bias:
+            shapes += [(p + "mlp.gate_proj.bias", (inter,)), (p + "mlp.up_proj.bias", (inter,)),
+                       (p + "mlp.down_proj.bias", (h,))]
     shapes.append(("model.norm.weight", (h,)))
     if not cfg.tie_word_embeddings:
         shapes.append(("lm_head.weight", (cfg.vocab_size, h)))
@@ -294,8 +299,6 @@ def write_random_checkpoint(folder, cfg_dict: dict, seed: int, *, shards: int = 
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     hf = complete_hf_config(cfg_dict, dtype_name)
     cfg = ModelConfig.from_hf_dict(hf, name=folder.name)
-    if cfg.attention_bias and cfg.architecture != "qwen2":
-        raise ValueError("attention_bias is only supported for Qwen2 checkpoints")
     weights = random_weights(cfg, seed, torch_dtype, std)
     (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
     gen = {"bos_token_id": hf.get("bos_token_id"), "eos_token_id": hf.get("eos_token_id"),

@@ -100,8 +100,13 @@ def _hf_names(cfg: ModelConfig, model: StageModel) -> dict[str, list[str]]:
         if cfg.attention_bias:
             m[p + "qkv.bias"] = [g + f"self_attn.{x}_proj.bias" for x in "qkv"]
         m[p + "o_proj.weight"] = [g + "self_attn.o_proj.weight"]
+        if cfg.o_proj_bias:
+            m[p + "o_proj.bias"] = [g + "self_attn.o_proj.bias"]
         m[p + "gate_up.weight"] = [g + "mlp.gate_proj.weight", g + "mlp.up_proj.weight"]
         m[p + "down_proj.weight"] = [g + "mlp.down_proj.weight"]
+        if cfg.mlp_bias:
+            m[p + "gate_up.bias"] = [g + "mlp.gate_proj.bias", g + "mlp.up_proj.bias"]
+            m[p + "down_proj.bias"] = [g + "mlp.down_proj.bias"]
     if model.is_last:
         m["norm.weight"] = ["model.norm.weight"]
         m["lm_head.weight"] = ["lm_head.weight"]

@@ -1,7 +1,7 @@
 """One stage's shard of a Llama-family decoder, written out plainly.
 
-Covers Llama 2/3 (incl. ``rope_scaling`` of type llama3), Mistral and Qwen2/2.5 (qkv bias, tied
-embeddings). The first stage owns the embedding, the last the final norm and lm_head; every
+Covers Llama 2/3 (incl. ``rope_scaling`` of type llama3, attention and MLP biases), Mistral and
+Qwen2/2.5 (qkv bias, tied embeddings). The first stage owns the embedding, the last the final norm and lm_head; every
 stage owns a contiguous range of layers. q/k/v and gate/up are fused into one matmul each.
 """
 from __future__ import annotations
@@ -63,10 +63,10 @@ class DecoderLayer(nn.Module):
         self.cfg = cfg
         self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
         self.qkv = nn.Linear(h, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.q_size, h, bias=False)
+        self.o_proj = nn.Linear(cfg.q_size, h, bias=cfg.o_proj_bias)
         self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
-        self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+        self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=cfg.mlp_bias)
 
     def forward(self, x, d, cos, sin, kv, layer: int, lay: StepLayout):
         """x: the residual stream; d: the previous layer's output, not yet added to it (None

@@ -53,6 +53,9 @@ KINDS: dict[str, tuple[str, dict, dict]] = {
                                     num_key_value_heads=2), {}),
     "mistral": ("mistral", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
                                 sliding_window=None), {}),
+    # Llama with every bias it can have: q/k/v/o (attention_bias) and gate/up/down (mlp_bias)
+    "llama-bias": ("llama", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 attention_bias=True, mlp_bias=True), {}),
 }
 
 _BUILT: dict[tuple, Path] = {}
@@ -161,20 +164,21 @@ def _load(path: str):
     return model.eval()
 
 
-def hf_greedy(path, prompt_ids_list, max_new_tokens: int) -> list[list[int]]:
-    """transformers greedy continuations (new ids only), one prompt at a time, EOS ignored."""
+def hf_greedy(path, prompt_ids_list, max_new_tokens: int, eos=None) -> list[list[int]]:
+    """transformers greedy continuations (new ids only), one prompt at a time; EOS ignored
+    unless ``eos`` (a list of ids) is given, then a continuation ends with the first of them."""
     from transformers import GenerationConfig
     model = _load(str(path))
     gc = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=None,
-                          eos_token_id=None, pad_token_id=None, bos_token_id=None,
-                          num_beams=1, use_cache=True)
+                          eos_token_id=list(eos) if eos else None, pad_token_id=None,
+                          bos_token_id=None, num_beams=1, use_cache=True)
     outs = []
     with torch.no_grad(), _one_thread():
         for ids in prompt_ids_list:
             x = torch.tensor([list(ids)], dtype=torch.long)
             y = model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc)
             new = y[0, x.shape[1]:].tolist()
-            assert len(new) == max_new_tokens, (len(new), max_new_tokens)
+            assert len(new) == max_new_tokens or (eos and new[-1] in eos), (len(new), max_new_tokens)
             outs.append(new)
     return outs
 
@@ -185,3 +189,13 @@ def hf_logprobs(path, ids) -> torch.Tensor:
     with torch.no_grad(), _one_thread():
         logits = model(torch.tensor([list(ids)], dtype=torch.long)).logits
     return torch.log_softmax(logits[0, -1].float(), dim=-1)
+
+
+def hf_continuation_logprobs(path, prompt_ids, new_ids) -> torch.Tensor:
+    """log_softmax of the logits that chose each of ``new_ids`` after ``prompt_ids``, from one
+    forward pass over the whole sequence (float32, shape [len(new_ids), vocab])."""
+    model = _load(str(path))
+    ids = list(prompt_ids) + list(new_ids)
+    with torch.no_grad(), _one_thread():
+        logits = model(torch.tensor([ids], dtype=torch.long)).logits[0].float()
+    return torch.log_softmax(logits[len(prompt_ids) - 1:len(ids) - 1], dim=-1)

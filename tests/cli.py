@@ -17,6 +17,16 @@ def run_cli(args: list[str], timeout: float = 180, **kw) -> subprocess.Completed
                           text=True, timeout=timeout, **kw)
 
 
+def assert_one_line_error(p: subprocess.CompletedProcess, *needles: str) -> None:
+    """The run stopped with exit 2 and one line on stderr holding every needle."""
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("pipemax: error: ")
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     with open(path, "w") as f:
         for r in rows:

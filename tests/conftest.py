@@ -48,6 +48,18 @@ def run_id():
     assert names.run_objects(rid) == []
 
 
+from pipemax.tiny import default_cache_dir  # noqa: E402  (after the path is set)
+
+_USER_CACHE = default_cache_dir()
+
+
+@pytest.fixture(scope="session")
+def user_cache() -> Path:
+    """The user's pipemax cache, as it was before ``tiny_cache``: for what is slow to make and
+    the same on every run (the real model's conversion)."""
+    return _USER_CACHE
+
+
 @pytest.fixture(autouse=True, scope="session")
 def tiny_cache(tmp_path_factory):
     """Keep the built-in tiny model out of the user's cache."""

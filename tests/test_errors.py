@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from checkpoints import make_checkpoint
-from cli import ROOT, read_results, reap, run_cli, spawned_children, wait_first_result, write_jsonl
+from cli import (ROOT, assert_one_line_error, read_results, reap, run_cli, spawned_children,
+                 wait_first_result, write_jsonl)
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +24,6 @@ def model_dir(tmp_path_factory):
 @pytest.fixture
 def one_request(tmp_path):
     return write_jsonl(tmp_path / "in.jsonl", [{"prompt": [5, 6, 7], "max_tokens": 2}])
-
-
-def assert_one_line_error(p, *needles):
-    assert p.returncode == 2, (p.returncode, p.stderr)
-    lines = [l for l in p.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, p.stderr
-    assert lines[0].startswith("pipemax: error: ")
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_missing_model_folder(tmp_path, one_request):
