@@ -81,7 +81,7 @@ def main(argv=None) -> int:
                         "--gpus", str(n), "--num-prompts", str(a.num_prompts),
                         "--max-tokens", str(a.max_tokens), "--json", str(js), "--pipemax-args",
                         f"{extra}--stats-json {st} {mode_args(mode, FAMILIES[fam], n)}"])
-                    res = json.loads(js.read_text()) if js.exists() else []
+                    res = json.loads(js.read_text())["rows"] if js.exists() else []
                     stats = json.loads(st.read_text()) if st.exists() else {}
                     host = stats.get("offloaded_admitted", 0) + stats.get("streamed_admitted", 0)
                     same = sum(r["equal"] for r in res)
