@@ -35,7 +35,6 @@ import io
 import json
 import multiprocessing as mp
 import sys
-import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -217,7 +216,7 @@ def config(model: str | None = None, **options) -> RunConfig:
     (``gpus=2``, ``kv_offload="off"``, ``override=["num_layers=2"]``), resolved and checked
     as the command does. Raises ConfigError (a ValueError) with one line."""
     dests = {a.dest: a for a in build_parser()._actions if a.dest != "help"}
-    argv = ["--no-socket"]
+    argv = []
     if model is not None:
         argv += ["--model", str(model)]
     for k, v in options.items():
@@ -238,10 +237,16 @@ def config(model: str | None = None, **options) -> RunConfig:
         vals = _flag_value(v)
         if vals is not None:
             argv += [flag, *vals]
+    return config_from_flags(argv)
+
+
+def config_from_flags(flags: list[str]) -> RunConfig:
+    """The run config of command-line flags (those of python -m pipemax.launch), without the
+    control socket. Raises ConfigError (a ValueError) with one line."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            return from_args(argv)
+            return from_args(["--no-socket", *flags] if "--no-socket" not in flags else flags)
     except SystemExit:
         raise ConfigError(err.getvalue().strip().removeprefix("pipemax: error: ")
                           .removesuffix(" (see --help)")) from None
@@ -254,19 +259,31 @@ def _close_runtime(rt) -> None:
 
 class LLM:
     def __init__(self, model: str | None = None, *, gpus: int = 1, **options):
+        self._start(config(model, gpus=gpus, **options))
+
+    @classmethod
+    def from_flags(cls, flags: list[str]) -> "LLM":
+        """An LLM from the command's flags, e.g. ``["--model", DIR, "--gpus", "2"]``."""
+        llm = cls.__new__(cls)
+        llm._start(config_from_flags(list(flags)))
+        return llm
+
+    def _start(self, cfg: RunConfig) -> None:
         if getattr(mp.current_process(), "_inheriting", False):
             raise RuntimeError(
                 "pipemax.LLM was built while a stage process imported the main script: "
                 "stages are spawned processes, which import it again; build the LLM under "
                 "`if __name__ == \"__main__\":`")
+        for flag, name in (("input", "--input"), ("serve", "--serve")):
+            if getattr(cfg, flag):
+                raise ConfigError(f"{name} is not an option of the API ({NOT_OPTIONS[flag]})")
         from pipemax.launch import prepare            # the command's own checks
         from pipemax.runtime import Runtime
-        cfg = config(model, gpus=gpus, **options)
         self.cfg, self.model_config, self.tokenizer, self.max_model_len = prepare(cfg)
-        quiet = self.cfg.quiet
+        log = None if self.cfg.quiet else (
+            lambda m: print(f"pipemax: {m}", file=sys.stderr, flush=True))
         self._rt = Runtime(self.cfg, self.model_config, self.tokenizer, self.max_model_len,
-                           log=None if quiet else lambda m: print(f"pipemax: {m}",
-                                                                  file=sys.stderr, flush=True))
+                           log=log)
         self._finalizer = weakref.finalize(self, _close_runtime, self._rt)
         try:
             self._rt.start()
