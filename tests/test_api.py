@@ -14,7 +14,7 @@ import textwrap
 import pytest
 
 from checkpoints import checkpoint_root, hf_greedy, make_checkpoint
-from cli import ROOT, read_results, run_cli, spawned_children, write_jsonl
+from cli import ROOT, read_results, run_cli, write_jsonl
 from ipc.names import run_objects
 from pipemax import LLM, SamplingParams
 from pipemax.cli import main as cli_main, translate
@@ -141,7 +141,7 @@ def _alive(pids):
 
 def test_close_gc_and_a_dead_stage_leave_nothing(llama_dir):
     llm = LLM(str(llama_dir), gpus=2, device="cpu", threads=1, quiet=True)
-    rid, pids = llm._rt.run_id, spawned_children(os.getpid(), 2)
+    rid, pids = llm._rt.run_id, [p.pid for p in llm._rt.pipeline.procs]
     assert run_objects(rid)
     llm.close()
     llm.close()                                           # idempotent
@@ -150,13 +150,13 @@ def test_close_gc_and_a_dead_stage_leave_nothing(llama_dir):
         llm.generate("x", use_tqdm=False)
 
     llm = LLM(str(llama_dir), gpus=2, device="cpu", threads=1, quiet=True)
-    rid, pids = llm._rt.run_id, spawned_children(os.getpid(), 2)
+    rid, pids = llm._rt.run_id, [p.pid for p in llm._rt.pipeline.procs]
     del llm
     gc.collect()
     assert run_objects(rid) == [] and _alive(pids) == []
 
     with LLM(str(llama_dir), gpus=2, device="cpu", threads=1, quiet=True) as llm:
-        rid, pids = llm._rt.run_id, spawned_children(os.getpid(), 2)
+        rid, pids = llm._rt.run_id, [p.pid for p in llm._rt.pipeline.procs]
         llm.generate("warm up", GREEDY, use_tqdm=False)
         os.kill(pids[1], signal.SIGKILL)
         with pytest.raises(StageFailed, match="stage 1"):

@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import ray   # in the test extra, so these tests run wherever the suite does (CI included)
+import ray.data   # in the test extra, so these tests run wherever the suite does (CI included)
 
 from cli import run_cli, write_jsonl
 from pipemax import ray_batch
@@ -26,7 +26,6 @@ FLAGS = ["--device", "cpu", "--threads", "1", "--num-cpus", "2", "--cpus-per-rep
 @pytest.fixture(scope="module")
 def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    import ray.data
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
