@@ -24,7 +24,7 @@ from pipemax.config import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pipemax.ray_batch",
+        prog="python -m pipemax.ray_batch", allow_abbrev=False,
         description="Serve a batch file with pipemax replicas through Ray Data; other flags "
                     "are those of python -m pipemax.launch (the engine of each replica).")
     p.add_argument("--input", required=True, help="requests, OpenAI batch JSONL")
