@@ -82,6 +82,8 @@ class Engine:
         self.hooks = hooks
         self.paused = False      # launch no new steps (the ones in flight still land)
         self.draining = False    # take no new requests (finish the running ones)
+        # pipemax/api.py: on_finish(seq) sees each finished sequence before its line is written
+        self.on_finish: Callable[[Sequence], None] | None = None
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> Stats:
@@ -213,6 +215,8 @@ class Engine:
         body = body_fn(req, text=text, token_ids=s.output_ids, finish_reason=s.finish_reason,
                        logprobs=s.logprobs, model_name=req.model or self.model_name,
                        created=int(time.time()), tokenizer=self.tokenizer)
+        if self.on_finish is not None:
+            self.on_finish(s)
         self.write(ok_line(req, body))
         self.stats.requests_ok += 1
         self.stats.prompt_tokens += s.num_prompt

@@ -14,24 +14,19 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
-from ipc.names import cleanup_stale, new_run_id
 from pipemax.config import ConfigError, RunConfig, from_args
 from pipemax import devices, supervisor
 from pipemax.control import ControlError
 from pipemax.job import Job, JobError
 from pipemax.service import serve
-from pipemax import kv_setup
-from pipemax.engine import Engine
 from pipemax.kv_pool import HostMemoryError
 from pipemax.planner import PlanError
-from pipemax.requests import Parser
-from pipemax.workload import estimate
 from pipemax.model_config import ModelConfig
-from pipemax.pipeline import Pipeline, StageFailed
+from pipemax.pipeline import StageFailed
 from pipemax.requests import read_requests
+from pipemax.runtime import Runtime
 from pipemax.scheduler import Scheduler
 from pipemax.tiny import DEFAULT_PROMPTS, ensure_tiny_model
 from pipemax.tokenizer import Tokenizer, TokenizerError
@@ -189,10 +184,8 @@ def default_lines(prompts: list[str]):
 
 def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
         interrupts: Interrupts) -> int:
-    run_id = new_run_id()
-    stale = cleanup_stale()
-    if stale:
-        info(cfg, f"removed shared memory left by dead runs {', '.join(stale)}")
+    rt = Runtime(cfg, model, tokenizer, max_len, check=interrupts.check,
+                 log=lambda m: info(cfg, m))
     try:   # control socket, progress, systemd, --serve job queue (pipemax/supervisor.py)
         sup = supervisor.build(cfg, interrupts, lambda m: info(cfg, m))
     except ControlError as e:
@@ -212,38 +205,17 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
     else:
         writer = PrintWriter(DEFAULT_PROMPTS)
         lines = default_lines(DEFAULT_PROMPTS)
-    pipeline = Pipeline(cfg, model, run_id, max_len, interrupts.check)
-    pool = None
-    t0 = time.monotonic()
     try:
         sup.start()
-        wl = estimate(read_requests(cfg.input) if cfg.input else default_lines(DEFAULT_PROMPTS),
-                      Parser(tokenizer, max_model_len=max_len, vocab_size=model.vocab_size),
-                      max_len)
-        pipeline.start()
-        reports = pipeline.hello()
-        for r in reports:
-            a, b = r["layers"]
-            info(cfg, f"stage {r['stage']} on {r['device']}: layers {a}-{b - 1}, weights "
-                      f"{r['weight_bytes'] / 2**30:.2f} GiB, room for {r['max_blocks']} KV blocks")
-        kv_plan, pool, sched_cfg = kv_setup.setup(cfg, model, reports, wl, pipeline, run_id)
-        num_blocks = sched_cfg.num_blocks
-        paths = sorted({r["decode_attention"] for r in reports})
-        info(cfg, f"loaded in {time.monotonic() - t0:.1f} s; plan: {kv_plan.describe()}; "
-                  f"decode attention: {', '.join(paths)}")
-        sched = Scheduler(sched_cfg)
-        engine = Engine(pipeline=pipeline, sched=sched, tokenizer=tokenizer,
-                        eos_ids=tuple(model.eos_token_ids) + (
-                            tokenizer.eos_token_ids if tokenizer else ()),
-                        max_model_len=max_len, vocab_size=model.vocab_size,
-                        model_name=Path(cfg.model).name, seed=cfg.seed,
-                        write=writer.write if writer is not None else (lambda line: None),
-                        lines=lines, log=None if cfg.quiet else lambda m: info(cfg, m),
-                        hooks=sup)
+        reports = rt.start()
+        engine = rt.plan(read_requests(cfg.input) if cfg.input else default_lines(DEFAULT_PROMPTS),
+                         hooks=sup, engine_log=None if cfg.quiet else lambda m: info(cfg, m))
+        kv_plan, sched, sched_cfg = rt.kv_plan, rt.sched, rt.sched_cfg
+        engine.start_job(lines, writer.write if writer is not None else (lambda line: None))
         if job is not None:
             job.bind(engine.parser)
         sup.loaded(engine)                    # READY=1
-        load_s = time.monotonic() - t0
+        load_s = rt.load_s
         if sup.service is not None:
             outcome = serve(engine, sup, sup.service)
             t = sup.totals
@@ -253,9 +225,10 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
         sup.begin_job(job)
         stats = engine.run()
         sup.end_job()
-        finals = pipeline.stop()
+        finals = rt.stop()
         if cfg.stats_json:
-            figures = {**stats.as_dict(), "load_seconds": load_s, "num_blocks": num_blocks,
+            figures = {**stats.as_dict(), "load_seconds": load_s,
+                       "num_blocks": sched_cfg.num_blocks,
                        "peak_gpu_gb": [f["peak_gpu_bytes"] / 2**30 for f in finals],
                        "block_size": cfg.block_size, "stages": reports,
                        "preemptions": sched.num_preemptions,
@@ -292,17 +265,13 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
         return 130
     finally:
         try:
-            pipeline.close()
+            rt.close()                        # stages, host pool, shared memory
         finally:
             try:
-                if pool is not None:
-                    pool.close()
+                if writer is not None:
+                    writer.close()
             finally:
-                try:
-                    if writer is not None:
-                        writer.close()
-                finally:
-                    sup.close()               # STOPPING=1; the socket file removed
+                sup.close()                   # STOPPING=1; the socket file removed
 
 
 def main(argv: list[str] | None = None) -> int:
