@@ -197,7 +197,7 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
         sup.start()
         wl = estimate(read_requests(cfg.input) if cfg.input else default_lines(DEFAULT_PROMPTS),
                       Parser(tokenizer, max_model_len=max_len, vocab_size=model.vocab_size),
-                      max_len)
+                      max_len, block_size=cfg.block_size if cfg.prefix_caching else 0)
         pipeline.start()
         reports = pipeline.hello()
         for r in reports:

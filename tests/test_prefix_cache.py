@@ -198,3 +198,97 @@ def test_a_preempted_sequence_finds_its_own_blocks_cached():
     sch._preempt(s)
     plan = sch.schedule(0)
     assert s.num_cached == 20 and plan.q_lens.tolist() == [4]   # 5 full blocks back
+
+
+# ---- through the CLI, against transformers -----------------------------------------------------
+MAX_NEW = 40
+BS = ["--block-size", "4"]
+TINY_KV = ["--kv-cache-gb", "0.00012"]     # 41 blocks of 4: preemptions, offload
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from checkpoints import checkpoint_root, make_checkpoint
+    return make_checkpoint(checkpoint_root(tmp_path_factory), "llama-gqa-sharded")
+
+
+def shared_prompts(n=18, seed=4):
+    """Three prefixes (of 9, 16 and 23 tokens: not all whole blocks), unique tails of 0-6
+    tokens; one prompt is a prefix alone, one a prefix plus one token."""
+    rng = np.random.default_rng(seed)
+    heads = [rng.integers(3, 500, size=k).tolist() for k in (9, 16, 23)]
+    out = [heads[i % 3] + rng.integers(3, 500, size=int(rng.integers(0, 7))).tolist()
+           for i in range(n - 2)]
+    return out + [heads[1], heads[1] + [77]]
+
+
+def cli(tmp_path, model_dir, rows, name, *flags):
+    from cli import read_results, run_cli, write_jsonl
+    inp = write_jsonl(tmp_path / f"{name}.in.jsonl", rows)
+    out = tmp_path / f"{name}.out.jsonl"
+    stats = tmp_path / f"{name}.stats.json"
+    p = run_cli(["--model", str(model_dir), "--input", str(inp), "--output", str(out),
+                 "--stats-json", str(stats), *BS, *flags])
+    assert p.returncode == 0, p.stderr
+    res = read_results(out)
+    assert all(v["error"] is None for v in res.values()), res
+    return ({k: v["response"]["body"]["choices"][0] for k, v in res.items()},
+            json.loads(stats.read_text()), p)
+
+
+def greedy_rows(ids_list):
+    return [{"custom_id": f"r{i}", "body": {"prompt": ids, "max_tokens": MAX_NEW,
+             "temperature": 0, "ignore_eos": True, "return_token_ids": True},
+             "url": "/v1/completions", "method": "POST"} for i, ids in enumerate(ids_list)]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    from checkpoints import hf_greedy
+    ids = shared_prompts()
+    return ids, hf_greedy(model_dir, ids, MAX_NEW)
+
+
+@pytest.mark.parametrize("stages,flags", [
+    (1, []), (2, []), (3, []),
+    (2, TINY_KV + ["--kv-offload", "off"]),     # preemptions forced
+    (2, ["--kv-cache-gb", "0.0006", "--kv-offload", "on"]),   # offloaded ones beside cached
+])
+def test_caching_on_matches_transformers(tmp_path, model_dir, reference, stages, flags):
+    ids, ref = reference
+    got, st, p = cli(tmp_path, model_dir, greedy_rows(ids), "on", "--gpus", str(stages),
+                     "--prefix-caching", "on", *flags)
+    for i in range(len(ids)):
+        assert got[f"r{i}"]["token_ids"] == ref[i], f"prompt {i}"
+    assert st["prompt_tokens"] == sum(map(len, ids))
+    assert 0 < st["prompt_tokens_computed"] < st["prompt_tokens"]
+    assert st["prompt_cache_hit_share"] == pytest.approx(
+        1 - st["prompt_tokens_computed"] / st["prompt_tokens"])
+    assert "from the prefix cache" in p.stdout
+    if "--kv-offload" in flags and "off" in flags:
+        assert st["preemptions"] > 0
+    if "--kv-offload" in flags and "on" in flags:
+        assert st["offloaded_admitted"] > 0
+
+
+def test_caching_off_computes_every_prompt_token(tmp_path, model_dir, reference):
+    ids, ref = reference
+    got, st, p = cli(tmp_path, model_dir, greedy_rows(ids), "off", "--gpus", "2",
+                     "--prefix-caching", "off")
+    assert [got[f"r{i}"]["token_ids"] for i in range(len(ids))] == ref
+    assert st["prompt_tokens_computed"] == st["prompt_tokens"]
+    assert st["prompt_cache_hit_share"] == 0.0 and "prefix cache" not in p.stdout
+
+
+def test_seeded_sampling_same_text_with_caching_on_or_off(tmp_path, model_dir):
+    ids = shared_prompts(12, seed=9)
+    rows = [{"custom_id": f"r{i}", "body": {"prompt": x, "max_tokens": MAX_NEW,
+             "temperature": 0.9, "top_p": 0.95, "seed": 50 + i, "ignore_eos": True,
+             "return_token_ids": True}, "url": "/v1/completions", "method": "POST"}
+            for i, x in enumerate(ids)]
+    on, st, _ = cli(tmp_path, model_dir, rows, "s_on", "--gpus", "2", "--prefix-caching", "on")
+    off, _, _ = cli(tmp_path, model_dir, rows, "s_off", "--gpus", "2",
+                    "--prefix-caching", "off")
+    assert st["prompt_tokens_computed"] < st["prompt_tokens"]
+    assert {k: v["token_ids"] for k, v in on.items()} == {k: v["token_ids"]
+                                                           for k, v in off.items()}
