@@ -292,3 +292,36 @@ def test_seeded_sampling_same_text_with_caching_on_or_off(tmp_path, model_dir):
     assert st["prompt_tokens_computed"] < st["prompt_tokens"]
     assert {k: v["token_ids"] for k, v in on.items()} == {k: v["token_ids"]
                                                            for k, v in off.items()}
+
+
+def test_bench_compares_caching_on_and_off_on_the_shared_workload(tmp_path, capsys):
+    from test_bench import TINY
+    from tools import bench
+    out = tmp_path / "bench.json"
+    assert bench.main(["--model", "llama3-8b", *TINY, "--device", "cpu", "--dtype", "float32",
+                       "--gpus", "1", "--workload", "shared:64/8/4", "--num-requests", "12",
+                       "--systems", "pipemax-cache,pipemax-nocache",
+                       "--pipemax-args", "--threads 1 --block-size 4", "--json", str(out)]) == 0
+    assert "prompt_cache_hit_share" in capsys.readouterr().out.splitlines()[0]
+    rows = {r["system"]: r for r in json.loads(out.read_text())}
+    on, off = rows["pipemax-cache"], rows["pipemax-nocache"]
+    assert on["prompt_tokens"] == off["prompt_tokens"] == 12 * 72
+    assert off["prompt_tokens_computed"] == 12 * 72
+    assert on["prompt_tokens_computed"] == 72 + 11 * 8      # the prefix once, then own parts
+    assert on["plan"]["cached_prompt"] == pytest.approx(11 * 64 / 12)
+
+
+def test_workloads_with_shared_prefixes():
+    from tools.workload import layout, requests
+    rows = requests("shared:20/5/3", 4, 1000)
+    assert all(r["body"]["prompt"][:20] == rows[0]["body"]["prompt"][:20] for r in rows)
+    assert len({tuple(r["body"]["prompt"][20:]) for r in rows}) == 4
+    assert all(len(r["body"]["prompt"]) == 25 and r["body"]["max_tokens"] == 3 for r in rows)
+    few = layout("fewshot:3", 200, 0, 4096)
+    assert {w for _, _, w, _ in few} == {0, 1, 2}
+    assert len({pre for _, _, _, pre in few}) == 3 and all(p > pre for p, _, _, pre in few)
+    rows = requests("fewshot:3", 30, 1000)
+    heads = {tuple(r["body"]["prompt"][:500]) for r in rows}
+    assert len(heads) == 3
+    with pytest.raises(ValueError):
+        layout("shared:1/2", 3, 0, 4096)
