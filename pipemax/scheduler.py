@@ -115,7 +115,8 @@ class Scheduler:
         if key is not None:
             tail = self._group_tail.get(key)
             self._group_tail[key] = seq
-            if tail is not None and tail.mb == -1:
+            if (tail is not None and tail.mb == -1 and self.waiting
+                    and tail is not self.waiting[-1]):          # (at the end: append)
                 try:
                     self.waiting.insert(self.waiting.index(tail) + 1, seq)
                     return

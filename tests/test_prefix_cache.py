@@ -325,3 +325,19 @@ def test_workloads_with_shared_prefixes():
     assert len(heads) == 3
     with pytest.raises(ValueError):
         layout("shared:1/2", 3, 0, 4096)
+
+
+def test_replay_on_the_shared_workload_computes_a_ninth_of_the_prompts(capsys):
+    """The scheduler alone on shared:128/16/16 (the target's shape, scaled): the prefix is
+    computed once, so prompt tokens computed are the own parts plus one prefix."""
+    from tools.replay_scheduler import main
+    args = ["--workload", "shared:128/16/16", "--num-requests", "64", "--seqs-per-mb", "16",
+            "--resident", "2000", "--block-size", "16", "--max-tokens-per-step", "512"]
+    assert main(args + ["--prefix-caching"]) == 0
+    on = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    off = json.loads(capsys.readouterr().out)
+    prompt = 64 * 144
+    assert on["finished"] and on["prompt_tokens_cached"] == 63 * 128
+    assert (prompt - on["prompt_tokens_cached"]) / prompt <= 0.15
+    assert on["tokens_computed"] == off["tokens_computed"] - 63 * 128 and on["steps"] < off["steps"]
