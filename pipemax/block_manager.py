@@ -5,18 +5,32 @@ means the same slot on every stage; a stage only ever writes where the driver's 
 """
 from __future__ import annotations
 
+from pipemax.prefix_cache import PrefixCache
+
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    """GPU blocks with reference counts: a block is held by every sequence whose table names
+    it (more than one only for a prefix-cache block, pipemax/prefix_cache.py). A released
+    block goes back to the free list, or, if it is cached, stays cached and idle until a
+    new block is needed and no free one is left (the least recently used goes first)."""
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False):
         if num_blocks < 0:
             raise ValueError("a negative number of KV blocks")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free = list(range(num_blocks - 1, -1, -1))   # pop() hands out low ids first
+        self.refs = [0] * num_blocks
+        self.cache = PrefixCache() if prefix_caching else None
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks a sequence may take: free ones and idle cached ones."""
+        return len(self._free) + (len(self.cache.idle) if self.cache is not None else 0)
+
+    @property
+    def num_idle_cached(self) -> int:
+        return len(self.cache.idle) if self.cache is not None else 0
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -26,14 +40,48 @@ class BlockManager:
         need = self.blocks_for(num_tokens) - len(blocks)
         if need <= 0:
             return True
-        if need > len(self._free):
+        if need > self.num_free:
             return False
         for _ in range(need):
-            blocks.append(self._free.pop())
+            b = self._free.pop() if self._free else self.cache.evict()
+            self.refs[b] = 1
+            blocks.append(b)
         return True
 
+    def match(self, keys: list[bytes]) -> list[int]:
+        """The cached blocks of the longest run of ``keys`` (no reference taken)."""
+        return self.cache.lookup(keys) if self.cache is not None else []
+
+    def idle_among(self, hit: list[int]) -> int:
+        """How many of ``hit`` (cached blocks) no sequence holds: taking them uses free room."""
+        return sum(1 for b in hit if self.refs[b] == 0)
+
+    def share(self, blocks: list[int], hit: list[int]) -> None:
+        """Start ``blocks`` (empty) with the cached blocks ``hit``, one more reference each."""
+        assert not blocks
+        for b in hit:
+            if self.refs[b] == 0:
+                self.cache.take(b)
+            self.refs[b] += 1
+            blocks.append(b)
+
+    def register(self, key: bytes, block: int) -> None:
+        """Cache held, full ``block`` under ``key`` (a no-op if the key is cached already)."""
+        assert self.refs[block] > 0
+        self.cache.insert(key, block)
+
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        """Drop one reference on each of ``blocks`` (last first: a sequence's tail is the
+        first of its cached blocks to be evicted) and clear the list."""
+        cached = self.cache.key_of if self.cache is not None else {}
+        for b in reversed(blocks):
+            self.refs[b] -= 1
+            assert self.refs[b] >= 0, "a block released more often than taken"
+            if self.refs[b] == 0:
+                if b in cached:
+                    self.cache.park(b)
+                else:
+                    self._free.append(b)
         blocks.clear()
 
 

@@ -48,6 +48,7 @@ class RunConfig:
     offload_overlap: bool = True        # False: the plain, non-overlapped reference schedule
     device_figures: tuple[tuple[str, float], ...] = ()   # planner figure overrides
     cuda_graphs: bool = False           # decode steps replayed from CUDA graphs
+    prefix_caching: bool = True         # shared prompt prefixes computed once (GPU blocks)
     # operations (pipemax/control.py, progress.py, service.py)
     socket: str | None = None           # control socket; None: the default path
     no_socket: bool = False             # no control socket at all
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
                    help="replay decode steps from CUDA graphs (auto: on CUDA; on the CPU 'on' "
                         "runs the same padded path eagerly, for tests)")
+    p.add_argument("--prefix-caching", choices=("on", "off"), default="on",
+                   help="share the KV blocks of common prompt prefixes, computed once")
     p.add_argument("--device-figures", default=None, metavar="hbm_gbs=X,h2d_gbs=Y,tflops=Z",
                    help="planner figures instead of the ones measured at start")
     ops = p.add_argument_group("operations")
@@ -268,6 +271,7 @@ def from_args(argv: list[str] | None = None) -> RunConfig:
                     device_figures=_figures(a.device_figures),
                     cuda_graphs=a.cuda_graphs == "on" or (a.cuda_graphs == "auto"
                                                           and device == "cuda"),
+                    prefix_caching=a.prefix_caching == "on",
                     socket=a.socket, no_socket=a.no_socket, socket_group=a.socket_group,
                     serve=a.serve, progress=a.progress, progress_interval=a.progress_interval)
     if a.dtype == "auto" and device == "cuda" and cfg.model_folder:

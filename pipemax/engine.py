@@ -31,6 +31,7 @@ class Stats:
     requests_ok: int = 0
     requests_error: int = 0
     prompt_tokens: int = 0
+    prompt_tokens_cached: int = 0   # of those, taken from the prefix cache (not computed)
     output_tokens: int = 0
     steps: int = 0
     driver_wait_s: float = 0.0      # time the driver waited for the pipeline (rest: its own work)
@@ -42,16 +43,26 @@ class Stats:
     def as_dict(self) -> dict:
         s = self.seconds()
         return {"requests_ok": self.requests_ok, "requests_error": self.requests_error,
-                "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
+                "prompt_tokens": self.prompt_tokens,
+                "prompt_tokens_computed": self.prompt_tokens - self.prompt_tokens_cached,
+                "prompt_cache_hit_share": self.hit_share(),
+                "output_tokens": self.output_tokens,
                 "steps": self.steps, "seconds": s, "driver_wait_s": self.driver_wait_s,
                 "output_tok_s": self.output_tokens / s if s > 0 else 0.0,
                 "total_tok_s": (self.prompt_tokens + self.output_tokens) / s if s > 0 else 0.0,
                 "requests_s": self.requests_ok / s if s > 0 else 0.0}
 
+    def hit_share(self) -> float:
+        """Share of the prompt tokens taken from the prefix cache."""
+        return self.prompt_tokens_cached / self.prompt_tokens if self.prompt_tokens else 0.0
+
     def summary(self) -> str:
         s = self.seconds()
+        cached = (f" ({self.prompt_tokens - self.prompt_tokens_cached} computed, "
+                  f"{100 * self.hit_share():.0f}% from the prefix cache)"
+                  if self.prompt_tokens_cached else "")
         return (f"requests {self.requests_ok} ok, {self.requests_error} failed | tokens in "
-                f"{self.prompt_tokens}, out {self.output_tokens} | {s:.2f} s | "
+                f"{self.prompt_tokens}{cached}, out {self.output_tokens} | {s:.2f} s | "
                 f"{self.output_tokens / s if s > 0 else 0.0:.1f} output tok/s")
 
 
@@ -220,6 +231,7 @@ class Engine:
         self.write(ok_line(req, body))
         self.stats.requests_ok += 1
         self.stats.prompt_tokens += s.num_prompt
+        self.stats.prompt_tokens_cached += min(s.num_cached, s.num_prompt)
         self.stats.output_tokens += s.num_output
 
     def maybe_log(self) -> None:

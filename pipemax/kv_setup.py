@@ -60,5 +60,6 @@ def setup(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload,
     pipeline.alloc(p.resident_blocks, p.staging_blocks, H, pool.names if pool else [],
                    cfg.offload_overlap)
     sched = SchedulerConfig(p.micro_batches, p.seqs_per_mb, cfg.max_num_batched_tokens,
-                            cfg.block_size, p.resident_blocks, p.staging_blocks, H)
+                            cfg.block_size, p.resident_blocks, p.staging_blocks, H,
+                            prefix_caching=cfg.prefix_caching)
     return p, pool, sched

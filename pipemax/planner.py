@@ -16,7 +16,10 @@ also brings its prompt, computed once at the GEMM rate on each stage,
     t_prompt = 2 * layer params * mean_prompt / F      (per request, slowest stage)
 
 so the whole run's prediction is mean_output / (t_prompt + mean_output / decode_tok_s): the
-prompt and decode work of a request, done back to back on the slowest stage. Without offload every micro-batch's
+prompt and decode work of a request, done back to back on the slowest stage. With prefix
+caching the prompt tokens a resident sequence takes from the cache (``Workload.cached_prompt``)
+are not computed, and its blocks of them are held once for all its sharers
+(``Workload.cached_blocks``), not once per sequence. Without offload every micro-batch's
 KV sits on the GPU, so GPU memory caps B * M. With offload, the GPU holds the resident
 sequences plus two staging buffers (the active micro-batch's offloaded KV and the next one's,
 being prefetched), and B grows until t_p no longer hides under the step.
@@ -64,6 +67,8 @@ class Workload:
     mean_output: float
     max_total: int          # longest prompt + max_tokens
     samples: tuple[tuple[int, int], ...] = ()   # (prompt, output) of the requests sampled
+    cached_prompt: float = 0.0  # mean prompt tokens per request from the prefix cache
+    cached_blocks: int = 0      # blocks the shared prefixes hold (once, for all sharers)
 
     @property
     def mean_context(self) -> float:
@@ -79,7 +84,11 @@ class Workload:
     def within(self, limit: int) -> "Workload | None":
         """The sampled requests of at most ``limit`` tokens (None: none, or no samples)."""
         kept = [(p, o) for p, o in self.samples if p + o <= limit]
-        return Workload.of(kept) if kept else None
+        if not kept:
+            return None
+        w = Workload.of(kept)
+        return dataclasses.replace(w, cached_prompt=min(self.cached_prompt, w.mean_prompt),
+                                   cached_blocks=self.cached_blocks)
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,7 @@ class Plan:
     too_long: int = 0           # sampled requests longer than the plan can hold (error lines)
     streamed: int = 0           # sampled requests too long for the GPU, served streamed
     stream_blocks: int = 0      # host blocks kept for streamed sequences
+    cached_prompt: float = 0.0  # mean prompt tokens per request counted as cached
 
     def describe(self) -> str:
         kind = "offload on" if self.offload else "offload off"
@@ -110,6 +120,8 @@ class Plan:
                 f"decode; step {self.predicted_step_ms:.2f} ms, "
                 f"prefetch {self.prefetch_ms:.2f} ms, {self.bound}-bound; the other choice "
                 f"{self.other_tok_s:.0f})"
+                + (f"; {self.cached_prompt:.0f} prompt tokens per request from the prefix "
+                   "cache" if self.cached_prompt else "")
                 + (f"; {self.streamed} of the sampled requests are too long for the GPU and "
                    f"run streamed from {self.stream_blocks} host blocks (not in the prediction)"
                    if self.streamed else "")
@@ -159,7 +171,8 @@ def _predict(cfg, stages, figs, esize, wl, M, B, n_off):
     worst = max(steps, key=lambda x: x[0])
     bubble = min(1.0, M / len(stages))
     decode = B / worst[0] * bubble
-    return run_tok_s(decode, prompt_seconds(cfg, stages, figs, wl.mean_prompt),
+    computed = wl.mean_prompt - wl.cached_prompt * (B - n_off) / B   # offloaded: no cache
+    return run_tok_s(decode, prompt_seconds(cfg, stages, figs, computed),
                      wl.mean_output), decode, worst
 
 
@@ -221,6 +234,8 @@ def _plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize
     M = micro_batches
     G = min(s.gpu_blocks for s in stages)
     foot = max(1, math.ceil(wl.mean_context / block_size))       # mean blocks held per seq
+    own = max(1, math.ceil((wl.mean_context - wl.cached_prompt) / block_size))  # resident:
+    # its blocks beside the shared ones (held once, of the resident blocks)
     ext = max(1, math.ceil((wl.mean_prompt + wl.mean_output) / block_size))  # host extent
     staged = max(1, math.ceil(foot * 1.1))     # staging blocks per offloaded seq, with margin
     longest = math.ceil(wl.max_total / block_size)
@@ -237,7 +252,7 @@ def _plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize
             n_off = min(S // staged, host_blocks // (M * ext), per_mb_cap)
             if n_off == 0:
                 return None
-        n_res = min(R // foot // M, per_mb_cap - n_off)
+        n_res = min((R - min(wl.cached_blocks, R // 2)) // own // M, per_mb_cap - n_off)
         B = n_res + n_off
         if B < 1:
             return None
@@ -265,7 +280,8 @@ def _plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize
     return Plan(offload=S > 0, micro_batches=M, seqs_per_mb=B, resident_blocks=R,
                 staging_blocks=S, host_blocks=host_blocks if S else 0, offloaded_per_mb=n_off,
                 predicted_tok_s=tok_s, predicted_step_ms=step * 1e3, prefetch_ms=t_p * 1e3,
-                bound=bound, other_tok_s=other[0] if other else 0.0, decode_tok_s=decode)
+                bound=bound, other_tok_s=other[0] if other else 0.0, decode_tok_s=decode,
+                cached_prompt=wl.cached_prompt)
 
 
 def _staging_grid(G: int, longest: int) -> list[int]:

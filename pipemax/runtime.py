@@ -74,7 +74,8 @@ class Runtime:
         pool if the plan offloads, allocate the stages' KV and build the engine (with no job
         yet: ``engine.start_job(lines, write)``). Raises PlanError / HostMemoryError."""
         cfg, model, tokenizer = self.cfg, self.model, self.tokenizer
-        wl = estimate(sample, self.parser(), self.max_len)
+        wl = estimate(sample, self.parser(), self.max_len,
+                      block_size=cfg.block_size if cfg.prefix_caching else 0)
         self.kv_plan, self.pool, self.sched_cfg = kv_setup.setup(
             cfg, model, self.reports, wl, self.pipeline, self.run_id)
         paths = sorted({r["decode_attention"] for r in self.reports})

@@ -23,6 +23,18 @@ reserved for its whole length, like an offloaded one, but it is never staged: at
 and writes it in the host pool in place (stages/attention.py), its prompt chunk by chunk.
 At most ``MAX_STREAMED_PER_MB`` per micro-batch, since each of its steps reads its whole
 context over PCIe. Nothing that fits the host pool is refused.
+
+With prefix caching (``prefix_caching``, pipemax/prefix_cache.py), a sequence admitted
+resident starts with the longest run of cached full blocks of its tokens (shared, never
+written while shared: its own tokens go to blocks of its own) and computes only the rest, at
+least its last token, whose step samples. Its blocks are offered to the cache as they fill.
+A sequence whose next block is being computed right now by another running sequence waits
+(the queue's later sequences may go first), so a common prefix is computed once before its
+sharers are admitted; and a new sequence joins the queue behind the last waiting one that
+begins with the same block, so sharers run together. Offloaded and streamed sequences (KV in
+host extents) neither use nor fill the cache. A released block stays cached until its room
+is needed (least recently used first), so a preempted or finished sequence's blocks remain
+for whoever comes next with the same tokens, the preempted sequence itself included.
 """
 from __future__ import annotations
 
@@ -32,9 +44,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipemax.block_manager import BlockManager, ExtentAllocator
+from pipemax.prefix_cache import extend_keys, shareable_blocks
 from pipemax.sequence import Sequence
 
 MAX_STREAMED_PER_MB = 1
+MAX_WAITING_PASSED = 256     # waiting sequences an admission may pass (they wait for a prefix)
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,7 @@ class SchedulerConfig:
     num_blocks: int               # GPU-resident blocks
     staging_blocks: int = 0       # per staging buffer (0: no offload)
     host_blocks: int = 0
+    prefix_caching: bool = False
 
     def __post_init__(self):
         for f in ("num_micro_batches", "max_seqs_per_mb", "max_tokens_per_step", "block_size"):
@@ -75,7 +90,10 @@ class StepPlan:
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig):
         self.cfg = cfg
-        self.blocks = BlockManager(cfg.num_blocks, cfg.block_size)
+        self.blocks = BlockManager(cfg.num_blocks, cfg.block_size, cfg.prefix_caching)
+        self.caching = cfg.prefix_caching
+        self.computing: dict[bytes, Sequence] = {}  # block keys being computed, and by whom
+        self._group_tail: dict[bytes, Sequence] = {}  # first block key -> last such queued
         self.waiting: deque[Sequence] = deque()
         self.running: list[list[Sequence]] = [[] for _ in range(cfg.num_micro_batches)]
         self.num_preemptions = 0
@@ -91,7 +109,31 @@ class Scheduler:
         return max(self.cfg.num_blocks, self.cfg.host_blocks) * self.cfg.block_size
 
     def add(self, seq: Sequence) -> None:
+        """Queue ``seq``: at the end, or with prefix caching right behind the last waiting
+        sequence that begins with the same block (sharers run together)."""
+        key = self._first_key(seq)
+        if key is not None:
+            tail = self._group_tail.get(key)
+            self._group_tail[key] = seq
+            if (tail is not None and tail.mb == -1 and self.waiting
+                    and tail is not self.waiting[-1]):          # (at the end: append)
+                try:
+                    self.waiting.insert(self.waiting.index(tail) + 1, seq)
+                    return
+                except ValueError:        # admitted, finished or cancelled meanwhile
+                    pass
         self.waiting.append(seq)
+
+    def _first_key(self, s: Sequence) -> bytes | None:
+        if not self.caching or shareable_blocks(len(s.token_ids), self.cfg.block_size) < 1:
+            return None
+        return extend_keys(s.block_keys, s.token_ids, self.cfg.block_size, 1)[0]
+
+    def _shareable_keys(self, s: Sequence) -> list[bytes]:
+        """Keys of the blocks of ``s`` that may come from the cache (s.block_keys may hold
+        more: the blocks it filled)."""
+        n = shareable_blocks(len(s.token_ids), self.cfg.block_size)
+        return extend_keys(s.block_keys, s.token_ids, self.cfg.block_size, n)[:n]
 
     def num_running(self) -> int:
         return sum(len(r) for r in self.running)
@@ -108,6 +150,11 @@ class Scheduler:
             seq.blocks.clear()
             seq.offloaded = seq.streamed = False
         else:
+            if self.caching:
+                for k in seq.block_keys[seq.num_registered:]:
+                    if self.computing.get(k) is seq:
+                        del self.computing[k]
+                seq.num_registered = 0
             self.blocks.release(seq.blocks)
 
     def finish(self, seq: Sequence) -> None:
@@ -136,19 +183,33 @@ class Scheduler:
                 budget -= n
                 i += 1
             # else s itself was preempted and left ``run``: run[i] is the next one
-        while self.waiting and len(run) < cfg.max_seqs_per_mb and budget > 0:
-            s = self.waiting[0]
-            n = min(s.remaining, budget)
-            need = self.blocks.blocks_for(len(s.token_ids))
+        w = 0                       # waiting sequences passed (waiting for a prefix)
+        while (w < len(self.waiting) and w < MAX_WAITING_PASSED
+               and len(run) < cfg.max_seqs_per_mb and budget > 0):
+            s = self.waiting[w]
+            hit = []
+            if self.caching:
+                keys = self._shareable_keys(s)
+                hit = self.blocks.match(keys)
+                if len(hit) < len(keys) and self.computing.get(keys[len(hit)], s) is not s:
+                    w += 1          # its next block is being computed: take it from the cache
+                    continue
+            need = (self.blocks.blocks_for(len(s.token_ids)) - len(hit)
+                    + self.blocks.idle_among(hit))           # free room taking it uses
             whole = self._extent(s)
-            fits = ((need + self.watermark <= self.blocks.num_free or not run)
-                    and whole <= self.blocks.num_blocks)   # it can finish resident
             # resident: the whole prompt's blocks are taken now, not the first chunk's, so
             # the other micro-batches cannot take them before its prefill is done
-            if not ((fits and self.blocks.grow(s.blocks, len(s.token_ids)))
-                    or self._admit_to_host(s, mb, n)):
+            if ((need + self.watermark <= self.blocks.num_free or not run)
+                    and need <= self.blocks.num_free
+                    and whole <= self.blocks.num_blocks):    # it can finish resident
+                self._admit_resident(s, hit)
+            elif not self._admit_to_host(s, mb, min(s.remaining, budget)):
                 break
-            self.waiting.popleft()
+            del self.waiting[w]
+            key = self._first_key(s)
+            if key is not None and self._group_tail.get(key) is s:
+                del self._group_tail[key]
+            n = min(s.remaining, budget)
             s.mb = mb
             run.append(s)
             items.append((s, n))
@@ -156,6 +217,32 @@ class Scheduler:
         if not items:
             return None
         return self._plan(mb, items)
+
+    def _admit_resident(self, s: Sequence, hit: list[int]) -> None:
+        """Give ``s`` its blocks: the cached ones of ``hit`` shared, the rest of its tokens'
+        new; its computation starts after the cached tokens."""
+        self.blocks.share(s.blocks, hit)
+        grown = self.blocks.grow(s.blocks, len(s.token_ids))
+        assert grown, "room was checked"
+        s.num_computed = s.num_cached = len(hit) * self.cfg.block_size
+        s.num_registered = len(hit)
+        if self.caching:
+            for k in s.block_keys[len(hit):shareable_blocks(len(s.token_ids),
+                                                           self.cfg.block_size)]:
+                self.computing.setdefault(k, s)
+
+    def _register(self, s: Sequence) -> None:
+        """Offer the blocks ``s`` has filled to the cache."""
+        bs = self.cfg.block_size
+        full = s.num_computed // bs
+        if full <= s.num_registered:
+            return
+        keys = extend_keys(s.block_keys, s.token_ids, bs, full)
+        for i in range(s.num_registered, full):
+            self.blocks.register(keys[i], s.blocks[i])
+            if self.computing.get(keys[i]) is s:
+                del self.computing[keys[i]]
+        s.num_registered = full
 
     def _make_room(self, run: list[Sequence], s: Sequence, n: int) -> bool:
         """Memory for ``s`` to take ``n`` more tokens, preempting the newest sequences that hold
@@ -183,6 +270,7 @@ class Scheduler:
 
     def _admit_to_host(self, s: Sequence, mb: int, n: int) -> bool:
         """Admit ``s`` (taking ``n`` tokens now) offloaded, else streamed; True if either."""
+        s.num_cached = 0
         if self._stage(s, mb):
             grown = self._grow_staged(s, n)
             assert grown, "_stage found room for the first chunk"
@@ -256,6 +344,8 @@ class Scheduler:
         """Account for a finished step; returns the sequences that got a new token."""
         for s, n in zip(plan.seqs, plan.q_lens):
             s.num_computed += int(n)
+            if self.caching and not (s.offloaded or s.streamed):
+                self._register(s)
         sampled = [plan.seqs[r] for r in plan.sample_rows]
         for s, t in zip(sampled, new_tokens):
             s.token_ids.append(int(t))

@@ -23,6 +23,10 @@ class Sequence:
         self.finish_reason: str | None = None
         self.detok = None              # its IncrementalDetokenizer, when the run has a tokenizer
         self.num_preemptions = 0
+        # prefix caching (pipemax/prefix_cache.py)
+        self.block_keys: list[bytes] = []   # keys of its full blocks of tokens, as far as known
+        self.num_registered = 0        # of its blocks, those offered to the cache
+        self.num_cached = 0            # tokens its latest admission took from the cache
 
     @property
     def output_ids(self) -> list[int]:

@@ -43,6 +43,12 @@ class _Text:
             self.lines.append(f"{name}{{{lab}}} {_num(v)}" if lab else f"{name} {_num(v)}")
 
 
+def _share(totals: dict) -> float:
+    """Prompt tokens from the prefix cache over prompt tokens (0 before any)."""
+    total = int(totals.get("prompt_tokens") or 0)
+    return int(totals.get("prompt_tokens_cached") or 0) / total if total else 0.0
+
+
 def prometheus(s: dict) -> str:
     """The snapshot in the Prometheus text exposition format (version 0.0.4)."""
     t = _Text()
@@ -67,6 +73,13 @@ def prometheus(s: dict) -> str:
               ({"outcome": "error"}, int(tot.get("requests_error") or 0))])
     t.metric("pipemax_prompt_tokens_total", "counter", "Prompt tokens of answered requests.",
              int(tot.get("prompt_tokens") or 0))
+    t.metric("pipemax_prompt_tokens_computed_total", "counter",
+             "Prompt tokens of answered requests that were computed (the rest came from the "
+             "prefix cache).",
+             int(tot.get("prompt_tokens") or 0) - int(tot.get("prompt_tokens_cached") or 0))
+    t.metric("pipemax_prefix_cache_hit_ratio", "gauge",
+             "Share of answered requests' prompt tokens taken from the prefix cache.",
+             _share(tot))
     t.metric("pipemax_output_tokens_total", "counter", "Tokens generated for answered requests.",
              int(tot.get("output_tokens") or 0))
     t.metric("pipemax_output_tokens_per_second", "gauge",
@@ -115,10 +128,17 @@ def describe(s: dict) -> str:
                  f"{req.get('failed', 0)} failed")
     lines.append(f"speed      {float(s.get('tok_s') or 0):.1f} output tok/s, ETA "
                  f"{fmt_duration(s.get('eta_s'))}")
+    tot = s.get("totals") or {}
+    if tot.get("prompt_tokens"):
+        lines.append(f"prompts    {tot['prompt_tokens']} tokens, "
+                     f"{tot['prompt_tokens'] - int(tot.get('prompt_tokens_cached') or 0)} "
+                     f"computed ({100 * _share(tot):.0f}% from the prefix cache)")
     if kv:
         host = (f", host {kv.get('host_used')}/{kv.get('host_total')}"
                 if kv.get("host_total") is not None else "")
-        lines.append(f"KV blocks  GPU {kv.get('gpu_used')}/{kv.get('gpu_total')}{host} "
+        idle = (f" (+{kv['gpu_cached_idle']} cached, idle)" if kv.get("gpu_cached_idle")
+                else "")
+        lines.append(f"KV blocks  GPU {kv.get('gpu_used')}/{kv.get('gpu_total')}{idle}{host} "
                      f"(blocks of {kv.get('block_size')} tokens)")
     stages = s.get("stages") or []
     if stages:

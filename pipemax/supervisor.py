@@ -70,7 +70,7 @@ class Supervisor:
         self.marked: dict[int, object] = {}   # id(seq) -> seq, cancelled while in flight
         self.started = time.monotonic()
         self.totals = {"requests_ok": 0, "requests_error": 0, "prompt_tokens": 0,
-                       "output_tokens": 0, "steps": 0}
+                       "prompt_tokens_cached": 0, "output_tokens": 0, "steps": 0}
         self.last_refresh = 0.0
         self.last_notify = 0.0
         self._busy = 0.0
@@ -122,8 +122,8 @@ class Supervisor:
         e, job = self.engine, self.job
         self.in_job = False
         if e is not None:
-            for k in ("requests_ok", "requests_error", "prompt_tokens", "output_tokens",
-                      "steps"):
+            for k in ("requests_ok", "requests_error", "prompt_tokens",
+                      "prompt_tokens_cached", "output_tokens", "steps"):
                 self.totals[k] += getattr(e.stats, k)
         if job is not None:
             if self.progress is not None:
@@ -395,8 +395,8 @@ class Supervisor:
             return snap
         st = e.stats
         if self.in_job:
-            for k in ("requests_ok", "requests_error", "prompt_tokens", "output_tokens",
-                      "steps"):
+            for k in ("requests_ok", "requests_error", "prompt_tokens",
+                      "prompt_tokens_cached", "output_tokens", "steps"):
                 snap["totals"][k] += getattr(st, k)
         sched = e.sched
         snap["requests"].update(running=sched.num_running(), waiting=len(sched.waiting))
@@ -411,6 +411,7 @@ class Supervisor:
         host = getattr(sched, "host", None)
         snap["kv"] = {"block_size": self.block_size, "gpu_total": blocks.num_blocks,
                       "gpu_used": blocks.num_blocks - blocks.num_free,
+                      "gpu_cached_idle": getattr(blocks, "num_idle_cached", 0),
                       "host_total": getattr(host, "num_blocks", None),
                       "host_used": getattr(host, "used", None)}
         snap["preemptions"] = int(getattr(sched, "num_preemptions", 0))

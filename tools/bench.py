@@ -11,13 +11,15 @@ Systems:
     pipemax-offload  the same with --kv-offload on
     pipemax-resident the same with --kv-offload off (GPU-resident KV: vLLM's pipeline policy)
     pipemax-1gpu     one stage with --kv-offload on (FlexGen's setting)
+    pipemax-cache    the same as pipemax with --prefix-caching on (the default)
+    pipemax-nocache  the same with --prefix-caching off (every prompt token computed)
     transformers     HuggingFace ``generate`` at each of ``--hf-batch-sizes`` (best one counts),
                      where transformers is installed
     roofline         the cost model's whole-run prediction for the plan pipemax chose
                      (pipemax/planner.py), read from the first pipemax run
 
 Figures per run: output and total tokens/s, requests/s, peak GPU memory per stage, host KV
-bytes, PCIe bytes moved, the share of stage time spent waiting for work (pipeline bubbles),
+bytes, PCIe bytes moved, the share of prompt tokens taken from the prefix cache, the share of stage time spent waiting for work (pipeline bubbles),
 and measured over predicted. ``--chart FILE.png`` draws output tokens/s (matplotlib, if
 installed). While a pipemax system runs, its own lines pass through to stderr: the plan, and
 its progress (a bar on a terminal, else a line every ``--progress-interval`` seconds).
@@ -82,7 +84,9 @@ def run_pipemax(a, name: str, gpus: int, extra: list[str], req_file: str, tmp: P
 
 PIPEMAX_SYSTEMS = {"pipemax": (None, []), "pipemax-offload": (None, ["--kv-offload", "on"]),
                    "pipemax-resident": (None, ["--kv-offload", "off"]),
-                   "pipemax-1gpu": (1, ["--kv-offload", "on"])}
+                   "pipemax-1gpu": (1, ["--kv-offload", "on"]),
+                   "pipemax-cache": (None, ["--prefix-caching", "on"]),
+                   "pipemax-nocache": (None, ["--prefix-caching", "off"])}
 
 
 def derive(r: dict) -> dict:
@@ -131,7 +135,8 @@ def run_transformers(a, name: str) -> dict:
 
 def table(results: list[dict]) -> str:
     cols = ["system", "gpus", "output_tok_s", "total_tok_s", "requests_s", "seconds",
-            "peak_gpu_gb", "host_kv_gb", "pcie_gb", "idle_share", "gpu_idle_share",
+            "peak_gpu_gb", "host_kv_gb", "pcie_gb", "prompt_cache_hit_share", "idle_share",
+            "gpu_idle_share",
             "hidden_share",
             "measured_over_predicted",
             "batch"]

@@ -2,6 +2,8 @@
 
     python -m tools.plan --model llama3-70b --gpus 8 --gpu-memory-gb 48 \
         --figures hbm_gbs=4300,h2d_gbs=46,tflops=780 --prompt 1024 --output 1024
+    python -m tools.plan --model llama3-8b --gpus 1 --gpu-memory-gb 141 --prompt 1152 \
+        --output 128 --cached-prompt 1024          # a 1024-token prefix every request shares
 
 Stage memory is estimated from the weights (each stage's layers, the embedding on the first,
 the lm_head on the last) and a fixed activation reserve; the run itself measures it.
@@ -41,6 +43,10 @@ def main(argv=None) -> int:
     p.add_argument("--figures", default="hbm_gbs=4300,h2d_gbs=46,tflops=780")
     p.add_argument("--prompt", type=float, default=1024)
     p.add_argument("--output", type=float, default=1024)
+    p.add_argument("--cached-prompt", type=float, default=0,
+                   help="mean prompt tokens per request from the prefix cache")
+    p.add_argument("--prefixes", type=int, default=1,
+                   help="distinct shared prefixes (of --cached-prompt tokens) the cache holds")
     p.add_argument("--micro-batches", type=int, default=None, help="default: gpus + 1")
     p.add_argument("--max-seqs", type=int, default=4096)
     p.add_argument("--host-gb", type=float, default=400)
@@ -50,7 +56,10 @@ def main(argv=None) -> int:
     figs = DeviceFigures(**{k: float(v) for k, v in
                             (item.split("=") for item in a.figures.split(","))})
     st = shapes(cfg, a.gpus, a.gpu_memory_gb, 2, a.block_size, a.reserve_gb)
-    wl = Workload(a.prompt, a.output, int(a.prompt + a.output))
+    if not 0 <= a.cached_prompt < a.prompt:
+        p.error("--cached-prompt must be at least 0 and less than --prompt")
+    wl = Workload(a.prompt, a.output, int(a.prompt + a.output), cached_prompt=a.cached_prompt,
+                  cached_blocks=a.prefixes * int(-(-a.cached_prompt // a.block_size)))
     host_blocks = int(a.host_gb * GiB // sum(s.block_bytes for s in st))
     M = a.micro_batches or a.gpus + 1
     rows = {}

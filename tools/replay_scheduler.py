@@ -5,7 +5,9 @@
 
 No model and no device: every step "samples" a fixed token, so the figures are the scheduler's
 alone. Tokens computed over tokens needed (prompt plus output, each once) shows the work lost
-to preemptions (a preempted sequence is recomputed from its first token). Prints one JSON line.
+to preemptions (a preempted sequence is recomputed from its first token), and with
+``--prefix-caching`` the work saved by shared prefixes (the prompts are then the workload's
+tokens, tools/workload.py). Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -15,16 +17,21 @@ import json
 from pipemax.requests import Request, SamplingParams
 from pipemax.scheduler import Scheduler, SchedulerConfig
 from pipemax.sequence import Sequence
-from tools.workload import lengths
+from tools.workload import lengths, requests
 
 
-def replay(cfg: SchedulerConfig, lens: list[tuple[int, int]], max_steps: int = 10**6) -> dict:
-    """Run ``lens`` ((prompt, output) per request) through a scheduler of ``cfg``."""
+def replay(cfg: SchedulerConfig, lens: list[tuple[int, int]], max_steps: int = 10**6,
+           prompts: list[list[int]] | None = None) -> dict:
+    """Run ``lens`` ((prompt, output) per request; the prompts' tokens ``prompts``, by
+    default distinct) through a scheduler of ``cfg``."""
     sch = Scheduler(cfg)
+    seqs = []
     for i, (p, o) in enumerate(lens):
-        r = Request(i, f"r{i}", "completion", tuple(range(3, 3 + p)),
+        ids = tuple(prompts[i]) if prompts is not None else tuple(range(3 + i, 3 + i + p))
+        r = Request(i, f"r{i}", "completion", ids,
                     SamplingParams(max_tokens=o, temperature=0, ignore_eos=True), False, None)
-        sch.add(Sequence(r, i))
+        seqs.append(Sequence(r, i))
+        sch.add(seqs[-1])
     steps = computed = 0
     while sch.has_work() and steps < max_steps:
         for mb in range(cfg.num_micro_batches):
@@ -38,6 +45,7 @@ def replay(cfg: SchedulerConfig, lens: list[tuple[int, int]], max_steps: int = 1
                     sch.finish(s)
     return {"steps": steps, "finished": not sch.has_work(), "tokens_computed": computed,
             "tokens_needed": sum(p + o - 1 for p, o in lens),
+            "prompt_tokens_cached": sum(s.num_cached for s in seqs),
             "preemptions": sch.num_preemptions, "offloaded": sch.num_offloaded_admitted,
             "streamed": sch.num_streamed_admitted}
 
@@ -54,10 +62,15 @@ def main(argv=None) -> int:
     p.add_argument("--resident", type=int, required=True, help="GPU-resident blocks")
     p.add_argument("--staging", type=int, default=0, help="blocks per staging buffer")
     p.add_argument("--host", type=int, default=0, help="host pool blocks")
+    p.add_argument("--prefix-caching", action="store_true")
     a = p.parse_args(argv)
     cfg = SchedulerConfig(a.micro_batches, a.seqs_per_mb, a.max_tokens_per_step, a.block_size,
-                          a.resident, a.staging, a.host)
-    print(json.dumps(replay(cfg, lengths(a.workload, a.num_requests, 0, 1 << 20))))
+                          a.resident, a.staging, a.host, prefix_caching=a.prefix_caching)
+    prompts = ([r["body"]["prompt"] for r in requests(a.workload, a.num_requests, 32000,
+                                                      max_len=1 << 20)]
+               if a.prefix_caching else None)
+    print(json.dumps(replay(cfg, lengths(a.workload, a.num_requests, 0, 1 << 20),
+                            prompts=prompts)))
     return 0
 
 

@@ -1,0 +1,343 @@
+"""Prefix caching: shared blocks are reference-counted, never written while shared, and freed
+(left cached, idle) exactly when the last holder lets go; through the CLI, the same tokens as
+transformers and as caching off, at 1-3 stages, with offload and with preemption forced."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipemax.block_manager import BlockManager
+from pipemax.prefix_cache import PrefixCache, cached_tokens, extend_keys, shareable_blocks
+from pipemax.requests import Request, SamplingParams
+from pipemax.scheduler import Scheduler, SchedulerConfig
+from pipemax.sequence import Sequence
+
+
+# ---- keys and the cache ---------------------------------------------------------------------
+def test_a_key_names_the_whole_prefix():
+    a = extend_keys([], [1, 2, 3, 4, 5, 6, 7, 8, 9], 4)
+    b = extend_keys([], [1, 2, 3, 4, 5, 6, 7, 0], 4)
+    c = extend_keys([], [9, 2, 3, 4, 5, 6, 7, 8], 4)
+    assert len(a) == 2 and a[0] == b[0] and a[1] != b[1]   # the first difference splits them
+    assert c[1] != a[1]                                    # same tokens, other parent
+    assert extend_keys(a[:1], [1, 2, 3, 4, 5, 6, 7, 8, 9], 4) == a   # extends in place
+    assert shareable_blocks(8, 4) == 1 and shareable_blocks(9, 4) == 2   # last token computed
+
+
+def test_lru_eviction_and_reuse():
+    bm = BlockManager(4, 2, prefix_caching=True)
+    x, y = [], []
+    assert bm.grow(x, 4) and bm.grow(y, 4)        # two blocks each, all four taken
+    keys = extend_keys([], [1, 2, 3, 4], 2)
+    bm.register(keys[0], x[0])
+    bm.register(keys[1], x[1])
+    held = list(x)
+    bm.release(x)
+    assert bm.num_free == 2 and bm.num_idle_cached == 2
+    assert bm.match(keys) == held                 # still cached while idle
+    z = []
+    bm.share(z, bm.match(keys[:1]))               # one taken back: no longer idle
+    assert bm.num_idle_cached == 1 and bm.refs[held[0]] == 1
+    w = []
+    assert bm.grow(w, 2) and w == [held[1]]       # no free block: the idle one is evicted
+    assert bm.match(keys) == [held[0]]            # ... and forgotten
+    assert not bm.grow([], 2)                     # nothing left
+    for b in (y, z, w):
+        bm.release(b)
+    assert bm.num_free == 4 and bm.refs == [0] * 4
+
+
+def test_a_key_cached_twice_keeps_the_first_block():
+    c = PrefixCache()
+    assert c.insert(b"k", 3) and not c.insert(b"k", 5) and c.lookup([b"k", b"j"]) == [3]
+
+
+def test_cached_tokens_counts_what_sharers_reuse():
+    p = list(range(100, 120))
+    prompts = [p + [i, i + 1, i + 2] for i in range(5)]
+    hit, shared = cached_tokens(prompts, 4)
+    assert shared == 5 and hit == 4 * 5 * 4       # 4 sharers x 5 blocks of 4 tokens
+
+
+# ---- the scheduler, randomized ----------------------------------------------------------------
+def req(i, prompt, max_tokens):
+    return Request(i, f"r{i}", "completion", tuple(prompt),
+                   SamplingParams(max_tokens=max_tokens, temperature=0), False, None)
+
+
+def shared_seqs(rng, n, prefixes=3, bs=4):
+    heads = [rng.integers(3, 50, size=int(rng.integers(bs, 6 * bs))).tolist()
+             for _ in range(prefixes)]
+    out = []
+    for i in range(n):
+        head = heads[int(rng.integers(prefixes))]
+        tail = rng.integers(3, 50, size=int(rng.integers(0, 10))).tolist()
+        out.append(Sequence(req(i, head + tail or [5], int(rng.integers(1, 12))), i))
+    return out
+
+
+def check(sch: Scheduler):
+    """Every resident block's count is the number of running sequences that hold it; idle
+    cached blocks and free blocks are disjoint from held ones."""
+    bm = sch.blocks
+    held: dict[int, int] = {}
+    for run in sch.running:
+        for s in run:
+            if not (s.offloaded or s.streamed):
+                for b in s.blocks:
+                    held[b] = held.get(b, 0) + 1
+    assert all(bm.refs[b] == c for b, c in held.items())
+    assert all(bm.refs[b] == 0 for b in range(bm.num_blocks) if b not in held)
+    idle = set(bm.cache.idle)
+    free = set(bm._free)
+    assert not idle & free and not idle & held.keys() and not free & held.keys()
+    assert len(idle) + len(free) + len(held) == bm.num_blocks
+    assert all(b in bm.cache.key_of for b in idle)
+
+
+def writes_go_to_own_blocks(sch: Scheduler, plan):
+    """The blocks a step writes (its new tokens' positions) are held by that sequence alone
+    and not cached: a sampled or computed token never lands in a shared block."""
+    bs = sch.cfg.block_size
+    for s, q, c in zip(plan.seqs, plan.q_lens, plan.ctx_lens):
+        if s.offloaded or s.streamed:
+            continue
+        for pos in range(int(c - q), int(c)):
+            b = s.blocks[pos // bs]
+            assert sch.blocks.refs[b] == 1, "a write into a shared block"
+            assert b not in sch.blocks.cache.key_of, "a write into a cached block"
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("offload", [False, True])
+def test_random_admit_finish_preempt(seed, offload):
+    rng = np.random.default_rng(seed)
+    cfg = SchedulerConfig(3, 4, 24, 4, 40, staging_blocks=16 if offload else 0,
+                          host_blocks=200 if offload else 0, prefix_caching=True)
+    sch = Scheduler(cfg)
+    todo = shared_seqs(rng, 50)
+    for s in todo:
+        sch.add(s)
+    done = 0
+    for _ in range(5000):
+        progressed = False
+        for mb in rng.permutation(cfg.num_micro_batches):
+            plan = sch.schedule(int(mb))
+            if plan is None:
+                continue
+            progressed = True
+            check(sch)
+            writes_go_to_own_blocks(sch, plan)
+            for s in sch.complete(plan, [7] * len(plan.sample_rows)):
+                if s.num_output >= s.params.max_tokens or rng.random() < 0.05:
+                    sch.finish(s)             # finished, or cancelled early
+                    done += 1
+            check(sch)
+            if sch.running[int(mb)] and rng.random() < 0.1:   # a preemption from outside
+                sch._preempt(sch.running[int(mb)][-1])
+                check(sch)
+        if not sch.has_work():
+            break
+        assert progressed, "stalled with work left"
+    assert done == len(todo)
+    assert sch.blocks.refs == [0] * cfg.num_blocks and sch.blocks.num_free == cfg.num_blocks
+    assert not sch.computing
+    assert sum(s.num_cached for s in todo) > 0
+
+
+def test_a_shared_prefix_is_computed_once_before_its_sharers():
+    """32 requests with a 64-token prefix: the first computes it, the others wait for it and
+    then compute only their own 8 tokens (and their outputs)."""
+    bs = 4
+    head = list(range(100, 164))
+    seqs = [Sequence(req(i, head + [i] * 8, 4), i) for i in range(32)]
+    cfg = SchedulerConfig(2, 8, 256, bs, 400, prefix_caching=True)
+    sch = Scheduler(cfg)
+    for s in seqs:
+        sch.add(s)
+    computed = 0
+    while sch.has_work():
+        for mb in range(2):
+            plan = sch.schedule(mb)
+            if plan is None:
+                continue
+            computed += plan.num_tokens
+            for s in sch.complete(plan, [7] * len(plan.sample_rows)):
+                if s.num_output >= 4:
+                    sch.finish(s)
+    prompt = 32 * 72
+    assert sum(s.num_cached for s in seqs) == 31 * 64
+    assert computed == prompt - 31 * 64 + 32 * 3     # each output token but the last computed
+
+
+def test_sharers_queue_together_and_seeds_stay_theirs():
+    bs = 4
+    a, b = list(range(10, 18)), list(range(30, 38))
+    seqs = [Sequence(req(i, (a if i % 2 == 0 else b) + [i], 2), 1000 + i) for i in range(6)]
+    sch = Scheduler(SchedulerConfig(1, 4, 64, bs, 100, prefix_caching=True))
+    for s in seqs:
+        sch.add(s)
+    assert [s.req.index for s in sch.waiting] == [0, 2, 4, 1, 3, 5]
+    off = Scheduler(SchedulerConfig(1, 4, 64, bs, 100, prefix_caching=False))
+    for s in seqs:
+        off.add(s)
+    assert [s.req.index for s in off.waiting] == list(range(6))   # caching off: line order
+
+
+def test_a_preempted_sequence_finds_its_own_blocks_cached():
+    bs = 4
+    s = Sequence(req(0, list(range(10, 30)), 10), 0)
+    sch = Scheduler(SchedulerConfig(1, 2, 64, bs, 20, prefix_caching=True))
+    sch.add(s)
+    for _ in range(4):
+        plan = sch.schedule(0)
+        sch.complete(plan, [7] * len(plan.sample_rows))
+    assert s.num_computed == 23 and len(s.token_ids) == 24
+    sch._preempt(s)
+    plan = sch.schedule(0)
+    assert s.num_cached == 20 and plan.q_lens.tolist() == [4]   # 5 full blocks back
+
+
+# ---- through the CLI, against transformers -----------------------------------------------------
+MAX_NEW = 40
+BS = ["--block-size", "4"]
+TINY_KV = ["--kv-cache-gb", "0.00012"]     # 41 blocks of 4: preemptions, offload
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from checkpoints import checkpoint_root, make_checkpoint
+    return make_checkpoint(checkpoint_root(tmp_path_factory), "llama-gqa-sharded")
+
+
+def shared_prompts(n=18, seed=4):
+    """Three prefixes (of 9, 16 and 23 tokens: not all whole blocks), unique tails of 0-6
+    tokens; one prompt is a prefix alone, one a prefix plus one token."""
+    rng = np.random.default_rng(seed)
+    heads = [rng.integers(3, 500, size=k).tolist() for k in (9, 16, 23)]
+    out = [heads[i % 3] + rng.integers(3, 500, size=int(rng.integers(0, 7))).tolist()
+           for i in range(n - 2)]
+    return out + [heads[1], heads[1] + [77]]
+
+
+def cli(tmp_path, model_dir, rows, name, *flags):
+    from cli import read_results, run_cli, write_jsonl
+    inp = write_jsonl(tmp_path / f"{name}.in.jsonl", rows)
+    out = tmp_path / f"{name}.out.jsonl"
+    stats = tmp_path / f"{name}.stats.json"
+    p = run_cli(["--model", str(model_dir), "--input", str(inp), "--output", str(out),
+                 "--stats-json", str(stats), *BS, *flags])
+    assert p.returncode == 0, p.stderr
+    res = read_results(out)
+    assert all(v["error"] is None for v in res.values()), res
+    return ({k: v["response"]["body"]["choices"][0] for k, v in res.items()},
+            json.loads(stats.read_text()), p)
+
+
+def greedy_rows(ids_list):
+    return [{"custom_id": f"r{i}", "body": {"prompt": ids, "max_tokens": MAX_NEW,
+             "temperature": 0, "ignore_eos": True, "return_token_ids": True},
+             "url": "/v1/completions", "method": "POST"} for i, ids in enumerate(ids_list)]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    from checkpoints import hf_greedy
+    ids = shared_prompts()
+    return ids, hf_greedy(model_dir, ids, MAX_NEW)
+
+
+@pytest.mark.parametrize("stages,flags", [
+    (1, []), (2, []), (3, []),
+    (2, TINY_KV + ["--kv-offload", "off"]),     # preemptions forced
+    (2, ["--kv-cache-gb", "0.0006", "--kv-offload", "on"]),   # offloaded ones beside cached
+])
+def test_caching_on_matches_transformers(tmp_path, model_dir, reference, stages, flags):
+    ids, ref = reference
+    got, st, p = cli(tmp_path, model_dir, greedy_rows(ids), "on", "--gpus", str(stages),
+                     "--prefix-caching", "on", *flags)
+    for i in range(len(ids)):
+        assert got[f"r{i}"]["token_ids"] == ref[i], f"prompt {i}"
+    assert st["prompt_tokens"] == sum(map(len, ids))
+    assert 0 < st["prompt_tokens_computed"] < st["prompt_tokens"]
+    assert st["prompt_cache_hit_share"] == pytest.approx(
+        1 - st["prompt_tokens_computed"] / st["prompt_tokens"])
+    assert "from the prefix cache" in p.stdout
+    if "--kv-offload" in flags and "off" in flags:
+        assert st["preemptions"] > 0
+    if "--kv-offload" in flags and "on" in flags:
+        assert st["offloaded_admitted"] > 0
+
+
+def test_caching_off_computes_every_prompt_token(tmp_path, model_dir, reference):
+    ids, ref = reference
+    got, st, p = cli(tmp_path, model_dir, greedy_rows(ids), "off", "--gpus", "2",
+                     "--prefix-caching", "off")
+    assert [got[f"r{i}"]["token_ids"] for i in range(len(ids))] == ref
+    assert st["prompt_tokens_computed"] == st["prompt_tokens"]
+    assert st["prompt_cache_hit_share"] == 0.0 and "prefix cache" not in p.stdout
+
+
+def test_seeded_sampling_same_text_with_caching_on_or_off(tmp_path, model_dir):
+    ids = shared_prompts(12, seed=9)
+    rows = [{"custom_id": f"r{i}", "body": {"prompt": x, "max_tokens": MAX_NEW,
+             "temperature": 0.9, "top_p": 0.95, "seed": 50 + i, "ignore_eos": True,
+             "return_token_ids": True}, "url": "/v1/completions", "method": "POST"}
+            for i, x in enumerate(ids)]
+    on, st, _ = cli(tmp_path, model_dir, rows, "s_on", "--gpus", "2", "--prefix-caching", "on")
+    off, _, _ = cli(tmp_path, model_dir, rows, "s_off", "--gpus", "2",
+                    "--prefix-caching", "off")
+    assert st["prompt_tokens_computed"] < st["prompt_tokens"]
+    assert {k: v["token_ids"] for k, v in on.items()} == {k: v["token_ids"]
+                                                           for k, v in off.items()}
+
+
+def test_bench_compares_caching_on_and_off_on_the_shared_workload(tmp_path, capsys):
+    from test_bench import TINY
+    from tools import bench
+    out = tmp_path / "bench.json"
+    assert bench.main(["--model", "llama3-8b", *TINY, "--device", "cpu", "--dtype", "float32",
+                       "--gpus", "1", "--workload", "shared:64/8/4", "--num-requests", "12",
+                       "--systems", "pipemax-cache,pipemax-nocache",
+                       "--pipemax-args", "--threads 1 --block-size 4", "--json", str(out)]) == 0
+    assert "prompt_cache_hit_share" in capsys.readouterr().out.splitlines()[0]
+    rows = {r["system"]: r for r in json.loads(out.read_text())}
+    on, off = rows["pipemax-cache"], rows["pipemax-nocache"]
+    assert on["prompt_tokens"] == off["prompt_tokens"] == 12 * 72
+    assert off["prompt_tokens_computed"] == 12 * 72
+    assert on["prompt_tokens_computed"] == 72 + 11 * 8      # the prefix once, then own parts
+    assert on["plan"]["cached_prompt"] == pytest.approx(11 * 64 / 12)
+
+
+def test_workloads_with_shared_prefixes():
+    from tools.workload import layout, requests
+    rows = requests("shared:20/5/3", 4, 1000)
+    assert all(r["body"]["prompt"][:20] == rows[0]["body"]["prompt"][:20] for r in rows)
+    assert len({tuple(r["body"]["prompt"][20:]) for r in rows}) == 4
+    assert all(len(r["body"]["prompt"]) == 25 and r["body"]["max_tokens"] == 3 for r in rows)
+    few = layout("fewshot:3", 200, 0, 4096)
+    assert {w for _, _, w, _ in few} == {0, 1, 2}
+    assert len({pre for _, _, _, pre in few}) == 3 and all(p > pre for p, _, _, pre in few)
+    rows = requests("fewshot:3", 30, 1000)
+    heads = {tuple(r["body"]["prompt"][:500]) for r in rows}
+    assert len(heads) == 3
+    with pytest.raises(ValueError):
+        layout("shared:1/2", 3, 0, 4096)
+
+
+def test_replay_on_the_shared_workload_computes_a_ninth_of_the_prompts(capsys):
+    """The scheduler alone on shared:128/16/16 (the target's shape, scaled): the prefix is
+    computed once, so prompt tokens computed are the own parts plus one prefix."""
+    from tools.replay_scheduler import main
+    args = ["--workload", "shared:128/16/16", "--num-requests", "64", "--seqs-per-mb", "16",
+            "--resident", "2000", "--block-size", "16", "--max-tokens-per-step", "512"]
+    assert main(args + ["--prefix-caching"]) == 0
+    on = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    off = json.loads(capsys.readouterr().out)
+    prompt = 64 * 144
+    assert on["finished"] and on["prompt_tokens_cached"] == 63 * 128
+    assert (prompt - on["prompt_tokens_cached"]) / prompt <= 0.15
+    assert on["tokens_computed"] == off["tokens_computed"] - 63 * 128 and on["steps"] < off["steps"]
