@@ -90,18 +90,24 @@ def text_prompts(folder: str, n: int, rng) -> list[list[int]]:
 
 
 def hf_reference(folder: str, prompts, max_new: int, device: str, dtype):
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    """transformers' greedy continuation of each prompt, as a plain argmax loop over the model's
+    forward with its KV cache: no logits processors (``generate`` with ``min_new_tokens`` sets
+    EOS to -inf, so a trained model that would say EOS is made to say its second choice, while
+    pipemax with ``ignore_eos`` takes the argmax and goes on)."""
+    from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-    gc = GenerationConfig(do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new,
-                          eos_token_id=None, pad_token_id=0, output_logits=True,
-                          return_dict_in_generate=True)
     out = []
     with torch.no_grad():
         for ids in prompts:
             x = torch.tensor([ids], device=device)
-            g = model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc)
-            toks = g.sequences[0, len(ids):].tolist()
-            out.append((toks, *top2(torch.stack(g.logits)[:, 0])))      # [steps, vocab]
+            past, toks, logits = None, [], []
+            for _ in range(max_new):
+                o = model(input_ids=x, past_key_values=past, use_cache=True)
+                past, last = o.past_key_values, o.logits[0, -1].float()
+                logits.append(last)
+                toks.append(int(last.argmax()))
+                x = torch.tensor([[toks[-1]]], device=device)
+            out.append((toks, *top2(torch.stack(logits))))                 # [steps, vocab]
     del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()

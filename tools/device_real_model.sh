@@ -23,7 +23,7 @@ cmp() {   # name, then compare_hf flags
     echo "$name: exit $?"
     grep "^compare_hf\|^  prompt" "$OUT/$name.log" || tail -5 "$OUT/$name.log"
 }
-cmp real_fp32_1st --dtype float32 --gpus 1 --num-prompts 32
-cmp real_fp32_3st --dtype float32 --gpus 3 --num-prompts 32 --pipemax-args "--stage-devices 0,0,0"
+cmp real_fp32_1st --dtype float32 --gpus 1 --num-prompts 16
+cmp real_fp32_3st --dtype float32 --gpus 3 --num-prompts 16 --pipemax-args "--stage-devices 0,0,0"
 cmp real_bf16_1st --dtype bfloat16 --gpus 1 --num-prompts 64
 cmp real_bf16_3st --dtype bfloat16 --gpus 3 --num-prompts 64 --pipemax-args "--stage-devices 0,0,0"
