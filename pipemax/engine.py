@@ -6,6 +6,12 @@ One step: take in requests while the queue is short, launch every idle micro-bat
 the next micro-batch to come back from the last stage, and land its tokens (finishing and
 writing the requests that are done). Micro-batches are launched as soon as they come back, so
 with at least as many micro-batches as stages every stage always has work.
+
+Nothing a request line carries can stop the run: an exception raised while preparing one
+request (``prepare``) or finishing it (``land``) becomes that request's ``internal_error``
+line. Only the writer's own failure (the output file, pipemax/results.py) and the pipeline's
+end the loop. Intake reads at most ``INTAKE_LINES`` lines per step, so the step-boundary hooks
+(signals, control commands) run even on an input of nothing but bad lines.
 """
 from __future__ import annotations
 
@@ -17,13 +23,14 @@ from typing import Callable, Iterator
 import numpy as np
 
 from pipemax.pipeline import Pipeline
-from pipemax.requests import Parser, Request, RequestError
+from pipemax.requests import Parser, Request, RequestError, one_line
 from pipemax.results import chat_body, completion_body, error_line, ok_line
 from pipemax.scheduler import Scheduler, StepPlan
 from pipemax.sequence import Sequence
 from pipemax.tokenizer import IncrementalDetokenizer
 
 MAX_TOP_LOGPROBS = 20
+INTAKE_LINES = 4096           # input lines read per step at most
 
 
 @dataclass
@@ -117,7 +124,7 @@ class Engine:
             if self.sched.has_work():   # nothing can run although work is left: a planning bug
                 raise RuntimeError(f"scheduler stalled with {len(self.sched.waiting)} waiting "
                                    "and nothing in flight")
-            return False
+            return not (self.lines_done or self.draining)   # more lines than one intake read
         t0 = time.monotonic()
         got = self.pipeline.recv()
         self.stats.driver_wait_s += time.monotonic() - t0
@@ -134,25 +141,38 @@ class Engine:
 
     # ---- pieces ---------------------------------------------------------------------------
     def intake(self) -> None:
-        while not self.lines_done and len(self.sched.waiting) < self.queue_target:
+        for _ in range(INTAKE_LINES):
+            if self.lines_done or len(self.sched.waiting) >= self.queue_target:
+                return
             try:
                 index, raw = next(self.lines)
             except StopIteration:
                 self.lines_done = True
-                break
+                return
             r = self.parser.parse(raw, index)
             if isinstance(r, Request):
-                r = self.check_fits(r)
+                r = self.prepare(r)
             if isinstance(r, RequestError):
                 self.write(error_line(r))
                 self.stats.requests_error += 1
-                continue
+            else:
+                self.sched.add(r)
+
+    def prepare(self, r: Request) -> Sequence | RequestError:
+        """The request as a sequence ready to schedule, or its error (any exception here is
+        this request's error, not the run's end)."""
+        try:
+            r = self.check_fits(r)
+            if isinstance(r, RequestError):
+                return r
             seed = r.params.seed if r.params.seed is not None else int(
                 self.seed_rng.integers(1 << 62))
             seq = Sequence(r, seed)
             if self.tokenizer is not None:
                 seq.detok = IncrementalDetokenizer(self.tokenizer, list(r.params.stop))
-            self.sched.add(seq)
+            return seq
+        except Exception as e:  # noqa: BLE001 - one request's failure is its own error line
+            return internal_error(r, "could not prepare the request", e)
 
     def check_fits(self, r: Request) -> Request | RequestError:
         """A sequence must fit the KV cache alone: refuse the prompt or clamp max_tokens."""
@@ -174,10 +194,10 @@ class Engine:
         if plan is None:
             return
         rows = [plan.seqs[r] for r in plan.sample_rows]
-        n = len(rows)
-        temp = np.fromiter((s.params.temperature for s in rows), np.float32, n)
-        top_p = np.fromiter((s.params.top_p for s in rows), np.float32, n)
-        top_k = np.fromiter((s.params.top_k for s in rows), np.int64, n)
+        n = len(rows)   # (each sequence holds its values as float32 / int64 already)
+        temp = np.fromiter((s.temperature for s in rows), np.float32, n)
+        top_p = np.fromiter((s.top_p for s in rows), np.float32, n)
+        top_k = np.fromiter((s.top_k for s in rows), np.int64, n)
         u = np.fromiter((0.0 if s.params.greedy else s.rng.random() for s in rows),
                         np.float32, n)
         num_top = max((s.params.logprobs or 0 for s in rows), default=0)
@@ -196,15 +216,41 @@ class Engine:
         top_ids = t["top_ids"].tolist()
         top_lps = t["top_logprobs"].tolist()
         for i, (s, tok) in enumerate(zip(rows, tokens)):
-            if s.logprobs is not None:
-                k = s.params.logprobs
-                s.logprobs.append((tok, lps[i], list(zip(top_ids[i][:k], top_lps[i][:k]))))
-            reason = self.finish_reason(s, tok)
-            if reason:
-                s.finish_reason = reason
+            try:
+                if s.logprobs is not None:
+                    k = s.params.logprobs
+                    s.logprobs.append((tok, lps[i], list(zip(top_ids[i][:k], top_lps[i][:k]))))
+                s.finish_reason = self.finish_reason(s, tok)
+                line = self.result_line(s) if s.finish_reason else None
+                if line is not None and self.on_finish is not None:
+                    self.on_finish(s)
+            except Exception as e:  # noqa: BLE001 - this request's error line, not the run's end
+                s.finish_reason = "error"
+                line = error_line(internal_error(s.req, "could not finish the request", e))
+            if line is not None:
                 self.sched.finish(s)
-                self.emit(s)
+                self.write(line)
+                if line["error"] is None:
+                    self.stats.requests_ok += 1
+                    self.stats.prompt_tokens += s.num_prompt
+                    self.stats.prompt_tokens_cached += min(s.num_cached, s.num_prompt)
+                    self.stats.output_tokens += s.num_output
+                else:
+                    self.stats.requests_error += 1
         self.maybe_log()
+
+    def abandon(self) -> None:
+        """Drop every request without writing a line (the job's files failed, service mode):
+        the micro-batches in flight land unused, every sequence's blocks are released, and
+        the stages and the KV cache are ready for the next job."""
+        self.lines_done = True
+        while self.inflight:
+            meta, _ = self.pipeline.recv()
+            self.inflight.pop(meta["mb"])
+        self.sched.waiting.clear()
+        for run in self.sched.running:
+            for s in list(run):
+                self.sched.finish(s)
 
     def finish_reason(self, s: Sequence, tok: int) -> str | None:
         p = s.params
@@ -218,7 +264,7 @@ class Engine:
             return "length"
         return None
 
-    def emit(self, s: Sequence) -> None:
+    def result_line(self, s: Sequence) -> dict:
         d, s.detok = s.detok, None
         text = d.text if d is not None else ""
         req = s.req
@@ -226,13 +272,7 @@ class Engine:
         body = body_fn(req, text=text, token_ids=s.output_ids, finish_reason=s.finish_reason,
                        logprobs=s.logprobs, model_name=req.model or self.model_name,
                        created=int(time.time()), tokenizer=self.tokenizer)
-        if self.on_finish is not None:
-            self.on_finish(s)
-        self.write(ok_line(req, body))
-        self.stats.requests_ok += 1
-        self.stats.prompt_tokens += s.num_prompt
-        self.stats.prompt_tokens_cached += min(s.num_cached, s.num_prompt)
-        self.stats.output_tokens += s.num_output
+        return ok_line(req, body)
 
     def maybe_log(self) -> None:
         now = time.monotonic()
@@ -244,3 +284,8 @@ class Engine:
         self.log(f"done {st.requests_ok + st.requests_error} requests, running "
                  f"{self.sched.num_running()}, waiting {len(self.sched.waiting)}, "
                  f"{st.output_tokens / max(st.seconds(), 1e-9):.1f} output tok/s")
+
+
+def internal_error(req: Request, what: str, e: Exception) -> RequestError:
+    return RequestError(req.index, req.custom_id, "internal_error",
+                        one_line(f"{what}: {type(e).__name__}: {e}"))

@@ -90,7 +90,8 @@ def default_host_bytes(pinned: bool) -> int:
 
 # ---- the process ---------------------------------------------------------------------------
 def serve(spec: PoolSpec) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM):      # the launcher stops us (as the stages)
+        signal.signal(sig, signal.SIG_IGN)
     alive = lambda: os.getppid() == spec.parent_pid
     rin, rout = Ring.attach(spec.ring_in), Ring.attach(spec.ring_out)
     made = []

@@ -19,13 +19,12 @@ from pathlib import Path
 from pipemax.config import ConfigError, RunConfig, from_args
 from pipemax import devices, supervisor
 from pipemax.control import ControlError
-from pipemax.job import Job, JobError
+from pipemax.job import Job, JobError, JobFailed
 from pipemax.service import serve
 from pipemax.kv_pool import HostMemoryError
 from pipemax.planner import PlanError
 from pipemax.model_config import ModelConfig
 from pipemax.pipeline import StageFailed
-from pipemax.requests import read_requests
 from pipemax.runtime import Runtime
 from pipemax.scheduler import Scheduler
 from pipemax.tiny import DEFAULT_PROMPTS, ensure_tiny_model
@@ -40,14 +39,20 @@ class Terminated(BaseException):
 class Interrupts:
     """SIGTERM / SIGINT handler. The first SIGTERM only sets ``drain_requested`` (the engine
     loop then takes nothing new, finishes what is running and exits 0; see
-    pipemax/supervisor.py). A second SIGTERM, or any SIGINT, raises ``Terminated``; since a C
-    call may swallow that exception (a semaphore wait returns EINTR), the signal is also
-    remembered and ``check()`` (called from every ring wait slice) raises it again. Later
-    signals are ignored so that nothing interrupts the cleanup, which is bounded in time."""
+    pipemax/supervisor.py). SIGTERMs within ``REPEAT_WINDOW_S`` of the first count as that one
+    (``timeout``, a container stop or a batch scheduler signal both the launcher and its
+    process group; the stage processes ignore both signals and leave shutdown to the driver).
+    A later SIGTERM, or any SIGINT, raises ``Terminated``; since a C call may swallow that
+    exception (a semaphore wait returns EINTR), the signal is also remembered and ``check()``
+    (called from every ring wait slice) raises it again. Later signals are ignored so that
+    nothing interrupts the cleanup, which is bounded in time."""
+
+    REPEAT_WINDOW_S = 0.1
 
     def __init__(self):
         self.signum = None
         self.drain_requested = False
+        self.drain_at = 0.0      # time.monotonic() of the first SIGTERM
         self.handled = False     # set once the launcher has caught Terminated
         self.prev = {}
 
@@ -60,9 +65,13 @@ class Interrupts:
             signal.signal(s, h)
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGTERM and not self.drain_requested and self.signum is None:
-            self.drain_requested = True
-            return
+        if signum == signal.SIGTERM and self.signum is None:
+            now = time.monotonic()
+            if not self.drain_requested:
+                self.drain_requested, self.drain_at = True, now
+                return
+            if now - self.drain_at < self.REPEAT_WINDOW_S:
+                return           # the same stop, delivered twice
         if self.signum is None:
             self.signum = signum
             self.check()
@@ -208,7 +217,7 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
     try:
         sup.start()
         reports = rt.start()
-        engine = rt.plan(read_requests(cfg.input) if cfg.input else default_lines(DEFAULT_PROMPTS),
+        engine = rt.plan(job.requests() if job is not None else default_lines(DEFAULT_PROMPTS),
                          hooks=sup, engine_log=None if cfg.quiet else lambda m: info(cfg, m))
         kv_plan, sched, sched_cfg = rt.kv_plan, rt.sched, rt.sched_cfg
         engine.start_job(lines, writer.write if writer is not None else (lambda line: None))
@@ -255,7 +264,7 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
     except (PlanError, HostMemoryError, ControlError) as e:
         err(str(e))
         return 2
-    except StageFailed as e:
+    except (StageFailed, JobFailed) as e:
         err(str(e))
         return 1
     except (KeyboardInterrupt, Terminated):

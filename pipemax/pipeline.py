@@ -150,10 +150,7 @@ class Pipeline:
         for p in self.procs:
             p.join(timeout=max(0.1, timeout / 4))
         for p in self.procs:
-            if p.exitcode is None:
-                p.terminate()
-                p.join(timeout=3.0)
-            if p.exitcode is None:
+            if p.exitcode is None:   # (stages ignore SIGTERM: the driver alone stops them)
                 p.kill()
                 p.join(timeout=3.0)
         return finals

@@ -22,6 +22,14 @@ Differences from OpenAI / vLLM, on purpose
 * JSON ``null`` for an optional field means "absent".
 * Other unknown fields are ignored.
 
+Sampling fields are checked here, in one place, against what the engine can use (the driver
+sends temperature and top_p as float32, top_k as int64, and seeds a Philox generator, which
+takes a 64-bit key): ``seed`` is any int64 (OpenAI's range); the request's generator is keyed
+by its two's-complement 64-bit pattern (``seed mod 2**64``, pipemax/sequence.py), so every
+seed, negative ones included, gives the same tokens on every run; ``top_k`` larger than the vocabulary means all of it (off); a
+``temperature`` below ``GREEDY_TEMPERATURE`` is greedy (dividing logits by it would overflow
+float32).
+
 :func:`parse_line` never raises: every problem becomes a :class:`RequestError` whose message is
 one line naming the field. :class:`Parser` adds the duplicate ``custom_id`` check.
 """
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -41,6 +50,8 @@ MAX_LOGPROBS = 20
 MAX_STOP = 4
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1   # OpenAI's int64 range
+SEED_MODULUS = 2 ** 64        # the generator's key: a seed is used modulo this (non-negative)
+GREEDY_TEMPERATURE = 1e-5     # below this, sampling is greedy (logits / t would overflow)
 
 
 @dataclass(frozen=True)
@@ -49,7 +60,7 @@ class SamplingParams:
     temperature: float = 1.0      # OpenAI default; 0 means greedy
     top_p: float = 1.0
     top_k: int = 0                # 0 = off (-1 in the input is normalised to 0)
-    seed: int | None = None
+    seed: int | None = None       # int64; the generator takes it mod SEED_MODULUS
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -80,7 +91,8 @@ class RequestError:
 
 
 ERROR_CODES = ("invalid_json", "invalid_request", "invalid_url", "invalid_parameter",
-               "prompt_too_long", "invalid_encoding", "duplicate_custom_id", "unsupported")
+               "prompt_too_long", "invalid_encoding", "duplicate_custom_id", "unsupported",
+               "internal_error")   # the engine failed on this one request (pipemax/engine.py)
 
 
 class _Bad(Exception):
@@ -92,7 +104,7 @@ class _Bad(Exception):
         self.message = message
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def one_line(text: str, limit: int = 300) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -211,13 +223,15 @@ def _sampling(body: dict, kind: str, vocab_size: int):
     temperature = _num_field(body, "temperature", 1.0)
     if not 0.0 <= temperature <= 2.0:
         raise _Bad("invalid_parameter", f"temperature must be in [0, 2], got {temperature}")
+    if temperature < GREEDY_TEMPERATURE:
+        temperature = 0.0
     top_p = _num_field(body, "top_p", 1.0)
     if not 0.0 < top_p <= 1.0:
         raise _Bad("invalid_parameter", f"top_p must be in (0, 1], got {top_p}")
     top_k = _int_field(body, "top_k", default=0)
     if top_k < -1:
         raise _Bad("invalid_parameter", f"top_k must be -1, 0 (off) or >= 1, got {top_k}")
-    top_k = max(top_k, 0)
+    top_k = 0 if top_k <= 0 or top_k >= vocab_size else top_k   # >= the vocabulary: all of it
     seed = _int_field(body, "seed", lo=SEED_MIN, hi=SEED_MAX)
 
     stop = _get(body, "stop")
@@ -275,7 +289,7 @@ def _completion_prompt(body: dict, tokenizer, vocab_size: int) -> tuple[int, ...
         try:
             ids = tokenizer.encode(p, add_special_tokens=True)
         except Exception as e:  # noqa: BLE001 - a tokenizer failure is this line's error
-            raise _Bad("invalid_request", f"prompt could not be tokenized: {_one_line(e)}")
+            raise _Bad("invalid_request", f"prompt could not be tokenized: {one_line(e)}")
         return tuple(int(t) for t in ids)
     if isinstance(p, list):
         return _token_ids(p, "prompt", vocab_size)
@@ -327,11 +341,11 @@ def _chat_prompt(body: dict, tokenizer) -> tuple[int, ...]:
     try:
         text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
     except Exception as e:  # noqa: BLE001 - TokenizerError, jinja errors (e.g. role order)
-        raise _Bad("invalid_request", f"messages: the chat template failed: {_one_line(e)}")
+        raise _Bad("invalid_request", f"messages: the chat template failed: {one_line(e)}")
     try:
         ids = tokenizer.encode(text, add_special_tokens=False)
     except Exception as e:  # noqa: BLE001
-        raise _Bad("invalid_request", f"messages could not be tokenized: {_one_line(e)}")
+        raise _Bad("invalid_request", f"messages could not be tokenized: {one_line(e)}")
     return tuple(int(t) for t in ids)
 
 
@@ -349,7 +363,7 @@ def _decode(raw: bytes, index: int):
     except RecursionError:
         raise _Bad("invalid_json", f"line {index + 1}: JSON nested too deeply")
     except ValueError as e:
-        raise _Bad("invalid_json", f"line {index + 1}: not valid JSON: {_one_line(e)}")
+        raise _Bad("invalid_json", f"line {index + 1}: not valid JSON: {one_line(e)}")
     if not isinstance(obj, dict):
         raise _Bad("invalid_request", f"line {index + 1}: must be a JSON object, got {type(obj).__name__}")
     return obj
@@ -424,10 +438,10 @@ def parse_line(raw: bytes, index: int, tokenizer, *, max_model_len: int,
             raise _Bad("invalid_request", f"line {index + 1}: custom_id must be a string, got {_show(cid)}")
         return _parse(obj, index, custom_id, tokenizer, max_model_len, vocab_size)
     except _Bad as e:
-        return RequestError(index, custom_id, e.code, _one_line(e.message))
+        return RequestError(index, custom_id, e.code, one_line(e.message))
     except Exception as e:  # noqa: BLE001 - a bug or odd input must not stop the batch
         return RequestError(index, custom_id, "invalid_request",
-                            _one_line(f"could not parse line {index + 1}: {type(e).__name__}: {e}"))
+                            one_line(f"could not parse line {index + 1}: {type(e).__name__}: {e}"))
 
 
 class Parser:
@@ -451,19 +465,45 @@ class Parser:
             return r
         if cid in self.seen:
             return RequestError(index, cid, "duplicate_custom_id",
-                                _one_line(f"custom_id {_show(cid)} was already used by an earlier line"))
+                                one_line(f"custom_id {_show(cid)} was already used by an earlier line"))
         self.seen.add(cid)
         return r
 
 
-def read_requests(path) -> Iterator[tuple[int, bytes]]:
-    """Yield (index, raw line without its line ending) for each non-blank line, streaming.
+READ_CHUNK = 1 << 20
+
+
+def raw_lines(source) -> Iterator[bytes]:
+    """The lines of ``source`` with their endings (split at b"\\n" only). ``source`` is a
+    path, or a file opened in binary mode, read with ``os.pread`` from its start: several
+    readers of one open file do not disturb each other, and a file opened once can be
+    renamed or removed while it is read."""
+    if not hasattr(source, "fileno"):
+        with open(source, "rb") as f:
+            yield from f
+        return
+    fd, off, pending = source.fileno(), 0, []
+    while chunk := os.pread(fd, READ_CHUNK, off):
+        off += len(chunk)
+        start = 0
+        while (nl := chunk.find(b"\n", start)) >= 0:
+            pending.append(chunk[start:nl + 1])
+            yield b"".join(pending)
+            pending, start = [], nl + 1
+        if start < len(chunk):
+            pending.append(chunk[start:])
+    if pending:
+        yield b"".join(pending)
+
+
+def read_requests(source) -> Iterator[tuple[int, bytes]]:
+    """Yield (index, raw line without its line ending) for each non-blank line, streaming,
+    from a path or an open binary file (see :func:`raw_lines`).
 
     ``index`` is the 0-based physical line number (blank lines are counted but not yielded);
     a last line without a newline is still a line.
     """
-    with open(path, "rb") as f:
-        for index, line in enumerate(f):
-            line = line.rstrip(b"\r\n")
-            if line.strip():
-                yield index, line
+    for index, line in enumerate(raw_lines(source)):
+        line = line.rstrip(b"\r\n")
+        if line.strip():
+            yield index, line

@@ -14,10 +14,13 @@ so every line is strict JSON.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
 import secrets
+import time
 from pathlib import Path
 
 from pipemax.requests import Request, RequestError
@@ -129,46 +132,121 @@ def encode_line(line: dict) -> bytes:
     return s.encode("utf-8", "backslashreplace") + b"\n"
 
 
+class OutputError(Exception):
+    """A result file cannot be written (disk full, removed during the run, locked by another
+    run); one line for the user."""
+
+
 def _open_append(path):
+    """Unbuffered: a line is handed to the OS in one piece or fails there, so nothing waits in
+    a buffer to fail again at close."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "ab")
+    f = open(path, "ab", buffering=0)
     # A run killed mid-write may have left a last line without its newline: end it, so the
     # lines appended now stay parseable.
     if f.tell() > 0:
         with open(path, "rb") as r:
             r.seek(-1, os.SEEK_END)
             if r.read(1) != b"\n":
-                f.write(b"\n")
-                f.flush()
+                _write_all(f, b"\n")
+    return f
+
+
+def _write_all(f, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view):]
+
+
+def lock(path):
+    """Open (creating it) ``path`` and take an exclusive advisory lock on it (``flock``), held
+    while the returned file is open, by this process alone: a second run on the same output
+    is refused (OutputError) while the first is alive, and the lock goes with its process."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "ab", buffering=0)
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise OutputError(f"{path} is in use by another run that is still going (it holds "
+                          "the file's lock); wait for it to end or give another output "
+                          "file") from None
     return f
 
 
 class ResultWriter:
     """Appends result lines to ``path`` (error lines to ``errors_path`` when given).
 
-    Each line is written in one call and flushed at once (plus ``os.fsync`` with ``fsync=True``),
+    Each line is written in one call and not buffered (plus ``os.fsync`` with ``fsync=True``),
     so a reader sees it before close. ``counts`` = {"ok": n, "error": n} lines written.
+
+    A write that fails (a full disk) cuts what it wrote of its line off again and raises
+    ``OutputError``; so does a write, or ``check()``, that finds the file removed or replaced
+    since it was opened (checked at most every ``CHECK_EVERY`` seconds).
     """
+    CHECK_EVERY = 1.0
 
     def __init__(self, path, errors_path=None, *, fsync: bool = False):
         self.fsync = fsync
         self.counts = {"ok": 0, "error": 0}
+        self.failed: str | None = None
         self._f = _open_append(path)
         same = errors_path is None or os.path.abspath(errors_path) == os.path.abspath(path)
         self._ef = self._f if same else _open_append(errors_path)
+        self._files = {id(self._f): (self._f, str(path))}
+        if not same:
+            self._files[id(self._ef)] = (self._ef, str(errors_path))
+        self._size = {id(f): os.fstat(f.fileno()).st_size for f, _ in self._files.values()}
+        self._checked = time.monotonic()
 
     def write(self, line: dict) -> None:
+        if self.failed:
+            raise OutputError(self.failed)
+        if time.monotonic() - self._checked >= self.CHECK_EVERY:
+            self.check()
         is_error = line.get("error") is not None
         f = self._ef if is_error else self._f
-        f.write(encode_line(line))
-        f.flush()
-        if self.fsync:
-            os.fsync(f.fileno())
+        data = encode_line(line)
+        try:
+            _write_all(f, data)
+            if self.fsync:
+                os.fsync(f.fileno())
+        except OSError as e:
+            try:                    # leave no torn line: cut back to the last whole one
+                os.ftruncate(f.fileno(), self._size[id(f)])
+            except OSError:
+                pass                # (a torn last line is cut by the next run's resume scan)
+            n = self.counts["ok"] + self.counts["error"]
+            self._fail(f"cannot write {self._files[id(f)][1]}: {e.strerror or e}"
+                       + (" (the filesystem is full)" if e.errno == errno.ENOSPC else "")
+                       + f"; the {n} line(s) this run wrote before are whole on disk")
+        self._size[id(f)] += len(data)
         self.counts["error" if is_error else "ok"] += 1
 
+    def check(self) -> None:
+        """OutputError if a result file was removed or replaced while it was written."""
+        self._checked = time.monotonic()
+        for f, path in self._files.values():
+            if f.closed:
+                continue
+            st = os.fstat(f.fileno())
+            try:
+                now = os.stat(path)
+                gone = (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino)
+            except FileNotFoundError:
+                gone = True
+            if gone:
+                self._fail(f"{path} was removed or replaced while this run wrote to it; the "
+                           "lines written to it are gone with it")
+
+    def _fail(self, message: str):
+        self.failed = message
+        raise OutputError(message)
+
     def close(self) -> None:
-        for f in {id(self._f): self._f, id(self._ef): self._ef}.values():
+        for f, _ in self._files.values():
             if not f.closed:
                 f.close()
 

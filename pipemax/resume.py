@@ -27,6 +27,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+from pipemax.requests import raw_lines
+
 _DECODER = json.JSONDecoder()
 _OK_TAIL = b',"error":null}'
 _PREFIX = b'{"id":'
@@ -186,11 +188,7 @@ def scan(*paths) -> Resume:
     return r
 
 
-def count_requests(path) -> int:
-    """Input lines the run will read (non-blank lines, as pipemax/requests.py:read_requests)."""
-    n = 0
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.isspace():
-                n += 1
-    return n
+def count_requests(source) -> int:
+    """Input lines the run will read (non-blank lines, as pipemax/requests.py:read_requests),
+    from a path or an open binary file."""
+    return sum(1 for line in raw_lines(source) if not line.isspace())

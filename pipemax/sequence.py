@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipemax.requests import Request
+from pipemax.requests import SEED_MODULUS, Request
 
 
 class Sequence:
     def __init__(self, req: Request, seed: int):
+        """``seed``: any integer; the generator is keyed by ``seed mod 2**64`` (so a negative
+        int64 seed is its two's-complement pattern). The sampling values are converted here
+        to the types the driver sends (float32, int64), so a value they cannot hold fails
+        this one request, not a whole step."""
         self.req = req
         self.params = req.params
         self.token_ids: list[int] = list(req.prompt_ids)
@@ -18,7 +22,11 @@ class Sequence:
         self.streamed = False          # KV in the host pool, read there (too long to stage)
         self.staged_blocks = 0         # staging blocks its context takes (offloaded only)
         self.mb = -1                   # micro-batch it runs in; -1 while waiting
-        self.rng = np.random.Generator(np.random.Philox(seed))
+        self.rng = np.random.Generator(np.random.Philox(int(seed) % SEED_MODULUS))
+        p = req.params
+        self.temperature = np.float32(p.temperature)
+        self.top_p = np.float32(p.top_p)
+        self.top_k = np.int64(p.top_k)
         self.logprobs: list | None = [] if req.params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.detok = None              # its IncrementalDetokenizer, when the run has a tokenizer

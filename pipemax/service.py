@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from pipemax.job import Job, JobError
+from pipemax.job import Job, JobError, JobFailed
 
 MAX_JOBS_KEPT = 1000          # finished jobs listed by "jobs"
 
@@ -57,7 +57,10 @@ class Service:
 
 
 def serve(engine, sup, service: Service) -> str:
-    """Run queued jobs until a drain or a shutdown; returns the outcome."""
+    """Run queued jobs until a drain or a shutdown; returns the outcome. A job whose files fail
+    (missing or unreadable input, an output clash at its start; a full or vanished output, an
+    unreadable input while it runs) fails alone: its state and reason are in ``jobs``, and the
+    service goes on with the next one."""
     while True:
         job = sup.next_job()
         if job is None:
@@ -72,12 +75,24 @@ def serve(engine, sup, service: Service) -> str:
         engine.start_job(job.lines(), job.write)
         job.bind(engine.parser)
         sup.begin_job(job)
+        failure = None
         try:
             stats = engine.run()
+        except JobFailed as e:
+            failure = e
+            engine.abandon()           # its requests go unanswered; the stages stay
         except BaseException:
             job.close("failed", "the run stopped during this job")
             raise
-        sup.end_job()
-        sup.log(f"job {job.id} {job.state}: {stats.summary()}")
+        if failure is not None:
+            job.close("failed", str(failure))
+        try:
+            sup.end_job()              # closes the job as done (or stopped)
+        except JobFailed as e:         # its output was found removed at the end
+            failure = e
+        if failure is not None:
+            sup.log(f"job {job.id} failed: {failure}")
+        else:
+            sup.log(f"job {job.id} {job.state}: {stats.summary()}")
         if sup.outcome != "done":
             return sup.outcome

@@ -4,7 +4,9 @@ Randomness comes from the driver: each row brings one uniform number ``u`` drawn
 request's own generator, so a seeded request samples the same token alone or in any batch.
 Sampling is inverse-CDF over the temperature-scaled, top-k / top-p filtered distribution,
 sorted by probability (ties broken by token id), so it is a pure function of (logits, params, u).
-Logprobs are those of the raw distribution (before temperature), like OpenAI's.
+Logprobs are those of the raw distribution (before temperature), like OpenAI's. A row whose
+scaled distribution is not finite (a temperature so small that logits / t overflows; the parser
+makes those greedy, pipemax/requests.py) takes the greedy token: a NaN never chooses one.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
         keep[:, 0] = True
         probs = probs * keep
         cdf = torch.cumsum(probs, dim=-1)
+        greedy = greedy | ~torch.isfinite(cdf[:, -1]) | (cdf[:, -1] <= 0)
         target = (u * cdf[:, -1]).unsqueeze(1)
         idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
         idx = torch.minimum(idx, keep.sum(dim=-1) - 1)        # kept tokens are a prefix

@@ -275,7 +275,8 @@ def serve(spec: StageSpec) -> int:
     are written to the ring after it, so the GPU is not left idle while the host reads the
     next message and prepares it. When the next message is not there yet, the outputs are
     written first (the driver may be waiting for them to send more)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)     # the launcher handles Ctrl-C and stops us
+    for sig in (signal.SIGINT, signal.SIGTERM):      # Ctrl-C, or a SIGTERM to the process
+        signal.signal(sig, signal.SIG_IGN)           # group: the launcher drains or stops us
     if spec.threads:
         torch.set_num_threads(spec.threads)
     if spec.device.startswith("cuda"):
