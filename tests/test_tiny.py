@@ -3,6 +3,7 @@ import json
 import threading
 
 import pytest
+from safetensors import safe_open
 import torch
 from safetensors.torch import load_file
 
@@ -165,8 +166,15 @@ def test_write_random_checkpoint_seeds(tmp_path):
     tiny.write_random_checkpoint(tmp_path / "c", QWEN_CFG, seed=2)
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
     assert _files(tmp_path / "a")["model.safetensors"] != _files(tmp_path / "c")["model.safetensors"]
-    with pytest.raises(ValueError):
-        tiny.write_random_checkpoint(tmp_path / "d", dict(tiny.TINY_CONFIG, attention_bias=True), 0)
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        tiny.write_random_checkpoint(tmp_path / "d", dict(tiny.TINY_CONFIG,
+                                                          architectures=["GPT2LMHeadModel"]), 0)
+    # a Llama's attention_bias covers q/k/v and o, as transformers builds it
+    tiny.write_random_checkpoint(tmp_path / "e", dict(tiny.TINY_CONFIG, attention_bias=True), 0)
+    with safe_open(str(tmp_path / "e" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert {"model.layers.0.self_attn.q_proj.bias",
+            "model.layers.0.self_attn.o_proj.bias"} <= names
 
 
 # ---- tests/checkpoints.py ----------------------------------------------------------------------
