@@ -46,6 +46,8 @@ from typing import Callable
 
 import msgpack
 
+from ipc.names import pid_alive
+
 MAX_FRAME = 1 << 20
 READ_TIMEOUT = 10.0
 REPLY_TIMEOUT = 10.0
@@ -172,20 +174,6 @@ def default_socket_path(env=None) -> str | None:
     return os.path.join(dirs[0], f"pipemax-{os.getpid()}.sock") if dirs else None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def remove_stale_sockets(directory: str) -> list[str]:
     """Remove ``pipemax-<pid>.sock`` files of dead processes (ours only) from ``directory``."""
     removed = []
@@ -195,7 +183,7 @@ def remove_stale_sockets(directory: str) -> list[str]:
         return removed
     for name in names:
         m = _SOCK_RE.match(name)
-        if not m or _pid_alive(int(m.group(1))):
+        if not m or pid_alive(int(m.group(1))):
             continue
         p = os.path.join(directory, name)
         try:
@@ -223,7 +211,7 @@ def live_sockets(env=None) -> list[str]:
         for name in names:
             p = os.path.join(d, name)
             m = _SOCK_RE.match(name)
-            if (m and _pid_alive(int(m.group(1)))) or name == "pipemax.sock":
+            if (m and pid_alive(int(m.group(1)))) or name == "pipemax.sock":
                 try:
                     if stat.S_ISSOCK(os.lstat(p).st_mode):
                         out.append(p)
