@@ -1,13 +1,17 @@
 """The run's configuration: one frozen, validated object, built from the command line.
 
 Everything a run needs is here and passed explicitly; the model's own shape lives in
-``ModelConfig`` (pipemax/model_config.py).
+``ModelConfig`` (pipemax/model_config.py). Each field is declared once, with its flag of
+``python -m pipemax.launch`` (``flag``: help, choices, type, and the conversion from the parsed
+flag); ``build_parser`` and ``from_args`` are generated from those declarations, and
+``RunConfig.__post_init__`` checks the values however they were given.
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Callable
 
 from pipemax import devices
 from pipemax.model_config import (BUILTIN_MODELS, ModelConfig, ModelConfigError, apply_overrides,
@@ -21,41 +25,139 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Flag:
+    """How a RunConfig field is given on the command line: ``argparse`` keywords (help,
+    type, choices, metavar, action; ``default``: the flag's own, when it differs from the
+    field's), its option name when not the field's, its help group, and ``convert(value,
+    device)`` from the parsed flag to the field's value (``device``: the resolved one)."""
+    argparse: dict
+    name: str | None = None
+    group: str | None = None
+    convert: Callable[[Any, str], Any] | None = None
+
+    def option(self, field_name: str) -> str:
+        return self.name or "--" + field_name.replace("_", "-")
+
+    def dest(self, field_name: str) -> str:
+        """The attribute argparse parses the flag into."""
+        return self.option(field_name)[2:].replace("-", "_")
+
+
+def flag(value=None, help=None, *, name=None, group=None, convert=None, **argparse_kw):
+    """A RunConfig field (default ``value``) that is one flag of ``python -m pipemax.launch``."""
+    kw = {"help": help, **argparse_kw} if help is not None else dict(argparse_kw)
+    if "action" not in kw:
+        kw.setdefault("default", value)
+    return field(default=value,
+                 metadata={"flag": Flag(kw, name=name, group=group, convert=convert)})
+
+
+def _on(value: str, device: str) -> bool:
+    return value == "on"
+
+
+def _stage_devices(text: str | None, device: str) -> tuple[int, ...] | None:
+    try:
+        return devices.parse_stage_devices(text) if text is not None else None
+    except devices.DeviceListError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _figures(text: str | None, device: str) -> tuple[tuple[str, float], ...]:
+    if not text:
+        return ()
+    out = []
+    for item in text.split(","):
+        k, _, v = item.partition("=")
+        try:
+            out.append((k.strip(), float(v)))
+        except ValueError:
+            raise ConfigError(f"--device-figures: {item!r} is not key=number") from None
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class RunConfig:
-    gpus: int = 1
-    device: str = "cpu"                 # "cuda" | "cpu"
-    stage_devices: tuple[int, ...] | None = None   # CUDA device of each stage (None: 0..N-1)
-    model: str | None = None            # folder, or a built-in name with load_format="dummy"
-    load_format: str = "auto"           # "auto" | "dummy"
-    dtype: str = "float32"              # resolved (never "auto")
-    input: str | None = None
-    output: str | None = None
-    errors: str | None = None
-    gpu_memory_gb: float | None = None
-    kv_cache_gb: float | None = None
-    block_size: int = 16
-    max_num_seqs: int = 1024
-    micro_batches: int | None = None    # None: stages + 1
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    seed: int = 0
-    threads: int | None = None          # torch threads per stage (None: pipeline.stage_threads)
-    overrides: tuple[str, ...] = ()
-    quiet: bool = False
-    stats_json: str | None = None       # write the run's figures here (for tools/bench.py)
-    kv_offload: str = "auto"            # "auto" | "on" | "off"
-    host_kv_gb: float | None = None     # host KV pool size (default: a safe share of the host)
-    offload_overlap: bool = True        # False: the plain, non-overlapped reference schedule
-    device_figures: tuple[tuple[str, float], ...] = ()   # planner figure overrides
-    cuda_graphs: bool = False           # decode steps replayed from CUDA graphs
-    prefix_caching: bool = True         # shared prompt prefixes computed once (GPU blocks)
+    gpus: int = flag(1, "pipeline stages, one per GPU", type=int)
+    device: str = flag("cpu", "cuda if a GPU is present, else cpu",   # "cuda" | "cpu"
+                       choices=("cuda", "cpu"), default=None, convert=lambda v, device: device)
+    # CUDA device of each stage (None: 0..N-1)
+    stage_devices: tuple[int, ...] | None = flag(
+        None, "CUDA device of each stage, one per stage (default 0..N-1); an id may repeat, so "
+              "several stages share a GPU and its memory", metavar="0,0,1,...",
+        convert=_stage_devices)
+    # folder, or a built-in name with load_format="dummy"
+    model: str | None = flag(None, "HF model folder, or a built-in name with --load-format dummy "
+                                   f"({', '.join(sorted(BUILTIN_MODELS))}); default: the "
+                                   "built-in tiny model")
+    load_format: str = flag("auto", choices=("auto", "dummy"))
+    dtype: str = flag(                  # resolved (never "auto")
+        "float32", "auto: bfloat16 on cuda (float16 if the checkpoint is), float32 on cpu",
+        choices=DTYPES, default="auto",
+        convert=lambda v, device: ("bfloat16" if device == "cuda" else "float32")
+        if v == "auto" else v)
+    input: str | None = flag(None, "requests, OpenAI batch JSONL")
+    output: str | None = flag(None, "results JSONL (appended)")
+    errors: str | None = flag(None, "write error lines here instead of --output")
+    gpu_memory_gb: float | None = flag(None, "most memory a stage may use on its device",
+                                       type=float)
+    kv_cache_gb: float | None = flag(None, "cap on a stage's KV cache", type=float)
+    block_size: int = flag(16, type=int)
+    max_num_seqs: int = flag(1024, "most sequences in flight in all (the planner may choose "
+                                   "fewer)", type=int)
+    micro_batches: int | None = flag(None, "default: stages + 1", type=int)
+    max_num_batched_tokens: int = flag(2048, "tokens per micro-batch step (prompts longer than "
+                                             "this are chunked)", type=int)
+    max_model_len: int | None = flag(None, type=int)
+    seed: int = flag(0, type=int)
+    # torch threads per stage (None: pipeline.stage_threads)
+    threads: int | None = flag(None, "torch threads per stage (default: the cores shared among "
+                                     "the stages; at most 4 per GPU stage)", type=int)
+    overrides: tuple[str, ...] = flag((), "change a model field, e.g. num_layers=4",
+                                      name="--override", action="append", default=[],
+                                      metavar="KEY=VALUE", convert=lambda v, device: tuple(v))
+    quiet: bool = flag(False, action="store_true")
+    # write the run's figures here (for tools/bench.py)
+    stats_json: str | None = flag(None, "write the run's figures to this file")
+    kv_offload: str = flag("auto", "keep waiting micro-batches' KV in host memory (auto: when "
+                                   "it wins)", choices=("auto", "on", "off"))
+    # host KV pool size (default: a safe share of the host)
+    host_kv_gb: float | None = flag(None, "host KV pool, all stages together (default: half "
+                                          "the free memory)", type=float)
+    # False: the plain, non-overlapped reference schedule
+    offload_overlap: bool = flag(True, "off: the plain schedule (copy, then compute), the "
+                                       "reference", choices=("on", "off"), default="on",
+                                 convert=_on)
+    # decode steps replayed from CUDA graphs
+    cuda_graphs: bool = flag(False, "replay decode steps from CUDA graphs (auto: on CUDA; on "
+                                    "the CPU 'on' runs the same padded path eagerly, for tests)",
+                             choices=("auto", "on", "off"), default="auto",
+                             convert=lambda v, device: v == "on" or (v == "auto"
+                                                                     and device == "cuda"))
+    # shared prompt prefixes computed once (GPU blocks)
+    prefix_caching: bool = flag(True, "share the KV blocks of common prompt prefixes, computed "
+                                      "once", choices=("on", "off"), default="on", convert=_on)
+    # planner figure overrides
+    device_figures: tuple[tuple[str, float], ...] = flag(
+        (), "planner figures instead of the ones measured at start",
+        metavar="hbm_gbs=X,h2d_gbs=Y,tflops=Z", default=None, convert=_figures)
     # operations (pipemax/control.py, progress.py, service.py)
-    socket: str | None = None           # control socket; None: the default path
-    no_socket: bool = False             # no control socket at all
-    socket_group: str | None = None     # socket mode 0660, this group may connect
-    serve: bool = False                 # service mode: jobs come through the socket
-    progress: str = "auto"              # "auto" | "bar" | "log" | "off"
-    progress_interval: float = 10.0     # seconds between progress log lines (not a tty)
+    socket: str | None = flag(          # control socket; None: the default path
+        None, "control socket (python -m pipemax.ctl); default: pipemax-<pid>.sock in "
+              "$RUNTIME_DIRECTORY or $XDG_RUNTIME_DIR", metavar="PATH", group="operations")
+    no_socket: bool = flag(False, "no control socket", action="store_true", group="operations")
+    # socket mode 0660, this group may connect
+    socket_group: str | None = flag(None, "let this group use the socket (mode 0660; default "
+                                          "0600, owner only)", metavar="GROUP",
+                                    group="operations")
+    # service mode: jobs come through the socket
+    serve: bool = flag(False, "service mode: keep the model loaded, take jobs through the "
+                              "socket", action="store_true", group="operations")
+    progress: str = flag("auto", "auto: a bar on a terminal, log lines otherwise",
+                         choices=("auto", "bar", "log", "off"), group="operations")
+    # seconds between progress log lines (not a tty)
+    progress_interval: float = flag(10.0, "seconds between progress log lines", type=float,
+                                    metavar="SECONDS", group="operations")
 
     def __post_init__(self):
         if self.gpus < 1:
@@ -163,80 +265,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``python -m pipemax.launch``, one per RunConfig field (``Flag``)."""
     p = _Parser(
         prog="python -m pipemax.launch",
         description="Offline batch LLM inference: pipeline stages on shared-memory rings.")
-    p.add_argument("--gpus", type=int, default=1, help="pipeline stages, one per GPU")
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
-                   help="cuda if a GPU is present, else cpu")
-    p.add_argument("--stage-devices", default=None, metavar="0,0,1,...",
-                   help="CUDA device of each stage, one per stage (default 0..N-1); an id may "
-                        "repeat, so several stages share a GPU and its memory")
-    p.add_argument("--model", default=None,
-                   help="HF model folder, or a built-in name with --load-format dummy "
-                        f"({', '.join(sorted(BUILTIN_MODELS))}); default: the built-in tiny model")
-    p.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="auto: bfloat16 on cuda (float16 if the checkpoint is), float32 on cpu")
-    p.add_argument("--input", default=None, help="requests, OpenAI batch JSONL")
-    p.add_argument("--output", default=None, help="results JSONL (appended)")
-    p.add_argument("--errors", default=None, help="write error lines here instead of --output")
-    p.add_argument("--gpu-memory-gb", type=float, default=None,
-                   help="most memory a stage may use on its device")
-    p.add_argument("--kv-cache-gb", type=float, default=None, help="cap on a stage's KV cache")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=1024,
-                   help="most sequences in flight in all (the planner may choose fewer)")
-    p.add_argument("--micro-batches", type=int, default=None, help="default: stages + 1")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="tokens per micro-batch step (prompts longer than this are chunked)")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads per stage (default: the cores shared among the stages; at most 4 per GPU stage)")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="change a model field, e.g. num_layers=4")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--stats-json", default=None, help="write the run's figures to this file")
-    p.add_argument("--kv-offload", choices=("auto", "on", "off"), default="auto",
-                   help="keep waiting micro-batches' KV in host memory (auto: when it wins)")
-    p.add_argument("--host-kv-gb", type=float, default=None,
-                   help="host KV pool, all stages together (default: half the free memory)")
-    p.add_argument("--offload-overlap", choices=("on", "off"), default="on",
-                   help="off: the plain schedule (copy, then compute), the reference")
-    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
-                   help="replay decode steps from CUDA graphs (auto: on CUDA; on the CPU 'on' "
-                        "runs the same padded path eagerly, for tests)")
-    p.add_argument("--prefix-caching", choices=("on", "off"), default="on",
-                   help="share the KV blocks of common prompt prefixes, computed once")
-    p.add_argument("--device-figures", default=None, metavar="hbm_gbs=X,h2d_gbs=Y,tflops=Z",
-                   help="planner figures instead of the ones measured at start")
-    ops = p.add_argument_group("operations")
-    ops.add_argument("--socket", default=None, metavar="PATH",
-                     help="control socket (python -m pipemax.ctl); default: "
-                          "pipemax-<pid>.sock in $RUNTIME_DIRECTORY or $XDG_RUNTIME_DIR")
-    ops.add_argument("--no-socket", action="store_true", help="no control socket")
-    ops.add_argument("--socket-group", default=None, metavar="GROUP",
-                     help="let this group use the socket (mode 0660; default 0600, owner only)")
-    ops.add_argument("--serve", action="store_true",
-                     help="service mode: keep the model loaded, take jobs through the socket")
-    ops.add_argument("--progress", choices=("auto", "bar", "log", "off"), default="auto",
-                     help="auto: a bar on a terminal, log lines otherwise")
-    ops.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
-                     help="seconds between progress log lines")
+    groups: dict[str | None, Any] = {None: p}
+    for f in fields(RunConfig):
+        spec: Flag = f.metadata["flag"]
+        if spec.group not in groups:
+            groups[spec.group] = p.add_argument_group(spec.group)
+        groups[spec.group].add_argument(spec.option(f.name), **spec.argparse)
     return p
-
-
-def _figures(text: str | None) -> tuple[tuple[str, float], ...]:
-    if not text:
-        return ()
-    out = []
-    for item in text.split(","):
-        k, _, v = item.partition("=")
-        try:
-            out.append((k.strip(), float(v)))
-        except ValueError:
-            raise ConfigError(f"--device-figures: {item!r} is not key=number") from None
-    return tuple(out)
 
 
 def resolve_device(requested: str | None) -> str:
@@ -249,31 +288,12 @@ def resolve_device(requested: str | None) -> str:
 def from_args(argv: list[str] | None = None) -> RunConfig:
     a = build_parser().parse_args(argv)
     device = resolve_device(a.device)
-    try:
-        stage_devices = (devices.parse_stage_devices(a.stage_devices)
-                         if a.stage_devices is not None else None)
-    except devices.DeviceListError as e:
-        raise ConfigError(str(e)) from None
-    dtype = a.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
-    cfg = RunConfig(gpus=a.gpus, device=device, stage_devices=stage_devices, model=a.model,
-                    load_format=a.load_format,
-                    dtype=dtype, input=a.input, output=a.output, errors=a.errors,
-                    gpu_memory_gb=a.gpu_memory_gb, kv_cache_gb=a.kv_cache_gb,
-                    block_size=a.block_size, max_num_seqs=a.max_num_seqs,
-                    micro_batches=a.micro_batches,
-                    max_num_batched_tokens=a.max_num_batched_tokens,
-                    max_model_len=a.max_model_len, seed=a.seed, threads=a.threads,
-                    overrides=tuple(a.override), quiet=a.quiet, stats_json=a.stats_json,
-                    kv_offload=a.kv_offload, host_kv_gb=a.host_kv_gb,
-                    offload_overlap=a.offload_overlap == "on",
-                    device_figures=_figures(a.device_figures),
-                    cuda_graphs=a.cuda_graphs == "on" or (a.cuda_graphs == "auto"
-                                                          and device == "cuda"),
-                    prefix_caching=a.prefix_caching == "on",
-                    socket=a.socket, no_socket=a.no_socket, socket_group=a.socket_group,
-                    serve=a.serve, progress=a.progress, progress_interval=a.progress_interval)
+    values = {}
+    for f in fields(RunConfig):
+        spec: Flag = f.metadata["flag"]
+        v = getattr(a, spec.dest(f.name))
+        values[f.name] = spec.convert(v, device) if spec.convert else v
+    cfg = RunConfig(**values)
     if a.dtype == "auto" and device == "cuda" and cfg.model_folder:
         if cfg.model_config().torch_dtype == "float16":
             cfg = RunConfig(**{**cfg.__dict__, "dtype": "float16"})

@@ -24,7 +24,7 @@ import numpy as np
 
 from pipemax.pipeline import Pipeline
 from pipemax.requests import Parser, Request, RequestError, one_line
-from pipemax.results import chat_body, completion_body, error_line, ok_line
+from pipemax.results import error_line, ok_line, response_body
 from pipemax.scheduler import Scheduler, StepPlan
 from pipemax.sequence import Sequence
 from pipemax.tokenizer import IncrementalDetokenizer
@@ -268,10 +268,10 @@ class Engine:
         d, s.detok = s.detok, None
         text = d.text if d is not None else ""
         req = s.req
-        body_fn = chat_body if req.kind == "chat" else completion_body
-        body = body_fn(req, text=text, token_ids=s.output_ids, finish_reason=s.finish_reason,
-                       logprobs=s.logprobs, model_name=req.model or self.model_name,
-                       created=int(time.time()), tokenizer=self.tokenizer)
+        body = response_body(req, text=text, token_ids=s.output_ids,
+                             finish_reason=s.finish_reason, logprobs=s.logprobs,
+                             model_name=req.model or self.model_name,
+                             created=int(time.time()), tokenizer=self.tokenizer)
         return ok_line(req, body)
 
     def maybe_log(self) -> None:

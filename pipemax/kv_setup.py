@@ -1,8 +1,6 @@
 """From the stages' reports to a running KV layout: plan, host pool, scheduler settings."""
 from __future__ import annotations
 
-import dataclasses
-
 from pipemax.config import RunConfig
 from pipemax.kv_pool import KVPool, check_host_memory, default_host_bytes
 from pipemax.model_config import ModelConfig
@@ -50,9 +48,8 @@ def setup(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload,
              micro_batches=cfg.num_micro_batches, max_seqs=cfg.max_num_seqs,
              block_size=cfg.block_size, host_blocks=host_avail)
     pool = None
-    H = (min(host_avail, p.micro_batches * p.staging_blocks) if p.offload else 0) + p.stream_blocks
+    H = p.host_blocks                       # the plan sizes the host pool
     if H:
-        p = dataclasses.replace(p, host_blocks=H)
         check_host_memory(H * per_block, pinned)
         pool = KVPool(run_id, [H * s.block_bytes for s in shapes])
         pipeline.extra_checks.append(pool.check)

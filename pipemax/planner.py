@@ -32,6 +32,7 @@ import dataclasses
 from dataclasses import asdict, dataclass
 
 from pipemax.model_config import ModelConfig
+from pipemax.placement import Room, offload_share, stream_share
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class Plan:
     seqs_per_mb: int
     resident_blocks: int
     staging_blocks: int
-    host_blocks: int
+    host_blocks: int        # the host pool: the offloaded sequences' share + stream_blocks
     offloaded_per_mb: int
     predicted_tok_s: float
     predicted_step_ms: float
@@ -183,9 +184,10 @@ def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize:
 
     When no plan holds the longest requests, plan for those that fit (one sequence alone in
     the GPU's blocks; with offload on, in a staging buffer). Unless offload is off, the longer
-    ones run streamed (their KV read in place in the host pool, pipemax/scheduler.py) from
-    host blocks kept for them, one at a time per micro-batch; those the host cannot hold either
-    get error lines instead of the whole run being refused. PlanError when not even those that
+    ones run streamed (their KV read in place in the host pool; pipemax/placement.py, the rule
+    the scheduler admits by) from host blocks kept for them, one at a time per micro-batch;
+    those the host cannot hold either get error lines instead of the whole run being refused.
+    The plan's ``host_blocks`` is the host pool to start. PlanError when not even those that
     fit the GPU can run."""
     kw = dict(mode=mode, micro_batches=micro_batches, max_seqs=max_seqs,
               block_size=block_size, host_blocks=host_blocks)
@@ -207,25 +209,17 @@ def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize:
     else:
         refused = None
     long = [a + b for a, b in wl.samples if a + b > limit]
-    if not long:
-        return p
-    if len(long) < len(wl.samples):       # the batch's plan, from the requests it will hold
+    if long and len(long) < len(wl.samples):  # the batch's plan, from the requests it holds
         p = _plan(cfg, stages, figs, esize, wl.within(limit), **kw)
-    # the scheduler streams only what the plan's resident blocks and staging cannot hold
-    held_on_gpu = max(p.resident_blocks, p.staging_blocks - 1) * block_size
-    long = [n for n in long if n > held_on_gpu]
-    if not long:
-        return p
-    spare = 0
-    if mode != "off":
-        spare = host_blocks - (min(host_blocks, p.micro_batches * p.staging_blocks)
-                               if p.offload else 0)
-    held = [n for n in long if n <= spare * block_size]
-    if refused is not None and len(long) == len(wl.samples) and not held:
+    # which of the long ones stream, from the host blocks the offloaded ones leave spare
+    spare = host_blocks - p.host_blocks if mode != "off" else 0
+    streamed, too_long, keep = stream_share([math.ceil(n / block_size) for n in long],
+                                            Room(p.resident_blocks, p.staging_blocks, spare),
+                                            p.micro_batches)
+    if refused is not None and streamed + too_long == len(wl.samples) and not streamed:
         raise refused
-    stream = min(spare, p.micro_batches * math.ceil(max(held) / block_size)) if held else 0
-    return dataclasses.replace(p, too_long=len(long) - len(held), streamed=len(held),
-                               stream_blocks=stream)
+    return dataclasses.replace(p, too_long=too_long, streamed=streamed, stream_blocks=keep,
+                               host_blocks=p.host_blocks + keep)
 
 
 def _plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize: int,
@@ -278,7 +272,8 @@ def _plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize
                             f"{host_blocks} (raise --gpu-memory-gb or --host-kv-gb)")
     tok_s, S, R, B, n_off, step, t_p, bound, decode = chosen
     return Plan(offload=S > 0, micro_batches=M, seqs_per_mb=B, resident_blocks=R,
-                staging_blocks=S, host_blocks=host_blocks if S else 0, offloaded_per_mb=n_off,
+                staging_blocks=S, host_blocks=offload_share(host_blocks, M, S),
+                offloaded_per_mb=n_off,
                 predicted_tok_s=tok_s, predicted_step_ms=step * 1e3, prefetch_ms=t_p * 1e3,
                 bound=bound, other_tok_s=other[0] if other else 0.0, decode_tok_s=decode,
                 cached_prompt=wl.cached_prompt)

@@ -77,36 +77,29 @@ def _chat_logprobs(logprobs, tokenizer) -> dict:
     return {"content": content}
 
 
-def completion_body(req: Request, *, text: str, token_ids: list[int], finish_reason: str,
-                    logprobs: list | None, model_name: str, created: int,
-                    tokenizer=None) -> dict:
-    """OpenAI ``text_completion`` object. ``model`` is the request's own model name if it gave one."""
-    choice = {"index": 0, "text": text,
-              "logprobs": None if logprobs is None else _completion_logprobs(logprobs, tokenizer),
+# per request kind: (id prefix, object, the choice's text field, its logprobs)
+_KINDS = {
+    "completion": ("cmpl", "text_completion", lambda text: {"text": text},
+                   _completion_logprobs),
+    "chat": ("chatcmpl", "chat.completion",
+             lambda text: {"message": {"role": "assistant", "content": text}}, _chat_logprobs),
+}
+
+
+def response_body(req: Request, *, text: str, token_ids: list[int], finish_reason: str,
+                  logprobs: list | None, model_name: str, created: int,
+                  tokenizer=None) -> dict:
+    """OpenAI ``text_completion`` or ``chat.completion`` object, by ``req.kind``. ``model`` is
+    the request's own model name if it gave one."""
+    prefix, obj, content, format_logprobs = _KINDS[req.kind]
+    choice = {"index": 0, **content(text),
+              "logprobs": None if logprobs is None else format_logprobs(logprobs, tokenizer),
               "finish_reason": finish_reason}
     if req.return_token_ids:
         choice["token_ids"] = [int(t) for t in token_ids]
-    return {"id": f"cmpl-{_hex()}", "object": "text_completion", "created": int(created),
+    return {"id": f"{prefix}-{_hex()}", "object": obj, "created": int(created),
             "model": req.model or model_name, "choices": [choice],
             "usage": _usage(req, token_ids)}
-
-
-def chat_body(req: Request, *, text: str, token_ids: list[int], finish_reason: str,
-              logprobs: list | None, model_name: str, created: int, tokenizer=None) -> dict:
-    """OpenAI ``chat.completion`` object."""
-    choice = {"index": 0, "message": {"role": "assistant", "content": text},
-              "logprobs": None if logprobs is None else _chat_logprobs(logprobs, tokenizer),
-              "finish_reason": finish_reason}
-    if req.return_token_ids:
-        choice["token_ids"] = [int(t) for t in token_ids]
-    return {"id": f"chatcmpl-{_hex()}", "object": "chat.completion", "created": int(created),
-            "model": req.model or model_name, "choices": [choice],
-            "usage": _usage(req, token_ids)}
-
-
-def response_body(req: Request, **kw) -> dict:
-    """completion_body or chat_body, by ``req.kind``."""
-    return (chat_body if req.kind == "chat" else completion_body)(req, **kw)
 
 
 def ok_line(req: Request, body: dict) -> dict:

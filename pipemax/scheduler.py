@@ -10,19 +10,16 @@ micro-batch is preempted: its blocks are freed and it goes back to the front of 
 be recomputed (prompt and output so far) later. Only the micro-batch being planned is touched,
 so blocks in use by micro-batches in flight are never given away.
 
-With KV offload (``staging_blocks`` > 0), a sequence that does not fit the GPU-resident
-blocks is admitted *offloaded*: its KV lives in the host pool, in one contiguous extent
-reserved for its whole length (prompt + max_tokens), and each step of its micro-batch stages
-its context on the GPU (pipemax/timetable.py). The context of a micro-batch's offloaded
+Where an admitted sequence's KV lives is decided by pipemax/placement.py (``place``), the
+rule the planner sizes memory by; this module carries it out. *Resident*: GPU blocks.
+*Offloaded* (``Placement.HOST``, with KV offload: ``staging_blocks`` > 0): one contiguous host
+extent reserved for its whole length (prompt + max_tokens), its context staged on the GPU for
+each step of its micro-batch (pipemax/timetable.py). The context of a micro-batch's offloaded
 sequences must fit one staging buffer, which is how the plan bounds the bytes prefetched per
 step; when it outgrows the buffer, the newest sequence is preempted, as for resident blocks.
-
-A sequence too long for the resident blocks and for a staging buffer (it could never finish
-in either) is admitted *streamed* when a host pool exists: its KV lives in a host extent
-reserved for its whole length, like an offloaded one, but it is never staged: attention reads
-and writes it in the host pool in place (stages/attention.py), its prompt chunk by chunk.
-At most ``MAX_STREAMED_PER_MB`` per micro-batch, since each of its steps reads its whole
-context over PCIe. Nothing that fits the host pool is refused.
+*Streamed* (too long to ever finish on the GPU, when a host pool exists): a host extent like
+an offloaded one, never staged: attention reads and writes it in the host pool in place
+(stages/attention.py), its prompt chunk by chunk. Nothing that fits the host pool is refused.
 
 With prefix caching (``prefix_caching``, pipemax/prefix_cache.py), a sequence admitted
 resident starts with the longest run of cached full blocks of its tokens (shared, never
@@ -44,10 +41,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipemax.block_manager import BlockManager, ExtentAllocator
+from pipemax.placement import Admission, Placement, Room, place
 from pipemax.prefix_cache import extend_keys, shareable_blocks
 from pipemax.sequence import Sequence
 
-MAX_STREAMED_PER_MB = 1
 MAX_WAITING_PASSED = 256     # waiting sequences an admission may pass (they wait for a prefix)
 
 
@@ -98,15 +95,17 @@ class Scheduler:
         self.running: list[list[Sequence]] = [[] for _ in range(cfg.num_micro_batches)]
         self.num_preemptions = 0
         self.watermark = max(1, cfg.num_blocks // 100)
+        self.room = Room(cfg.num_blocks, cfg.staging_blocks, cfg.host_blocks)
         self.offload = cfg.staging_blocks > 0
         self.host = ExtentAllocator(cfg.host_blocks) if cfg.host_blocks > 0 else None
         self.staged = [0] * cfg.num_micro_batches     # staging blocks in use per mb
+        self.streaming = [0] * cfg.num_micro_batches  # streamed sequences per mb
         self.num_offloaded_admitted = 0
         self.num_streamed_admitted = 0
 
     def max_tokens_servable(self) -> int:
         """The longest sequence that can ever run (alone): streamed, what the host pool holds."""
-        return max(self.cfg.num_blocks, self.cfg.host_blocks) * self.cfg.block_size
+        return self.room.longest * self.cfg.block_size
 
     def add(self, seq: Sequence) -> None:
         """Queue ``seq``: at the end, or with prefix caching right behind the last waiting
@@ -143,12 +142,14 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.running[seq.mb].remove(seq)
-        if seq.offloaded or seq.streamed:
+        if seq.placement.on_host:
             self.host.free(seq.blocks[0], len(seq.blocks))
             self.staged[seq.mb] -= seq.staged_blocks
+            if seq.placement is Placement.STREAMED:
+                self.streaming[seq.mb] -= 1
             seq.staged_blocks = 0
             seq.blocks.clear()
-            seq.offloaded = seq.streamed = False
+            seq.placement = Placement.RESIDENT
         else:
             if self.caching:
                 for k in seq.block_keys[seq.num_registered:]:
@@ -196,14 +197,17 @@ class Scheduler:
                     continue
             need = (self.blocks.blocks_for(len(s.token_ids)) - len(hit)
                     + self.blocks.idle_among(hit))           # free room taking it uses
-            whole = self._extent(s)
+            where = place(Admission(
+                self._extent(s), need,
+                self.blocks.blocks_for(min(s.remaining, cfg.max_tokens_per_step)),
+                self.blocks.num_free, self.watermark, not run, self.staged[mb],
+                self.streaming[mb]), self.room)
             # resident: the whole prompt's blocks are taken now, not the first chunk's, so
             # the other micro-batches cannot take them before its prefill is done
-            if ((need + self.watermark <= self.blocks.num_free or not run)
-                    and need <= self.blocks.num_free
-                    and whole <= self.blocks.num_blocks):    # it can finish resident
+            if where is Placement.RESIDENT:
                 self._admit_resident(s, hit)
-            elif not self._admit_to_host(s, mb, min(s.remaining, budget)):
+            elif where is None or not self._admit_to_host(s, mb, where,
+                                                          min(s.remaining, budget)):
                 break
             del self.waiting[w]
             key = self._first_key(s)
@@ -248,12 +252,11 @@ class Scheduler:
         """Memory for ``s`` to take ``n`` more tokens, preempting the newest sequences that hold
         the same kind of memory (GPU-resident blocks or staging); False if ``s`` itself went.
         A streamed sequence's extent already covers its whole length."""
-        if s.streamed:
+        if s.placement is Placement.STREAMED:
             return True
-        while not (self._grow_staged(s, n) if s.offloaded else
+        while not (self._grow_staged(s, n) if s.placement is Placement.HOST else
                    self.blocks.grow(s.blocks, s.num_computed + n)):
-            victim = next(x for x in reversed(run)
-                          if x.offloaded == s.offloaded and not x.streamed)
+            victim = next(x for x in reversed(run) if x.placement is s.placement)
             self._preempt(victim)
             if victim is s:
                 return False
@@ -268,58 +271,29 @@ class Scheduler:
         s.staged_blocks += need
         return True
 
-    def _admit_to_host(self, s: Sequence, mb: int, n: int) -> bool:
-        """Admit ``s`` (taking ``n`` tokens now) offloaded, else streamed; True if either."""
-        s.num_cached = 0
-        if self._stage(s, mb):
-            grown = self._grow_staged(s, n)
-            assert grown, "_stage found room for the first chunk"
-            return True
-        return self._stream(s, mb)
-
-    def _stream(self, s: Sequence, mb: int) -> bool:
-        """Admit ``s`` streamed into ``mb`` if it can never run on the GPU and the host holds
-        it; True if it did."""
-        if self.host is None:
-            return False
+    def _admit_to_host(self, s: Sequence, mb: int, where: Placement, n: int) -> bool:
+        """Admit ``s`` into ``mb`` at ``where`` (offloaded or streamed), taking ``n`` tokens
+        now, if the host has a free extent for its whole length; True if it did."""
         whole = self._extent(s)
-        if whole <= max(self.cfg.num_blocks, self.cfg.staging_blocks - 1):
-            return False          # it can run on the GPU: it waits for room there
-        if (sum(x.streamed for x in self.running[mb]) >= MAX_STREAMED_PER_MB
-                or not self._take_host(s, mb, whole)):
+        start = self.host.alloc(whole)
+        if start is None:
             return False
-        s.streamed = True
-        self.num_streamed_admitted += 1
+        s.blocks = list(range(start, start + whole))
+        s.mb = mb
+        s.placement = where
+        s.num_cached = 0
+        if where is Placement.HOST:
+            grown = self._grow_staged(s, n)
+            assert grown, "place() found room for the first chunk"
+            self.num_offloaded_admitted += 1
+        else:
+            self.streaming[mb] += 1
+            self.num_streamed_admitted += 1
         return True
 
     def _extent(self, s: Sequence) -> int:
         """Blocks ``s`` needs for its whole length (prompt and every token it may sample)."""
         return self.blocks.blocks_for(len(s.token_ids) + s.params.max_tokens - s.num_output)
-
-    def _take_host(self, s: Sequence, mb: int, n: int) -> bool:
-        """Give ``s`` (in ``mb``) a host extent of ``n`` blocks, if one is free."""
-        start = self.host.alloc(n)
-        if start is None:
-            return False
-        s.blocks = list(range(start, start + n))
-        s.mb = mb
-        return True
-
-    def _stage(self, s: Sequence, mb: int) -> bool:
-        """Admit ``s`` offloaded into micro-batch ``mb`` if it fits; True if it did."""
-        if not self.offload:
-            return False
-        first = self.blocks.blocks_for(min(s.remaining, self.cfg.max_tokens_per_step))
-        if self.staged[mb] + first + 1 > self.cfg.staging_blocks:   # one block to grow into
-            return False
-        ext = self._extent(s)
-        if ext > self.cfg.staging_blocks:      # it could never finish staged: it streams
-            return False
-        if not self._take_host(s, mb, ext):
-            return False
-        s.offloaded = True
-        self.num_offloaded_admitted += 1
-        return True
 
     def _plan(self, mb: int, items: list[tuple[Sequence, int]]) -> StepPlan:
         B = len(items)
@@ -334,8 +308,10 @@ class Scheduler:
             toks.extend(s.token_ids[s.num_computed:s.num_computed + n])
             if s.num_computed + n == len(s.token_ids):
                 rows.append(r)
-        offl = np.fromiter((s.offloaded for s, _ in items), dtype=bool, count=B)
-        streamed = np.fromiter((s.streamed for s, _ in items), dtype=bool, count=B)
+        offl = np.fromiter((s.placement is Placement.HOST for s, _ in items), dtype=bool,
+                           count=B)
+        streamed = np.fromiter((s.placement is Placement.STREAMED for s, _ in items),
+                               dtype=bool, count=B)
         return StepPlan(mb, [s for s, _ in items], q_lens, ctx, bt,
                         np.asarray(toks, dtype=np.int64), np.asarray(rows, dtype=np.int64), offl,
                         streamed)
@@ -344,7 +320,7 @@ class Scheduler:
         """Account for a finished step; returns the sequences that got a new token."""
         for s, n in zip(plan.seqs, plan.q_lens):
             s.num_computed += int(n)
-            if self.caching and not (s.offloaded or s.streamed):
+            if self.caching and s.placement is Placement.RESIDENT:
                 self._register(s)
         sampled = [plan.seqs[r] for r in plan.sample_rows]
         for s, t in zip(sampled, new_tokens):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipemax.placement import Placement
 from pipemax.requests import SEED_MODULUS, Request
 
 
@@ -17,9 +18,8 @@ class Sequence:
         self.token_ids: list[int] = list(req.prompt_ids)
         self.num_prompt = len(req.prompt_ids)
         self.num_computed = 0          # tokens whose KV is in the cache
-        self.blocks: list[int] = []    # GPU block ids, or its host extent (offloaded, streamed)
-        self.offloaded = False         # KV in the host pool, staged on the GPU for each step
-        self.streamed = False          # KV in the host pool, read there (too long to stage)
+        self.blocks: list[int] = []    # GPU block ids, or its host extent (placement.on_host)
+        self.placement = Placement.RESIDENT   # where its KV lives (pipemax/placement.py)
         self.staged_blocks = 0         # staging blocks its context takes (offloaded only)
         self.mb = -1                   # micro-batch it runs in; -1 while waiting
         self.rng = np.random.Generator(np.random.Philox(int(seed) % SEED_MODULUS))

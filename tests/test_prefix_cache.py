@@ -85,7 +85,7 @@ def check(sch: Scheduler):
     held: dict[int, int] = {}
     for run in sch.running:
         for s in run:
-            if not (s.offloaded or s.streamed):
+            if not s.placement.on_host:
                 for b in s.blocks:
                     held[b] = held.get(b, 0) + 1
     assert all(bm.refs[b] == c for b, c in held.items())
@@ -102,7 +102,7 @@ def writes_go_to_own_blocks(sch: Scheduler, plan):
     and not cached: a sampled or computed token never lands in a shared block."""
     bs = sch.cfg.block_size
     for s, q, c in zip(plan.seqs, plan.q_lens, plan.ctx_lens):
-        if s.offloaded or s.streamed:
+        if s.placement.on_host:
             continue
         for pos in range(int(c - q), int(c)):
             b = s.blocks[pos // bs]

@@ -7,8 +7,7 @@ import sys
 import pytest
 
 from pipemax.requests import Request, RequestError, SamplingParams
-from pipemax.results import (ResultWriter, chat_body, completion_body, encode_line, error_line,
-                             ok_line, response_body)
+from pipemax.results import ResultWriter, encode_line, error_line, ok_line, response_body
 
 
 class FakeTokenizer:
@@ -29,7 +28,7 @@ KW = dict(text="Hello", token_ids=[5, 6, 9], finish_reason="length", model_name=
 
 
 def test_completion_body_fields():
-    b = completion_body(req(), logprobs=None, **KW)
+    b = response_body(req(), logprobs=None, **KW)
     assert set(b) == {"id", "object", "created", "model", "choices", "usage"}
     assert re.fullmatch(r"cmpl-[0-9a-f]{32}", b["id"])
     assert b["object"] == "text_completion"
@@ -40,7 +39,7 @@ def test_completion_body_fields():
 
 
 def test_chat_body_fields():
-    b = chat_body(req("chat"), logprobs=None, **{**KW, "finish_reason": "stop"})
+    b = response_body(req("chat"), logprobs=None, **{**KW, "finish_reason": "stop"})
     assert set(b) == {"id", "object", "created", "model", "choices", "usage"}
     assert re.fullmatch(r"chatcmpl-[0-9a-f]{32}", b["id"])
     assert b["object"] == "chat.completion"
@@ -50,11 +49,11 @@ def test_chat_body_fields():
 
 
 def test_model_echo_and_token_ids():
-    for fn, kind in ((completion_body, "completion"), (chat_body, "chat")):
-        b = fn(req(kind, return_token_ids=True, model="asked"), logprobs=None, **KW)
+    for kind in ("completion", "chat"):
+        b = response_body(req(kind, return_token_ids=True, model="asked"), logprobs=None, **KW)
         assert b["model"] == "asked"
         assert b["choices"][0]["token_ids"] == [5, 6, 9]
-        assert "token_ids" not in fn(req(kind), logprobs=None, **KW)["choices"][0]
+        assert "token_ids" not in response_body(req(kind), logprobs=None, **KW)["choices"][0]
 
 
 def test_response_body_dispatch():
@@ -63,7 +62,7 @@ def test_response_body_dispatch():
 
 
 def test_completion_logprobs():
-    lp = completion_body(req(), logprobs=LOGPROBS, tokenizer=FakeTokenizer(), **KW)["choices"][0]["logprobs"]
+    lp = response_body(req(), logprobs=LOGPROBS, tokenizer=FakeTokenizer(), **KW)["choices"][0]["logprobs"]
     assert lp == {"tokens": ["He", "llo", "é"],
                   "token_logprobs": [-0.5, -0.25, -9999.0],
                   "top_logprobs": [{"He": -0.5, "llo": -1.5},
@@ -73,12 +72,12 @@ def test_completion_logprobs():
 
 
 def test_completion_logprobs_zero_alternatives_keeps_chosen():
-    lp = completion_body(req(), logprobs=[(5, -0.5, [])], tokenizer=FakeTokenizer(), **KW)
+    lp = response_body(req(), logprobs=[(5, -0.5, [])], tokenizer=FakeTokenizer(), **KW)
     assert lp["choices"][0]["logprobs"]["top_logprobs"] == [{"He": -0.5}]
 
 
 def test_chat_logprobs():
-    lp = chat_body(req("chat"), logprobs=LOGPROBS, tokenizer=FakeTokenizer(), **KW)["choices"][0]["logprobs"]
+    lp = response_body(req("chat"), logprobs=LOGPROBS, tokenizer=FakeTokenizer(), **KW)["choices"][0]["logprobs"]
     c = lp["content"]
     assert set(lp) == {"content"} and len(c) == 3
     assert c[0] == {"token": "He", "logprob": -0.5, "bytes": [72, 101],
@@ -93,14 +92,14 @@ def test_chat_logprobs():
 
 
 def test_logprobs_without_tokenizer_use_ids():
-    lp = completion_body(req(), logprobs=[(5, -0.5, [(6, -1.0)])], **KW)["choices"][0]["logprobs"]
+    lp = response_body(req(), logprobs=[(5, -0.5, [(6, -1.0)])], **KW)["choices"][0]["logprobs"]
     assert lp["tokens"] == ["5"] and lp["top_logprobs"] == [{"6": -1.0, "5": -0.5}]
-    lp = chat_body(req("chat"), logprobs=[(5, -0.5, [(6, -1.0)])], **KW)["choices"][0]["logprobs"]
+    lp = response_body(req("chat"), logprobs=[(5, -0.5, [(6, -1.0)])], **KW)["choices"][0]["logprobs"]
     assert lp["content"][0]["token"] == "5" and lp["content"][0]["top_logprobs"][0]["token"] == "6"
 
 
 def test_ok_line():
-    body = completion_body(req(), logprobs=None, **KW)
+    body = response_body(req(), logprobs=None, **KW)
     line = ok_line(req(custom_id="abc"), body)
     assert set(line) == {"id", "custom_id", "response", "error"}
     assert re.fullmatch(r"batch_req_[0-9a-f]{32}", line["id"])
@@ -121,9 +120,9 @@ def test_error_line():
 
 def test_ids_unique():
     r = req()
-    body = completion_body(r, logprobs=None, **KW)
+    body = response_body(r, logprobs=None, **KW)
     assert len({ok_line(r, body)["id"] for _ in range(200)}) == 200
-    assert len({completion_body(r, logprobs=None, **KW)["id"] for _ in range(200)}) == 200
+    assert len({response_body(r, logprobs=None, **KW)["id"] for _ in range(200)}) == 200
     assert len({ok_line(r, body)["response"]["request_id"] for _ in range(200)}) == 200
 
 
@@ -138,7 +137,7 @@ def test_encode_line():
 # --- writer -------------------------------------------------------------------------------------
 
 def _ok(cid):
-    return ok_line(req(custom_id=cid), completion_body(req(custom_id=cid), logprobs=None, **KW))
+    return ok_line(req(custom_id=cid), response_body(req(custom_id=cid), logprobs=None, **KW))
 
 
 def _err(cid):
@@ -198,7 +197,7 @@ def test_writer_error_split(tmp_path):
 
 def test_writer_lines_are_compact_strict_json(tmp_path):
     path = tmp_path / "out.jsonl"
-    body = chat_body(req("chat"), logprobs=LOGPROBS, tokenizer=FakeTokenizer(),
+    body = response_body(req("chat"), logprobs=LOGPROBS, tokenizer=FakeTokenizer(),
                      **{**KW, "text": "héllo\nworld"})
     with ResultWriter(path) as w:
         w.write(ok_line(req("chat"), body))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pipemax.requests import Request, SamplingParams
-from pipemax.scheduler import MAX_STREAMED_PER_MB, Scheduler, SchedulerConfig
+from pipemax.placement import MAX_STREAMED_PER_MB, Placement as P
+from pipemax.scheduler import Scheduler, SchedulerConfig
 from pipemax.sequence import Sequence
 from tools.replay_scheduler import replay
 
@@ -37,22 +38,23 @@ def drive(cfg: SchedulerConfig, rng, n=60, longest=40) -> Scheduler:
                 continue
             progressed = True
             # invariants of every plan
-            owned = [b for s in sch.running[mb] if not (s.offloaded or s.streamed)
+            owned = [b for s in sch.running[mb] if not s.placement.on_host
                      for b in s.blocks]
             assert len(owned) == len(set(owned)), "a resident block given twice"
             assert all(b < cfg.num_blocks for b in owned), "a resident id outside [0, R)"
             assert sch.staged[mb] <= cfg.staging_blocks
-            assert sum(s.staged_blocks for s in sch.running[mb] if s.offloaded) == sch.staged[mb]
-            assert sum(s.streamed for s in sch.running[mb]) <= MAX_STREAMED_PER_MB
-            hosted = [b for run in sch.running for s in run if s.offloaded or s.streamed
+            assert sum(s.staged_blocks for s in sch.running[mb] if s.placement is P.HOST) == sch.staged[mb]
+            n_streamed = sum(s.placement is P.STREAMED for s in sch.running[mb])
+            assert n_streamed == sch.streaming[mb] and n_streamed <= MAX_STREAMED_PER_MB
+            hosted = [b for run in sch.running for s in run if s.placement.on_host
                       for b in s.blocks]
             assert len(hosted) == len(set(hosted)), "a host block given twice"
             for s in sch.running[mb]:
-                if s.streamed:          # only what could never finish on the GPU streams
+                if s.placement is P.STREAMED:          # only what could never finish on the GPU streams
                     whole = sch.blocks.blocks_for(s.num_prompt + s.params.max_tokens)
                     assert whole > max(cfg.num_blocks, cfg.staging_blocks - 1)
                     assert len(s.blocks) == whole and s.staged_blocks == 0
-            assert (plan.streamed == [s.streamed for s in plan.seqs]).all()
+            assert (plan.streamed == [s.placement is P.STREAMED for s in plan.seqs]).all()
             sampled = sch.complete(plan, [7] * len(plan.sample_rows))
             for s in sampled:
                 if s.num_output >= s.params.max_tokens:

@@ -265,7 +265,9 @@ def test_plan_is_made_for_the_requests_that_fit():
     wl = Workload.of([(500, 200)] * 9 + [(too_long, 10)])
     p = plan(cfg, st, H200, 2, wl, **kw)
     assert p.offload and p.streamed == 1 and p.too_long == 0
-    assert p == dataclasses.replace(base, streamed=1, stream_blocks=4 * need)
+    assert p == dataclasses.replace(base, streamed=1, stream_blocks=4 * need,
+                                    host_blocks=base.host_blocks + 4 * need)   # the pool
+    assert 0 < base.host_blocks <= 4 * base.staging_blocks    # the offloaded ones' share
     assert "1 of the sampled requests are too long for the GPU" in p.describe()
     every = plan(cfg, st, H200, 2, Workload.of([(too_long, 10)] * 3), **kw)
     assert every.streamed == 3 and every.stream_blocks == 4 * need    # no request refused
@@ -295,11 +297,12 @@ def test_a_request_longer_than_the_gpu_streams_unless_offload_is_off(mode):
     base = plan(cfg, st, H200, 2, wl.within(G * 16), **kw, host_blocks=10**6)
     assert not p.offload and not base.offload
     if mode == "auto":
-        assert p == dataclasses.replace(base, streamed=1, stream_blocks=2 * need)
+        assert p == dataclasses.replace(base, streamed=1, stream_blocks=2 * need,
+                                        host_blocks=2 * need)
     else:
         assert p == dataclasses.replace(base, too_long=1)
     small = plan(cfg, st, H200, 2, wl, **kw, host_blocks=need - 1)
-    assert small.too_long == 1 and small.stream_blocks == 0
+    assert small.too_long == 1 and small.stream_blocks == 0 and small.host_blocks == 0
     assert "1 of the sampled requests are longer than it can hold" in small.describe()
     every = Workload.of([(too_long, 10)] * 2)
     if mode == "off":
