@@ -149,6 +149,16 @@ def test_calibration_from_a_run_json(tmp_path, capsys):
     assert sim.main(tiny_args("--calibrate", f"{path}:pipemax")) == 0
     cal = json.loads(capsys.readouterr().out)["calibration"]
     assert cal and all(v == pytest.approx(0.25) for v in cal.values())
+    # a fixed term per layer and step, a quarter of the run's decode seconds
+    dec = r["step_kinds"]["decode"]
+    us = 1e6 * sum(dec["model_s"]) / (dec["steps"] * 4)       # 4 layers in all
+    assert sim.main(tiny_args("--calibrate", f"{path}:pipemax,layer_us={us!r}")) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["calibration"]["layer_us"] == pytest.approx(us)
+    assert out["calibration"]["decode"] == pytest.approx(1 / 3)
+    for k, v in out["step_kinds"].items():      # the fit gives back the run's seconds
+        if k in out["calibration"]:
+            assert sum(v["sim_s"]) == pytest.approx(4 * sum(v["model_s"]), rel=1e-6)
 
 
 @pytest.mark.parametrize("flags,needle", [

@@ -155,6 +155,7 @@ class StepCost:
         self.handoff_s = hw.handoff_ms / 1e3
         self.ring_gbs = hw.ring_gbs
         self.model_s = {k: [0.0] * n for k in KINDS}    # uncalibrated compute, per stage
+        self.sim_s = {k: [0.0] * n for k in KINDS}      # calibrated
         self.counts = {k: {"steps": 0, "tokens": 0, "seqs": 0} for k in KINDS}
         self.bytes_prefetched = self.bytes_offloaded = self.bytes_streamed = 0
 
@@ -192,6 +193,7 @@ class StepCost:
             last = i == len(self.shapes) - 1
             hand = self.handoff_s + (0 if last else N * self.model.hidden_size * self.esize
                                      / (self.ring_gbs * 1e9))
+            self.sim_s[kind][i] += t / ratio + s.layers * fixed
             out.append(StageWork(t / ratio + s.layers * fixed, self._pcie_s(s, pre), self._pcie_s(s, off),
                                  self._pcie_s(s, streamed), hand))
         per_token = sum(s.block_bytes for s in self.shapes) // self.sc.block_size
@@ -270,7 +272,7 @@ def simulate(cfg: RunConfig, model: ModelConfig, reports: list[dict], lines: lis
             "bytes_prefetched": cost.bytes_prefetched, "bytes_offloaded": cost.bytes_offloaded,
             "bytes_streamed": cost.bytes_streamed,
             "step_kinds": {k: {**cost.counts[k],
-                               "model_s": cost.model_s[k],
+                               "model_s": cost.model_s[k], "sim_s": cost.sim_s[k],
                                "ratio": (calibrate or {}).get(k, 1.0)}
                            for k in KINDS if cost.counts[k]["steps"]},
             "plan": json.loads(plan.to_json()), "plan_text": plan.describe(),
@@ -435,10 +437,10 @@ def main(argv=None) -> int:
         reports = stage_reports(cfg, model, hw, max_len)
         cal = None
         if a.calibrate:
-            if "=" in a.calibrate:
+            path, _, fixed = a.calibrate.partition(",")
+            if "=" in path:
                 cal = parse_ratios(a.calibrate)
             else:
-                path, _, fixed = a.calibrate.partition(",")
                 layer_us = parse_ratios(fixed).get("layer_us", 0.0) if fixed else 0.0
                 cal = fit(simulate(cfg, model, reports, lines, hw, host, max_len),
                           measured_kinds(path), layer_us)
