@@ -32,31 +32,43 @@ def stage_shapes(model: ModelConfig, reports: list[dict]) -> list[StageShape]:
     return out
 
 
+def layout(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload,
+           host_bytes: int) -> tuple[Plan, SchedulerConfig]:
+    """The plan and the scheduler's settings for the stages' reports and a host pool of at
+    most ``host_bytes`` (pure: tools/simulate.py plans with it too). The plan's host_blocks
+    are the blocks the pool must hold (0: no pool).
+
+    Raises PlanError (one line with the figures) when memory cannot hold it."""
+    shapes = stage_shapes(model, reports)
+    esize = 4 if cfg.dtype == "float32" else 2
+    per_block = sum(s.block_bytes for s in shapes)          # one block id, on every stage
+    host_avail = host_bytes // per_block if cfg.kv_offload != "off" else 0
+    p = plan(model, shapes, figures(cfg, reports), esize, wl, mode=cfg.kv_offload,
+             micro_batches=cfg.num_micro_batches, max_seqs=cfg.max_num_seqs,
+             block_size=cfg.block_size, host_blocks=host_avail)
+    sched = SchedulerConfig(p.micro_batches, p.seqs_per_mb, cfg.max_num_batched_tokens,
+                            cfg.block_size, p.resident_blocks, p.staging_blocks, p.host_blocks,
+                            prefix_caching=cfg.prefix_caching)
+    return p, sched
+
+
 def setup(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload,
           pipeline: Pipeline, run_id: str) -> tuple[Plan, KVPool | None, SchedulerConfig]:
     """Plan the KV layout, start the host pool if the plan offloads, allocate the stages' KV.
 
     Raises PlanError / HostMemoryError (one line with the figures) when memory cannot hold it.
     """
-    shapes = stage_shapes(model, reports)
-    esize = 4 if cfg.dtype == "float32" else 2
     pinned = cfg.device == "cuda"
     host_bytes = int(cfg.host_kv_gb * GiB) if cfg.host_kv_gb else default_host_bytes(pinned)
-    per_block = sum(s.block_bytes for s in shapes)          # one block id, on every stage
-    host_avail = host_bytes // per_block if cfg.kv_offload != "off" else 0
-    p = plan(model, shapes, figures(cfg, reports), esize, wl, mode=cfg.kv_offload,
-             micro_batches=cfg.num_micro_batches, max_seqs=cfg.max_num_seqs,
-             block_size=cfg.block_size, host_blocks=host_avail)
+    p, sched = layout(cfg, model, reports, wl, host_bytes)
     pool = None
     H = p.host_blocks                       # the plan sizes the host pool
     if H:
-        check_host_memory(H * per_block, pinned)
+        shapes = stage_shapes(model, reports)
+        check_host_memory(H * sum(s.block_bytes for s in shapes), pinned)
         pool = KVPool(run_id, [H * s.block_bytes for s in shapes])
         pipeline.extra_checks.append(pool.check)
         pool.start(pipeline.check)
     pipeline.alloc(p.resident_blocks, p.staging_blocks, H, pool.names if pool else [],
                    cfg.offload_overlap)
-    sched = SchedulerConfig(p.micro_batches, p.seqs_per_mb, cfg.max_num_batched_tokens,
-                            cfg.block_size, p.resident_blocks, p.staging_blocks, H,
-                            prefix_caching=cfg.prefix_caching)
     return p, pool, sched

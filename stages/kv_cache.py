@@ -48,6 +48,12 @@ def workspace_bytes(spec, dtype: torch.dtype, decode_kernel: bool) -> int:
     return act + gather + logits + 256 * (1 << 20)
 
 
+def device_budget(cap: int, used_by_us: int, free: int, workspace: int) -> float:
+    """A CUDA stage's KV bytes: its cap less what it holds (weights, the CUDA context), within
+    what the device has free, with a 5% margin, less one step's workspace."""
+    return min(cap - used_by_us, free) * 0.95 - workspace
+
+
 def kv_budget_bytes(spec, device: torch.device, weight_bytes: int, dtype: torch.dtype,
                     decode_kernel: bool, free_at_start: int | None = None) -> int:
     """Bytes this stage may give its KV cache. On CUDA: what is left of its share of the device
@@ -58,8 +64,7 @@ def kv_budget_bytes(spec, device: torch.device, weight_bytes: int, dtype: torch.
         start = total if free_at_start is None else free_at_start + CUDA_CONTEXT_BYTES
         cap = stage_memory_cap(total, start, spec.device_sharers, spec.memory_gb)
         used_by_us = torch.cuda.memory_reserved(device) + CUDA_CONTEXT_BYTES
-        budget = (min(cap - used_by_us, free) * 0.95
-                  - workspace_bytes(spec, dtype, decode_kernel))
+        budget = device_budget(cap, used_by_us, free, workspace_bytes(spec, dtype, decode_kernel))
     else:
         budget = (spec.kv_cache_gb or CPU_DEFAULT_KV_GB) * GiB
         if spec.memory_gb:
