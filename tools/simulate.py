@@ -221,7 +221,7 @@ class SimPipeline:
 
     def recv(self) -> tuple[dict, dict]:
         done, _, mb, n = heapq.heappop(self.inflight)
-        on_host = sum(s.offloaded or s.streamed for run in self.sched.running for s in run)
+        on_host = sum(s.placement.on_host for run in self.sched.running for s in run)
         self.host_seq_s += on_host * (done - self.now)
         self.now = done
         return {"mb": mb}, {"token_ids": np.full(n, TOKEN, dtype=np.int64),
