@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from pipemax.config import ConfigError, RunConfig, build_parser, from_args
-from pipemax.progress import Progress
+from pipemax.ops.progress import Progress
 from pipemax.requests import Request, RequestError
 from pipemax.results import error_line
 

@@ -49,7 +49,7 @@ class RunConfig:
     device_figures: tuple[tuple[str, float], ...] = ()   # planner figure overrides
     cuda_graphs: bool = False           # decode steps replayed from CUDA graphs
     prefix_caching: bool = True         # shared prompt prefixes computed once (GPU blocks)
-    # operations (pipemax/control.py, progress.py, service.py)
+    # operations (pipemax/ops/: control socket, progress, service)
     socket: str | None = None           # control socket; None: the default path
     no_socket: bool = False             # no control socket at all
     socket_group: str | None = None     # socket mode 0660, this group may connect

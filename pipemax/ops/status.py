@@ -5,7 +5,7 @@ The snapshot is the plain dict that the engine loop publishes (pipemax/superviso
 """
 from __future__ import annotations
 
-from pipemax.progress import fmt_duration
+from pipemax.ops.progress import fmt_duration
 
 PHASES = ("loading", "running", "paused", "draining", "idle", "stopping", "done")
 
