@@ -3,7 +3,8 @@ through the control socket (``submit``) and run one after another, each resumabl
 
 The queue lives in the driver and is touched only from the engine loop (the supervisor applies
 ``submit`` and ``cancel`` at step boundaries, and ``jobs`` reads the published snapshot), so it
-needs no lock. Each job gets a fresh parser (``new_parser``), so custom_ids are unique per job. Queued jobs are not kept across a restart of the service: submit them again (a
+needs no lock. Each job gets a fresh parser (``new_parser``), so custom_ids are unique per
+job. Queued jobs are not kept across a restart of the service: submit them again (a
 job's output resumes where it stopped, so nothing is served twice).
 """
 from __future__ import annotations
