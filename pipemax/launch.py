@@ -48,8 +48,8 @@ class Terminated(BaseException):
 class Interrupts:
     """SIGTERM / SIGINT handler. The first SIGTERM only sets ``drain_requested`` (the engine
     loop then takes nothing new, finishes what is running and exits 0; see
-    pipemax/ops/supervisor.py). SIGTERMs within ``REPEAT_WINDOW_S`` of the first count as that one
-    (``timeout``, a container stop or a batch scheduler signal both the launcher and its
+    pipemax/ops/supervisor.py). SIGTERMs within ``REPEAT_WINDOW_S`` of the first count as that
+    one (``timeout``, a container stop or a batch scheduler signal both the launcher and its
     process group; the stage processes ignore both signals and leave shutdown to the driver).
     A later SIGTERM, or any SIGINT, raises ``Terminated``; since a C call may swallow that
     exception (a semaphore wait returns EINTR), the signal is also remembered and ``check()``
@@ -199,9 +199,8 @@ def open_input(cfg: RunConfig, rt: Runtime, log) -> Input:
                  rt.parser().parse_all(default_lines(DEFAULT_PROMPTS)), sample)
 
 
-def execute(cfg: RunConfig, rt: Runtime, sup: supervisor.Supervisor, inp: Input) -> None:
+def execute(cfg: RunConfig, rt: Runtime, sup: supervisor.Supervisor, inp: Input, log) -> None:
     """Start the stages, plan, and serve the input (or the jobs of --serve); then report."""
-    log = lambda m: info(cfg, m)
     sup.start()
     rt.start()
     engine = rt.plan(inp.sample, hooks=sup, engine_log=None if cfg.quiet else log)
@@ -238,7 +237,7 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
             cleanup.callback(inp.writer.close)
         cleanup.callback(rt.close)            # stages, host pool, shared memory
         try:
-            execute(cfg, rt, sup, inp)
+            execute(cfg, rt, sup, inp, log)
             return 0
         except (PlanError, HostMemoryError, ControlError) as e:
             err(str(e))
