@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from pipemax.config import ConfigError, RunConfig, build_parser, from_args
-from pipemax.progress import Progress
+from pipemax.ops.progress import Progress
 from pipemax.requests import Request, RequestError
 from pipemax.results import error_line
 
@@ -355,12 +355,12 @@ class LLM:
 
     # ---- the engine -----------------------------------------------------------------------
     def _check(self, lines: list[tuple[int, bytes]]) -> list[Request | RequestError]:
-        """Parse every line before any work (the engine's parser, fresh); then, once the KV
-        layout is planned, whether each fits the KV cache (as the engine's intake does)."""
+        """Parse every line before any work (a fresh parser, as each job of the command has);
+        then, once the KV layout is planned, whether each fits the KV cache (as the engine's
+        intake does). The engine is given the parsed requests."""
         if self.closed:
             raise RuntimeError("this LLM is closed")
-        parser = self._rt.parser()
-        reqs = [parser.parse(raw, index) for index, raw in lines]
+        reqs = list(self._rt.parser().parse_all(lines))
         try:
             engine = self._rt.engine or self._rt.plan(lines)
         except BaseException:
@@ -370,17 +370,17 @@ class LLM:
 
     def _run(self, lines: list[tuple[int, bytes]], reqs: list, use_tqdm: bool,
              logprobs: dict | None) -> list[tuple[int, dict]]:
-        """Serve the good lines through the engine; the bad ones get their error lines."""
+        """Serve the good requests through the engine; the bad ones get their error lines."""
         engine = self._rt.engine
         results: dict[int, dict] = {}
         by_id: dict[str, int] = {}
         good = []
-        for (index, raw), r in zip(lines, reqs):
+        for (index, _), r in zip(lines, reqs):
             if isinstance(r, RequestError):
                 results[index] = error_line(r)
             else:
                 by_id[r.custom_id] = index
-                good.append((index, raw))
+                good.append(r)
         progress = Progress("bar" if use_tqdm and sys.stderr.isatty() else "off")
         progress.start(len(lines))
 

@@ -141,7 +141,7 @@ class RunConfig:
     device_figures: tuple[tuple[str, float], ...] = flag(
         (), "planner figures instead of the ones measured at start",
         metavar="hbm_gbs=X,h2d_gbs=Y,tflops=Z", default=None, convert=_figures)
-    # operations (pipemax/control.py, progress.py, service.py)
+    # operations (pipemax/ops/: control socket, progress, service)
     socket: str | None = flag(          # control socket; None: the default path
         None, "control socket (python -m pipemax.ctl); default: pipemax-<pid>.sock in "
               "$RUNTIME_DIRECTORY or $XDG_RUNTIME_DIR", metavar="PATH", group="operations")

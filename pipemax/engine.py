@@ -2,7 +2,8 @@
 
     while engine.step(): pass
 
-One step: take in requests while the queue is short, launch every idle micro-batch, wait for
+One step: take in requests (parsed: ``Request`` or ``RequestError``, pipemax/job.py) while the
+queue is short, launch every idle micro-batch, wait for
 the next micro-batch to come back from the last stage, and land its tokens (finishing and
 writing the requests that are done). Micro-batches are launched as soon as they come back, so
 with at least as many micro-batches as stages every stage always has work.
@@ -10,8 +11,11 @@ with at least as many micro-batches as stages every stage always has work.
 Nothing a request line carries can stop the run: an exception raised while preparing one
 request (``prepare``) or finishing it (``land``) becomes that request's ``internal_error``
 line. Only the writer's own failure (the output file, pipemax/results.py) and the pipeline's
-end the loop. Intake reads at most ``INTAKE_LINES`` lines per step, so the step-boundary hooks
-(signals, control commands) run even on an input of nothing but bad lines.
+end the loop. Intake takes at most ``INTAKE_LINES`` requests per step, so the step-boundary
+hooks (signals, control commands) run even on an input of nothing but bad lines.
+
+The engine owns its state; the control commands (pipemax/ops/) change it only through its
+verbs: ``pause``, ``resume``, ``drain``, ``cancel`` (and ``abandon`` for a failed job).
 """
 from __future__ import annotations
 
@@ -23,14 +27,16 @@ from typing import Callable, Iterator
 import numpy as np
 
 from pipemax.pipeline import Pipeline
-from pipemax.requests import Parser, Request, RequestError, one_line
+from pipemax.requests import Request, RequestError, one_line
 from pipemax.results import error_line, ok_line, response_body
 from pipemax.scheduler import Scheduler, StepPlan
 from pipemax.sequence import Sequence
 from pipemax.tokenizer import IncrementalDetokenizer
 
 MAX_TOP_LOGPROBS = 20
-INTAKE_LINES = 4096           # input lines read per step at most
+INTAKE_LINES = 4096           # requests taken in per step at most
+COUNTS = ("requests_ok", "requests_error", "prompt_tokens", "prompt_tokens_cached",
+          "output_tokens", "steps")
 
 
 @dataclass
@@ -46,6 +52,10 @@ class Stats:
 
     def seconds(self) -> float:
         return time.monotonic() - self.started
+
+    def counts(self) -> dict[str, int]:
+        """The counters (``COUNTS``), to add up over jobs."""
+        return {k: getattr(self, k) for k in COUNTS}
 
     def as_dict(self) -> dict:
         s = self.seconds()
@@ -75,18 +85,17 @@ class Stats:
 
 class Engine:
     def __init__(self, *, pipeline: Pipeline, sched: Scheduler, tokenizer, eos_ids: tuple,
-                 max_model_len: int, vocab_size: int, model_name: str, seed: int,
-                 write: Callable[[dict], None], lines: Iterator[tuple[int, bytes]],
+                 max_model_len: int, model_name: str, seed: int,
+                 write: Callable[[dict], None], requests: Iterator[Request | RequestError],
                  log: Callable[[str], None] | None = None, hooks=None):
         self.pipeline = pipeline
         self.sched = sched
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids)
         self.max_model_len = max_model_len
-        self.parser = Parser(tokenizer, max_model_len=max_model_len, vocab_size=vocab_size)
         self.model_name = model_name
         self.write = write
-        self.lines = lines
+        self.requests = requests
         self.lines_done = False
         self.log = log
         self.seed_rng = np.random.Generator(np.random.Philox(seed))
@@ -95,11 +104,12 @@ class Engine:
         self.step_no = 0
         self.queue_target = 2 * sched.cfg.max_seqs_per_mb * sched.cfg.num_micro_batches
         self.last_log = time.monotonic()
-        # control (pipemax/supervisor.py): hooks.at_step(engine) runs at every step boundary
-        # and sets these two; without hooks the loop is the plain batch loop
+        # control (pipemax/ops/supervisor.py): hooks.at_step(engine) runs at every step
+        # boundary and calls the verbs below; without hooks the loop is the plain batch loop
         self.hooks = hooks
         self.paused = False      # launch no new steps (the ones in flight still land)
         self.draining = False    # take no new requests (finish the running ones)
+        self.cancelling: dict[int, Sequence] = {}   # id(seq) -> seq, cancelled in flight
         # pipemax/api.py: on_finish(seq) sees each finished sequence before its line is written
         self.on_finish: Callable[[Sequence], None] | None = None
 
@@ -120,7 +130,7 @@ class Engine:
                 self.launch(mb)
         if not self.inflight:
             if self.paused:   # with work left: go on (at_step waits for "resume", no spinning)
-                return not self.lines_done or self.sched.has_work()
+                return self.has_work()
             if self.sched.has_work():   # nothing can run although work is left: a planning bug
                 raise RuntimeError(f"scheduler stalled with {len(self.sched.waiting)} waiting "
                                    "and nothing in flight")
@@ -131,13 +141,84 @@ class Engine:
         self.land(*got)
         return True
 
-    def start_job(self, lines: Iterator[tuple[int, bytes]], write: Callable[[dict], None]
-                  ) -> None:
-        """Service mode: serve another input file with the same stages and KV cache (a fresh
-        parser, so custom_ids are unique per job)."""
-        self.parser = Parser(self.tokenizer, max_model_len=self.max_model_len,
-                             vocab_size=self.parser.vocab_size)
-        self.lines, self.write, self.lines_done = lines, write, False
+    def start_job(self, requests: Iterator[Request | RequestError],
+                  write: Callable[[dict], None]) -> None:
+        """Serve these requests (a job's, parsed by its own parser: pipemax/job.py), with the
+        same stages and KV cache."""
+        self.requests, self.write, self.lines_done = requests, write, False
+
+    # ---- verbs (control commands, at step boundaries) -------------------------------------
+    def pause(self) -> int:
+        """Launch no new steps; those in flight still land. Returns how many are in flight."""
+        self.paused = True
+        return len(self.inflight)
+
+    def resume(self) -> bool:
+        """Launch steps again; whether it was paused."""
+        was, self.paused = self.paused, False
+        return was
+
+    def drain(self) -> int:
+        """Take nothing new and drop the waiting queue (those requests get no line: a restart
+        with the same output serves them); the running ones finish. Returns how many were
+        dropped."""
+        self.draining, self.paused = True, False
+        return self.sched.drop_waiting()
+
+    def cancel(self, ids: list[str]) -> dict[str, str]:
+        """Drop the waiting or running requests with these custom_ids (their lines: error
+        "cancelled"); what became of each. One whose micro-batch is in flight is dropped when
+        it lands."""
+        where = self.sched.by_custom_id()
+        results = {}
+        for cid in ids:
+            s = where.pop(cid, None)
+            if s is None:
+                results[cid] = results.get(cid, "not found")
+            elif s.mb < 0:
+                self.sched.remove_waiting(s)
+                self._write_cancelled(s)
+                results[cid] = "cancelled (waiting)"
+            elif s.mb in self.inflight:
+                self.cancelling[id(s)] = s
+                results[cid] = "cancelling (running): dropped when its micro-batch lands"
+            else:
+                self.sched.finish(s)
+                self._write_cancelled(s)
+                results[cid] = "cancelled (running)"
+        return results
+
+    def held(self) -> bool:
+        """Paused with nothing in flight and work left: nothing lands until ``resume``."""
+        return self.paused and not self.inflight and self.has_work()
+
+    def has_work(self) -> bool:
+        """Input left to read, or sequences waiting or running."""
+        return not self.lines_done or self.sched.has_work()
+
+    def queue_sizes(self) -> dict[str, int]:
+        return {"running": self.sched.num_running(), "waiting": len(self.sched.waiting)}
+
+    def _drop_cancelled(self) -> None:
+        for key, s in list(self.cancelling.items()):
+            if s.finish_reason is not None:        # it finished before the cancel applied
+                del self.cancelling[key]
+            elif s.mb < 0:                         # back in the waiting queue
+                del self.cancelling[key]
+                if self.sched.remove_waiting(s):
+                    self._write_cancelled(s)
+            elif s.mb not in self.inflight:
+                del self.cancelling[key]
+                self.sched.finish(s)
+                self._write_cancelled(s)
+
+    def _write_cancelled(self, s: Sequence) -> None:
+        self._write_error(RequestError(s.req.index, s.req.custom_id, "cancelled",
+                                       "cancelled by a control command"))
+
+    def _write_error(self, e: RequestError) -> None:
+        self.write(error_line(e))
+        self.stats.requests_error += 1
 
     # ---- pieces ---------------------------------------------------------------------------
     def intake(self) -> None:
@@ -145,16 +226,14 @@ class Engine:
             if self.lines_done or len(self.sched.waiting) >= self.queue_target:
                 return
             try:
-                index, raw = next(self.lines)
+                r = next(self.requests)
             except StopIteration:
                 self.lines_done = True
                 return
-            r = self.parser.parse(raw, index)
             if isinstance(r, Request):
                 r = self.prepare(r)
             if isinstance(r, RequestError):
-                self.write(error_line(r))
-                self.stats.requests_error += 1
+                self._write_error(r)
             else:
                 self.sched.add(r)
 
@@ -237,6 +316,8 @@ class Engine:
                     self.stats.output_tokens += s.num_output
                 else:
                     self.stats.requests_error += 1
+        if self.cancelling:
+            self._drop_cancelled()
         self.maybe_log()
 
     def abandon(self) -> None:
@@ -247,10 +328,9 @@ class Engine:
         while self.inflight:
             meta, _ = self.pipeline.recv()
             self.inflight.pop(meta["mb"])
-        self.sched.waiting.clear()
-        for run in self.sched.running:
-            for s in list(run):
-                self.sched.finish(s)
+        self.cancelling.clear()
+        self.sched.drop_waiting()
+        self.sched.drop_running()
 
     def finish_reason(self, s: Sequence, tok: int) -> str | None:
         p = s.params
@@ -277,7 +357,7 @@ class Engine:
     def maybe_log(self) -> None:
         now = time.monotonic()
         if self.log is None or self.hooks is not None or now - self.last_log < 10.0:
-            # (with hooks, pipemax/progress.py reports progress instead)
+            # (with hooks, pipemax/ops/progress.py reports progress instead)
             return
         self.last_log = now
         st = self.stats

@@ -1,15 +1,16 @@
 """One job: an input file served into an output file (error lines optionally into their own
 file), resumable.
 
-``Job.open()`` opens the input once (it is read through that file from then on, so renaming or
-removing it later does not disturb the job), refuses an output or errors file that is the
-input itself or is held by another live run (an advisory lock on each, held until
-``close()``), repairs and reads what an earlier run with the same output left
-(pipemax/resume.py), counts the input's requests for the progress figures and opens the result
-writer for appending. A failure while the job runs (the input cannot be read, the output is
-full or gone) raises ``JobFailed`` with one line; in service mode it ends that job alone. ``lines()`` then gives the input lines still to serve; ``bind(parser)``
-hands it the set of custom_ids the engine's parser has seen (call it before the first line is
-read). The driver is single-threaded: all of this runs in the engine loop.
+``Job.open()`` reads the input once, whole (renaming or removing it later does not disturb the
+job), refuses an output or errors file that is the input itself or is held by another live run
+(an advisory lock on each, held until ``close()``), repairs and reads what an earlier run with
+the same output left (pipemax/resume.py) and opens the result writer for appending. The job
+owns its parser (a fresh one per job, so custom_ids are unique per job): ``requests()`` gives
+the input's requests still to serve, parsed (``Request`` or ``RequestError``), the lines an
+earlier run answered skipped and every id counted for the duplicate check, in one pass.
+``sample()`` gives the input's lines for the KV plan's estimate. A failure while the job runs
+(the output is full or gone) raises ``JobFailed`` with one line; in service mode it ends that
+job alone. The driver is single-threaded: all of this runs in the engine loop.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import os
 import time
 from typing import Callable, Iterator
 
-from pipemax.requests import read_requests
+from pipemax.requests import Parser, Request, RequestError, read_requests
 from pipemax.results import OutputError, ResultWriter, lock
-from pipemax.resume import Resume, count_requests, scan
+from pipemax.resume import Resume, scan
 
 
 class JobError(ValueError):
@@ -27,8 +28,7 @@ class JobError(ValueError):
 
 
 class JobFailed(RuntimeError):
-    """The job cannot go on (its input cannot be read, its output is full or gone); one line
-    for the user."""
+    """The job cannot go on (its output is full or gone); one line for the user."""
 
 
 def _result_paths(output: str, errors: str | None) -> list[str]:
@@ -52,9 +52,10 @@ def _refuse_input(input_stat: os.stat_result, output: str, errors: str | None) -
 
 
 class Job:
-    def __init__(self, input: str, output: str, errors: str | None = None, *, job_id: int = 1,
-                 log: Callable[[str], None] | None = None):
+    def __init__(self, input: str, output: str, errors: str | None = None, *, parser: Parser,
+                 job_id: int = 1, log: Callable[[str], None] | None = None):
         self.id = job_id
+        self.parser = parser
         self.input = input
         self.output = output
         self.errors = errors
@@ -64,25 +65,25 @@ class Job:
         self.total = 0                 # requests in the input
         self.resume = Resume()
         self.writer: ResultWriter | None = None
-        self.parser_seen: set[str] | None = None
         self.submitted = time.time()
         self.started: float | None = None
         self.finished: float | None = None
         self.counts = {"ok": 0, "error": 0}      # lines written by this run
         self.final_stats: dict | None = None
-        self._input = None                       # the input, open from open() to close()
-        self._locks: list = []                   # the result files' locks, likewise
+        self._lines: list[tuple[int, bytes]] = []   # the input, read by open()
+        self._locks: list = []                   # the result files' locks, open() to close()
 
     # ---- lifecycle ------------------------------------------------------------------------
     def open(self) -> None:
-        """Read what is done, count what there is to do, open the writer. Raises JobError."""
+        """Read the input and what is done, open the writer. Raises JobError."""
         try:
-            self._input = open(self.input, "rb")
-            _refuse_input(os.fstat(self._input.fileno()), self.output, self.errors)
+            with open(self.input, "rb") as f:
+                _refuse_input(os.fstat(f.fileno()), self.output, self.errors)
+                self._lines = list(read_requests(f))
             for p in _result_paths(self.output, self.errors):
                 self._locks.append(lock(p))
             self.resume = scan(self.output, self.errors)
-            self.total = count_requests(self._input)
+            self.total = len(self._lines)
             self.writer = ResultWriter(self.output, self.errors)
         except (OSError, OutputError, JobError) as e:
             self.close()
@@ -101,26 +102,15 @@ class Job:
         self.state = "running"
         self.started = time.time()
 
-    def bind(self, parser) -> None:
-        """The engine's parser: skipped ids go into its ``seen`` set."""
-        self.parser_seen = parser.seen
+    def sample(self) -> Iterator[tuple[int, bytes]]:
+        """Every input line (for the KV plan's estimate)."""
+        return iter(self._lines)
 
-    def requests(self) -> Iterator[tuple[int, bytes]]:
-        """Every input line (from the file opened by ``open()``)."""
-        try:
-            yield from read_requests(self._input)
-        except OSError as e:
-            raise JobFailed(f"cannot read input file {self.input}: {e.strerror or e}") from None
-
-    def lines(self) -> Iterator[tuple[int, bytes]]:
-        """The input lines still to serve."""
-        raw = self.requests()
-        if self.resume.empty:
-            yield from raw
-            return
-        if self.parser_seen is None:
-            raise RuntimeError("Job.bind(parser) must come before the first line is read")
-        yield from self.resume.filter(raw, self.parser_seen)
+    def requests(self) -> Iterator[Request | RequestError]:
+        """The requests still to serve, parsed one by one: the lines an earlier run answered
+        are skipped, and their ids still count for the duplicate check (the filter and the
+        parser share the parser's ``seen`` set)."""
+        return self.parser.parse_all(self.resume.filter(self._lines, self.parser.seen))
 
     def write(self, line: dict) -> None:
         try:
@@ -143,10 +133,10 @@ class Job:
                 state, message = "failed", str(e)
         if self.writer is not None:
             self.writer.close()
-        for f in [self._input, *self._locks]:
-            if f is not None:
-                f.close()
+        for f in self._locks:
+            f.close()
         self._locks = []
+        self._lines = []
         if state is not None and self.state != "failed":
             self.state = state
             self.message = message

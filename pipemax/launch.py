@@ -6,28 +6,36 @@ before any process starts, and reported in one line with exit code 2. Every exit
 every shared-memory object of the run, and removes the control socket; finished results are
 already on disk, line by line, and a run started again with the same --output skips them
 (pipemax/resume.py). The first SIGTERM drains (exit 0); a second one, or Ctrl-C, stops at once
-(exit 130). Control commands, progress and systemd notifications: pipemax/supervisor.py.
+(exit 130). Control commands, progress and systemd notifications: pipemax/ops/supervisor.py;
+what a finished run reports: pipemax/report.py.
+
+``run`` builds the run (the runtime, its operations and its input), executes it, and leaves
+the cleanup of every exit path to one ``ExitStack``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple
 
 from pipemax.config import ConfigError, RunConfig, from_args
-from pipemax import devices, supervisor
-from pipemax.control import ControlError
+from pipemax import devices
 from pipemax.job import Job, JobError, JobFailed
-from pipemax.service import serve
 from pipemax.kv_pool import HostMemoryError
-from pipemax.planner import PlanError
 from pipemax.model_config import ModelConfig
+from pipemax.ops import supervisor
+from pipemax.ops.server import ControlError
+from pipemax.ops.service import serve
 from pipemax.pipeline import StageFailed
+from pipemax.planner import PlanError
+from pipemax.report import report, service_line
+from pipemax.requests import Request, RequestError
 from pipemax.runtime import Runtime
-from pipemax.scheduler import Scheduler
 from pipemax.tiny import DEFAULT_PROMPTS, ensure_tiny_model
 from pipemax.tokenizer import Tokenizer, TokenizerError
 from stages.loader import CheckpointError, check_checkpoint
@@ -40,8 +48,8 @@ class Terminated(BaseException):
 class Interrupts:
     """SIGTERM / SIGINT handler. The first SIGTERM only sets ``drain_requested`` (the engine
     loop then takes nothing new, finishes what is running and exits 0; see
-    pipemax/supervisor.py). SIGTERMs within ``REPEAT_WINDOW_S`` of the first count as that one
-    (``timeout``, a container stop or a batch scheduler signal both the launcher and its
+    pipemax/ops/supervisor.py). SIGTERMs within ``REPEAT_WINDOW_S`` of the first count as that
+    one (``timeout``, a container stop or a batch scheduler signal both the launcher and its
     process group; the stage processes ignore both signals and leave shutdown to the driver).
     A later SIGTERM, or any SIGINT, raises ``Terminated``; since a C call may swallow that
     exception (a semaphore wait returns EINTR), the signal is also remembered and ``check()``
@@ -129,16 +137,6 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, ModelConfig, Tokenizer | None, i
     return cfg, model, tokenizer, max_len
 
 
-def handoff_summary(finals: list[dict]) -> str:
-    """The ring hand-offs the stages waited for (writer's stamp to the copy out)."""
-    n = sum(f.get("handoffs", 0) for f in finals)
-    if not n:
-        return ""
-    mean = sum(f["handoff_s"] for f in finals) / n
-    worst = max(f["handoff_max_s"] for f in finals)
-    return f"; ring hand-offs {mean * 1e3:.2f} ms mean, {worst * 1e3:.1f} ms max ({n})"
-
-
 def check_cuda_devices(cfg: RunConfig) -> None:
     """The stages' devices are present, and the memory caps of stages sharing one fit it."""
     import torch
@@ -152,20 +150,6 @@ def check_cuda_devices(cfg: RunConfig) -> None:
             d: torch.cuda.get_device_properties(d).total_memory for d in set(cfg.stage_device_ids)})
     except devices.DeviceListError as e:
         raise ConfigError(str(e)) from None
-
-
-def offload_summary(finals: list[dict], sched: Scheduler) -> str:
-    streamed = (f"; {sched.num_streamed_admitted} sequences streamed from the host pool"
-                if sched.num_streamed_admitted else "")
-    if not sched.offload:
-        return streamed
-    gib = lambda x: x / 2**30
-    pre = sum(f.get("bytes_prefetched", 0) for f in finals)
-    off = sum(f.get("bytes_offloaded", 0) for f in finals)
-    peak = max((f.get("peak_staging_blocks", 0) for f in finals), default=0)
-    return (f"; KV offload: {sched.num_offloaded_admitted} sequences offloaded, "
-            f"{gib(pre):.2f} GiB prefetched, {gib(off):.2f} GiB offloaded, peak staging "
-            f"{peak} blocks per buffer" + streamed)
 
 
 class PrintWriter:
@@ -192,96 +176,80 @@ def default_lines(prompts: list[str]):
         yield i, json.dumps({"custom_id": f"request-{i + 1}", **body}).encode()
 
 
+class Input(NamedTuple):
+    """What a run serves: its job (None: the built-in prompts, or --serve), where its lines
+    go, its requests (parsed) and the lines the KV plan is estimated from."""
+    job: Job | None
+    writer: Job | PrintWriter | None
+    requests: Iterator[Request | RequestError]
+    sample: Iterable[tuple[int, bytes]]
+
+
+def open_input(cfg: RunConfig, rt: Runtime, log) -> Input:
+    """The run's input; with --input its job opened (resume: what an earlier run answered is
+    skipped). Raises JobError."""
+    if cfg.input is not None:
+        job = Job(cfg.input, cfg.output, cfg.errors, parser=rt.parser(), log=log)
+        job.open()
+        return Input(job, job, job.requests(), job.sample())
+    sample = default_lines(DEFAULT_PROMPTS)
+    if cfg.serve:                             # jobs come through the control socket
+        return Input(None, None, iter(()), sample)
+    return Input(None, PrintWriter(DEFAULT_PROMPTS),
+                 rt.parser().parse_all(default_lines(DEFAULT_PROMPTS)), sample)
+
+
+def execute(cfg: RunConfig, rt: Runtime, sup: supervisor.Supervisor, inp: Input, log) -> None:
+    """Start the stages, plan, and serve the input (or the jobs of --serve); then report."""
+    sup.start()
+    rt.start()
+    engine = rt.plan(inp.sample, hooks=sup, engine_log=None if cfg.quiet else log)
+    engine.start_job(inp.requests, inp.writer.write if inp.writer is not None
+                     else (lambda line: None))
+    sup.loaded(engine)                        # READY=1
+    if sup.service is not None:
+        log(service_line(serve(engine, sup, sup.service), sup.totals))
+        return
+    sup.begin_job(inp.job)
+    stats = engine.run()
+    sup.end_job()
+    report(rt, stats, rt.stop(), log=log, summary=lambda line: print(
+        f"pipemax: {line}", file=sys.stderr if cfg.input is None else sys.stdout, flush=True))
+    job = inp.job
+    if sup.outcome != "done" and (job is None or job.done < job.total):
+        log(f"{sup.outcome}: stopped before the end of the input; run again with the same "
+            "--output to serve the rest")
+
+
 def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
         interrupts: Interrupts) -> int:
-    rt = Runtime(cfg, model, tokenizer, max_len, check=interrupts.check,
-                 log=lambda m: info(cfg, m))
-    try:   # control socket, progress, systemd, --serve job queue (pipemax/supervisor.py)
-        sup = supervisor.build(cfg, interrupts, lambda m: info(cfg, m))
-    except ControlError as e:
+    log = lambda m: info(cfg, m)
+    rt = Runtime(cfg, model, tokenizer, max_len, check=interrupts.check, log=log)
+    try:   # control socket, progress, systemd, --serve job queue (pipemax/ops/)
+        sup = supervisor.build(cfg, interrupts, log, rt.parser)
+        inp = open_input(cfg, rt, sup.log)
+    except (ControlError, JobError) as e:
         err(str(e))
         return 2
-    job = None
-    if cfg.serve:
-        writer, lines = None, iter(())        # jobs come through the control socket
-    elif cfg.input is not None:
-        job = Job(cfg.input, cfg.output, cfg.errors, log=sup.log)
+    with contextlib.ExitStack() as cleanup:   # every exit path, last registered first:
+        cleanup.callback(sup.close)           # STOPPING=1; the socket file removed
+        if inp.writer is not None:
+            cleanup.callback(inp.writer.close)
+        cleanup.callback(rt.close)            # stages, host pool, shared memory
         try:
-            job.open()                        # resume: skip what an earlier run answered
-        except JobError as e:
+            execute(cfg, rt, sup, inp, log)
+            return 0
+        except (PlanError, HostMemoryError, ControlError) as e:
             err(str(e))
             return 2
-        writer, lines = job, job.lines()
-    else:
-        writer = PrintWriter(DEFAULT_PROMPTS)
-        lines = default_lines(DEFAULT_PROMPTS)
-    try:
-        sup.start()
-        reports = rt.start()
-        engine = rt.plan(job.requests() if job is not None else default_lines(DEFAULT_PROMPTS),
-                         hooks=sup, engine_log=None if cfg.quiet else lambda m: info(cfg, m))
-        kv_plan, sched, sched_cfg = rt.kv_plan, rt.sched, rt.sched_cfg
-        engine.start_job(lines, writer.write if writer is not None else (lambda line: None))
-        if job is not None:
-            job.bind(engine.parser)
-        sup.loaded(engine)                    # READY=1
-        load_s = rt.load_s
-        if sup.service is not None:
-            outcome = serve(engine, sup, sup.service)
-            t = sup.totals
-            info(cfg, f"service {outcome}: {t['requests_ok']} requests ok, "
-                      f"{t['requests_error']} failed, {t['output_tokens']} output tokens")
-            return 0
-        sup.begin_job(job)
-        stats = engine.run()
-        sup.end_job()
-        finals = rt.stop()
-        if cfg.stats_json:
-            figures = {**stats.as_dict(), "load_seconds": load_s,
-                       "num_blocks": sched_cfg.num_blocks,
-                       "peak_gpu_gb": [f["peak_gpu_bytes"] / 2**30 for f in finals],
-                       "block_size": cfg.block_size, "stages": reports,
-                       "preemptions": sched.num_preemptions,
-                       "micro_batches": sched_cfg.num_micro_batches,
-                       "max_seqs_per_mb": sched_cfg.max_seqs_per_mb,
-                       "plan": json.loads(kv_plan.to_json()),
-                       "offloaded_admitted": sched.num_offloaded_admitted,
-                       "streamed_admitted": sched.num_streamed_admitted,
-                       "bytes_prefetched": sum(f.get("bytes_prefetched", 0) for f in finals),
-                       "bytes_offloaded": sum(f.get("bytes_offloaded", 0) for f in finals),
-                       "finals": finals}
-            Path(cfg.stats_json).write_text(json.dumps(figures, indent=1) + "\n")
-        print(f"pipemax: {stats.summary()}", file=sys.stderr if cfg.input is None else sys.stdout,
-              flush=True)
-        info(cfg, f"plan predicted {kv_plan.predicted_tok_s:.0f} output tok/s "
-                  f"({kv_plan.decode_tok_s:.0f} in steady decode)"
-                  f"{' (from nominal CPU figures)' if cfg.device == 'cpu' else ''}; "
-                  f"measured {stats.as_dict()['output_tok_s']:.0f} over the whole run"
-                  + offload_summary(finals, sched) + handoff_summary(finals))
-        if sup.outcome != "done" and (job is None or job.done < job.total):
-            info(cfg, f"{sup.outcome}: stopped before the end of the input; run again with the "
-                      "same --output to serve the rest")
-        return 0
-    except (PlanError, HostMemoryError, ControlError) as e:
-        err(str(e))
-        return 2
-    except (StageFailed, JobFailed) as e:
-        err(str(e))
-        return 1
-    except (KeyboardInterrupt, Terminated):
-        interrupts.handled = True
-        err("interrupted; results finished so far are kept"
-            + (f" in {cfg.output}" if cfg.output else ""))
-        return 130
-    finally:
-        try:
-            rt.close()                        # stages, host pool, shared memory
-        finally:
-            try:
-                if writer is not None:
-                    writer.close()
-            finally:
-                sup.close()                   # STOPPING=1; the socket file removed
+        except (StageFailed, JobFailed) as e:
+            err(str(e))
+            return 1
+        except (KeyboardInterrupt, Terminated):
+            interrupts.handled = True
+            err("interrupted; results finished so far are kept"
+                + (f" in {cfg.output}" if cfg.output else ""))
+            return 130
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 URL_COMPLETIONS = "/v1/completions"
 URL_CHAT = "/v1/chat/completions"
@@ -468,6 +468,11 @@ class Parser:
                                 one_line(f"custom_id {_show(cid)} was already used by an earlier line"))
         self.seen.add(cid)
         return r
+
+    def parse_all(self, lines: Iterable[tuple[int, bytes]]) -> Iterator[Request | RequestError]:
+        """Each ``(index, raw)`` line parsed, in order, one by one as they are asked for."""
+        for index, raw in lines:
+            yield self.parse(raw, index)
 
 
 READ_CHUNK = 1 << 20

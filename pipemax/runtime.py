@@ -5,7 +5,7 @@ both thin users of it; the driver loop itself is pipemax/engine.py.
     rt = Runtime(cfg, model, tokenizer, max_len)
     rt.start()                  # stages spawned, weights loaded, what each stage holds
     rt.plan(sample_lines)       # KV plan from a sample of the requests, host pool, Engine
-    rt.engine.start_job(lines, write); rt.engine.run()
+    rt.engine.start_job(requests, write); rt.engine.run()
     rt.close()                  # every exit path: stages stopped, shared memory removed
 
 Every shared-memory object is named by the run id (ipc/names.py), so ``close()`` and the next
@@ -72,7 +72,7 @@ class Runtime:
              engine_log: Callable[[str], None] | None = None) -> Engine:
         """Plan the KV layout from a sample of the requests (their lengths), start the host
         pool if the plan offloads, allocate the stages' KV and build the engine (with no job
-        yet: ``engine.start_job(lines, write)``). Raises PlanError / HostMemoryError."""
+        yet: ``engine.start_job(requests, write)``). Raises PlanError / HostMemoryError."""
         cfg, model, tokenizer = self.cfg, self.model, self.tokenizer
         wl = estimate(sample, self.parser(), self.max_len,
                       block_size=cfg.block_size if cfg.prefix_caching else 0)
@@ -85,10 +85,9 @@ class Runtime:
         self.engine = Engine(pipeline=self.pipeline, sched=self.sched, tokenizer=tokenizer,
                              eos_ids=tuple(model.eos_token_ids) + (
                                  tokenizer.eos_token_ids if tokenizer else ()),
-                             max_model_len=self.max_len, vocab_size=model.vocab_size,
-                             model_name=Path(cfg.model).name, seed=cfg.seed,
-                             write=lambda line: None, lines=iter(()), log=engine_log,
-                             hooks=hooks)
+                             max_model_len=self.max_len, model_name=Path(cfg.model).name,
+                             seed=cfg.seed, write=lambda line: None, requests=iter(()),
+                             log=engine_log, hooks=hooks)
         self.load_s = time.monotonic() - self.t0
         return self.engine
 

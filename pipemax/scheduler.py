@@ -140,6 +140,42 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting) or any(self.running)
 
+    # ---- the queue's verbs (control commands, a failed job) ---------------------------------
+    def by_custom_id(self) -> dict[str, Sequence]:
+        """The waiting and running sequences by custom_id."""
+        where = {s.req.custom_id: s for s in self.waiting}
+        for run in self.running:
+            where.update((s.req.custom_id, s) for s in run)
+        return where
+
+    def remove_waiting(self, seq: Sequence) -> bool:
+        """Take ``seq`` out of the waiting queue; False if it is not there."""
+        try:
+            self.waiting.remove(seq)
+        except ValueError:
+            return False
+        return True
+
+    def drop_waiting(self) -> int:
+        """Empty the waiting queue; how many sequences it held."""
+        n = len(self.waiting)
+        self.waiting.clear()
+        return n
+
+    def drop_running(self) -> None:
+        """Finish every running sequence (their blocks released), with no result."""
+        for run in self.running:
+            for s in list(run):
+                self.finish(s)
+
+    def kv_usage(self) -> dict:
+        """KV blocks in use and in all, on the GPU and in the host pool (None without one)."""
+        b, host = self.blocks, self.host
+        return {"block_size": self.cfg.block_size, "gpu_total": b.num_blocks,
+                "gpu_used": b.num_blocks - b.num_free, "gpu_cached_idle": b.num_idle_cached,
+                "host_total": host.num_blocks if host is not None else None,
+                "host_used": host.used if host is not None else None}
+
     def _release(self, seq: Sequence) -> None:
         self.running[seq.mb].remove(seq)
         if seq.placement.on_host:

@@ -21,9 +21,10 @@ import msgpack
 import pytest
 
 from cli import ROOT, read_results, reap, run_cli, wait_first_result, write_jsonl
-from pipemax import control
-from pipemax.control import ControlError, ControlServer, encode_frame, request
-from pipemax.status import prometheus
+from pipemax.ops import server as control
+from pipemax.ops.framing import encode_frame, request
+from pipemax.ops.server import ControlError, ControlServer
+from pipemax.ops.status import prometheus
 
 IS_ROOT = os.geteuid() == 0
 
@@ -430,8 +431,8 @@ def test_a_run_driven_through_the_socket(tmp_path):
 
 
 def test_ctl_client_exit_codes_and_socket_discovery(server, tmp_path, capsys, monkeypatch):
-    from pipemax import ctl
-    from pipemax.control import live_sockets
+    from pipemax.ops import ctl
+    from pipemax.ops.sockets import live_sockets
     srv, eng = server
     time.sleep(0.1)
     assert ctl.main(["status", "--socket", srv.path]) == 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cli import ROOT, read_results, reap, run_cli, spawned_children, wait_first_result, write_jsonl
-from pipemax.control import request
+from pipemax.ops.framing import request
 
 N = 200
 MAX_TOKENS = 32

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from cli import ROOT, run_cli, write_jsonl
-from pipemax.notify import Notifier
+from pipemax.ops.notify import Notifier
 
 UNIT = ROOT / "tools" / "pipemax.service"
 

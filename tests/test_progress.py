@@ -5,7 +5,7 @@ import io
 
 import pytest
 
-from pipemax.progress import Progress, Rates, fmt_duration
+from pipemax.ops.progress import Progress, Rates, fmt_duration
 
 
 class Stream(io.StringIO):

@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pipemax.engine import Engine
+from pipemax.requests import Parser
 from pipemax.results import encode_line
 from pipemax.scheduler import Scheduler, SchedulerConfig
 from pipemax.tiny import write_tokenizer_files
@@ -58,10 +59,10 @@ def run_engine(lines: list[bytes]) -> list[dict]:
     cfg = SchedulerConfig(num_micro_batches=2, max_seqs_per_mb=4, max_tokens_per_step=64,
                           block_size=16, num_blocks=64)
     engine = Engine(pipeline=LastStage(), sched=Scheduler(cfg), tokenizer=TOKENIZER,
-                    eos_ids=(2,), max_model_len=MAX_MODEL_LEN, vocab_size=VOCAB,
-                    model_name="tiny", seed=0,
+                    eos_ids=(2,), max_model_len=MAX_MODEL_LEN, model_name="tiny", seed=0,
                     write=lambda line: written.append(json.loads(encode_line(line))),
-                    lines=iter(enumerate(lines)))
+                    requests=Parser(TOKENIZER, max_model_len=MAX_MODEL_LEN,
+                                    vocab_size=VOCAB).parse_all(enumerate(lines)))
     engine.run()
     return written
 

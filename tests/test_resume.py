@@ -73,15 +73,17 @@ def test_repair_cuts_only_a_torn_last_line(tmp_path):
     assert p.read_bytes() == b""
 
 
+def new_job(*paths) -> Job:
+    return Job(*paths, parser=Parser(None, max_model_len=64, vocab_size=VOCAB))
+
+
 class FakeEngine:
-    """What the engine does with lines, without a model: parse at intake (error lines written
-    at once, in input order), results written later in any order."""
+    """What the engine does with the job's requests, without a model: error lines written at
+    intake, in input order; results written later in any order."""
 
     def __init__(self, job: Job, rng: random.Random):
-        self.parser = Parser(None, max_model_len=64, vocab_size=VOCAB)
-        job.bind(self.parser)
         self.job, self.rng = job, rng
-        self.lines = job.lines()
+        self.requests = job.requests()
 
     def run(self, budget: int | None = None) -> bool:
         """Serve until ``budget`` lines are written (a crash), or the end. True if finished."""
@@ -96,8 +98,7 @@ class FakeEngine:
             written += 1
 
         try:
-            for index, raw in self.lines:
-                r = self.parser.parse(raw, index)
+            for r in self.requests:
                 if isinstance(r, Request):
                     pending.append(r)
                 else:
@@ -129,7 +130,7 @@ def test_crash_at_every_point_then_resume_answers_each_line_once(tmp_path, split
     inp = _write_input(tmp_path / "in.jsonl")
     # the reference: one uninterrupted run
     ref_out = tmp_path / "ref.jsonl"
-    job = Job(str(inp), str(ref_out))
+    job = new_job(str(inp), str(ref_out))
     job.open()
     assert FakeEngine(job, random.Random(0)).run()
     job.close("done")
@@ -144,7 +145,7 @@ def test_crash_at_every_point_then_resume_answers_each_line_once(tmp_path, split
         budget = crash_after
         while True:
             runs += 1
-            job = Job(str(inp), str(out), str(errs) if errs else None)
+            job = new_job(str(inp), str(out), str(errs) if errs else None)
             job.open()
             assert job.total == n
             done = FakeEngine(job, rng).run(budget)

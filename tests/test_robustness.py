@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cli import ROOT, read_results, reap, run_cli, spawned_children, wait_first_result, write_jsonl
-from pipemax.control import request
+from pipemax.ops.framing import request
 from pipemax.job import JobError, check_paths
 from pipemax.requests import Request, RequestError, SamplingParams, parse_line
 from pipemax import results

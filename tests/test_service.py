@@ -9,7 +9,7 @@ import sys
 import time
 
 from cli import ROOT, read_results, reap, write_jsonl
-from pipemax.control import request
+from pipemax.ops.framing import request
 
 
 def _rows(prefix: str, n: int, max_tokens: int = 4):

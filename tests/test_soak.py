@@ -6,7 +6,7 @@ import os
 import threading
 
 from cli import read_results, run_cli, write_jsonl
-from pipemax.control import request
+from pipemax.ops.framing import request
 
 N = 3000
 

@@ -3,7 +3,8 @@ through the control socket (``submit``) and run one after another, each resumabl
 
 The queue lives in the driver and is touched only from the engine loop (the supervisor applies
 ``submit`` and ``cancel`` at step boundaries, and ``jobs`` reads the published snapshot), so it
-needs no lock. Queued jobs are not kept across a restart of the service: submit them again (a
+needs no lock. Each job gets a fresh parser (``new_parser``), so custom_ids are unique per
+job. Queued jobs are not kept across a restart of the service: submit them again (a
 job's output resumes where it stopped, so nothing is served twice).
 """
 from __future__ import annotations
@@ -11,12 +12,15 @@ from __future__ import annotations
 from typing import Callable
 
 from pipemax.job import Job, JobError, JobFailed
+from pipemax.requests import Parser
 
 MAX_JOBS_KEPT = 1000          # finished jobs listed by "jobs"
 
 
 class Service:
-    def __init__(self, log: Callable[[str], None] | None = None):
+    def __init__(self, new_parser: Callable[[], Parser],
+                 log: Callable[[str], None] | None = None):
+        self.new_parser = new_parser
         self.log = log or (lambda m: None)
         self.jobs: list[Job] = []
         self.next_id = 1
@@ -25,7 +29,8 @@ class Service:
         for j in self.jobs:
             if j.state in ("queued", "running") and output in (j.output, j.errors):
                 raise JobError(f"{output} is the output of job {j.id} ({j.state})")
-        job = Job(input, output, errors, job_id=self.next_id, log=self.log)
+        job = Job(input, output, errors, parser=self.new_parser(), job_id=self.next_id,
+                  log=self.log)
         self.next_id += 1
         self.jobs.append(job)
         done = [j for j in self.jobs if j.state not in ("queued", "running")]
@@ -58,8 +63,8 @@ class Service:
 
 def serve(engine, sup, service: Service) -> str:
     """Run queued jobs until a drain or a shutdown; returns the outcome. A job whose files fail
-    (missing or unreadable input, an output clash at its start; a full or vanished output, an
-    unreadable input while it runs) fails alone: its state and reason are in ``jobs``, and the
+    (missing or unreadable input, an output clash at its start; a full or vanished output
+    while it runs) fails alone: its state and reason are in ``jobs``, and the
     service goes on with the next one."""
     while True:
         job = sup.next_job()
@@ -72,8 +77,7 @@ def serve(engine, sup, service: Service) -> str:
             sup.log(f"job {job.id} failed: {e}")
             continue
         sup.log(f"job {job.id} started: {job.input} -> {job.output} ({job.total} requests)")
-        engine.start_job(job.lines(), job.write)
-        job.bind(engine.parser)
+        engine.start_job(job.requests(), job.write)
         sup.begin_job(job)
         failure = None
         try:

@@ -1,11 +1,11 @@
 """The status snapshot's renderings: Prometheus text exposition format and a few lines for people.
 
-The snapshot is the plain dict that the engine loop publishes (pipemax/supervisor.py) and that
-``status`` returns; this module only reads it (no torch: the client imports it too).
+The snapshot is the plain dict that the engine loop publishes (pipemax/ops/supervisor.py) and
+that ``status`` returns; this module only reads it (no torch: the client imports it too).
 """
 from __future__ import annotations
 
-from pipemax.progress import fmt_duration
+from pipemax.ops.progress import fmt_duration
 
 PHASES = ("loading", "running", "paused", "draining", "idle", "stopping", "done")
 

@@ -1,0 +1,82 @@
+"""What a finished run reports: the summary line, the plan's prediction against the measured
+figure (with the KV offload and ring hand-off figures), and the ``--stats-json`` file. Built
+from the engine's stats, the runtime (pipemax/runtime.py) and the stages' final reports; the
+command (pipemax/launch.py) prints it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from pipemax.engine import Stats
+from pipemax.scheduler import Scheduler
+
+
+def handoff_summary(finals: list[dict]) -> str:
+    """The ring hand-offs the stages waited for (writer's stamp to the copy out)."""
+    n = sum(f.get("handoffs", 0) for f in finals)
+    if not n:
+        return ""
+    mean = sum(f["handoff_s"] for f in finals) / n
+    worst = max(f["handoff_max_s"] for f in finals)
+    return f"; ring hand-offs {mean * 1e3:.2f} ms mean, {worst * 1e3:.1f} ms max ({n})"
+
+
+def _bytes(finals: list[dict], key: str) -> int:
+    return sum(f.get(key, 0) for f in finals)
+
+
+def offload_summary(finals: list[dict], sched: Scheduler) -> str:
+    streamed = (f"; {sched.num_streamed_admitted} sequences streamed from the host pool"
+                if sched.num_streamed_admitted else "")
+    if not sched.offload:
+        return streamed
+    gib = lambda x: x / 2**30
+    peak = max((f.get("peak_staging_blocks", 0) for f in finals), default=0)
+    return (f"; KV offload: {sched.num_offloaded_admitted} sequences offloaded, "
+            f"{gib(_bytes(finals, 'bytes_prefetched')):.2f} GiB prefetched, "
+            f"{gib(_bytes(finals, 'bytes_offloaded')):.2f} GiB offloaded, peak staging "
+            f"{peak} blocks per buffer" + streamed)
+
+
+def figures(stats: Stats, rt, finals: list[dict]) -> dict:
+    """The ``--stats-json`` figures of a run."""
+    sched, sched_cfg = rt.sched, rt.sched_cfg
+    return {**stats.as_dict(), "load_seconds": rt.load_s, "num_blocks": sched_cfg.num_blocks,
+            "peak_gpu_gb": [f["peak_gpu_bytes"] / 2**30 for f in finals],
+            "block_size": rt.cfg.block_size, "stages": rt.reports,
+            "preemptions": sched.num_preemptions,
+            "micro_batches": sched_cfg.num_micro_batches,
+            "max_seqs_per_mb": sched_cfg.max_seqs_per_mb,
+            "plan": json.loads(rt.kv_plan.to_json()),
+            "offloaded_admitted": sched.num_offloaded_admitted,
+            "streamed_admitted": sched.num_streamed_admitted,
+            "bytes_prefetched": _bytes(finals, "bytes_prefetched"),
+            "bytes_offloaded": _bytes(finals, "bytes_offloaded"),
+            "finals": finals}
+
+
+def measured_line(rt, stats: Stats, finals: list[dict]) -> str:
+    """The plan's prediction against the measured figure."""
+    plan = rt.kv_plan
+    return (f"plan predicted {plan.predicted_tok_s:.0f} output tok/s "
+            f"({plan.decode_tok_s:.0f} in steady decode)"
+            f"{' (from nominal CPU figures)' if rt.cfg.device == 'cpu' else ''}; "
+            f"measured {stats.as_dict()['output_tok_s']:.0f} over the whole run"
+            + offload_summary(finals, rt.sched) + handoff_summary(finals))
+
+
+def report(rt, stats: Stats, finals: list[dict], *, summary: Callable[[str], None],
+           log: Callable[[str], None]) -> None:
+    """Write ``--stats-json`` (if asked for); the summary line, then the measured line."""
+    if rt.cfg.stats_json:
+        Path(rt.cfg.stats_json).write_text(
+            json.dumps(figures(stats, rt, finals), indent=1) + "\n")
+    summary(stats.summary())
+    log(measured_line(rt, stats, finals))
+
+
+def service_line(outcome: str, totals: dict) -> str:
+    return (f"service {outcome}: {totals['requests_ok']} requests ok, "
+            f"{totals['requests_error']} failed, {totals['output_tokens']} output tokens")
