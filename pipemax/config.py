@@ -14,6 +14,8 @@ from pipemax.model_config import (BUILTIN_MODELS, ModelConfig, ModelConfigError,
                                   builtin_config)
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+KV_CACHE_DTYPES = ("auto", "fp8")          # auto: the model's --dtype; fp8: e4m3 with scales
+KV_SCALES = ("auto", "checkpoint", "prompt", "one")   # see stages/kv_quant.py
 
 
 class ConfigError(ValueError):
@@ -49,6 +51,8 @@ class RunConfig:
     device_figures: tuple[tuple[str, float], ...] = ()   # planner figure overrides
     cuda_graphs: bool = False           # decode steps replayed from CUDA graphs
     prefix_caching: bool = True         # shared prompt prefixes computed once (GPU blocks)
+    kv_cache_dtype: str = "auto"        # "auto" (the model's dtype) | "fp8" (e4m3)
+    kv_scales: str = "auto"             # fp8 scales: "auto" | "checkpoint" | "prompt" | "one"
     # operations (pipemax/control.py, progress.py, service.py)
     socket: str | None = None           # control socket; None: the default path
     no_socket: bool = False             # no control socket at all
@@ -85,6 +89,14 @@ class RunConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if self.kv_offload not in ("auto", "on", "off"):
             raise ConfigError(f"--kv-offload must be auto, on or off, got {self.kv_offload!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"--kv-cache-dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
+        if self.kv_scales not in KV_SCALES:
+            raise ConfigError(f"--kv-scales must be one of {', '.join(KV_SCALES)}, got "
+                              f"{self.kv_scales!r}")
+        if self.kv_scales != "auto" and self.kv_cache_dtype != "fp8":
+            raise ConfigError(f"--kv-scales {self.kv_scales} scales an fp8 KV cache: it needs "
+                              "--kv-cache-dtype fp8")
         if self.host_kv_gb is not None and self.host_kv_gb <= 0:
             raise ConfigError("--host-kv-gb must be positive")
         for k, v in self.device_figures:
@@ -122,6 +134,16 @@ class RunConfig:
     def stage_device_ids(self) -> tuple[int, ...]:
         """The CUDA device id of every stage."""
         return devices.resolve(self.gpus, self.stage_devices)
+
+    @property
+    def kv_dtype_name(self) -> str:
+        """The KV cache's element type, for the plan line and the summary."""
+        return "fp8 (e4m3)" if self.kv_cache_dtype == "fp8" else self.dtype
+
+    @property
+    def kv_esize(self) -> int:
+        """Bytes of one K or V element in the cache (and the host pool, and over PCIe)."""
+        return 1 if self.kv_cache_dtype == "fp8" else 4 if self.dtype == "float32" else 2
 
     @property
     def num_micro_batches(self) -> int:
@@ -208,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs the same padded path eagerly, for tests)")
     p.add_argument("--prefix-caching", choices=("on", "off"), default="on",
                    help="share the KV blocks of common prompt prefixes, computed once")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="auto: the model's --dtype; fp8: e4m3 with a scale per layer and KV "
+                        "head, half the bytes on the GPU, in the host pool and over PCIe "
+                        "(CUDA: compute capability 8.9 or later)")
+    p.add_argument("--kv-scales", choices=KV_SCALES, default="auto",
+                   help="fp8 KV scales: checkpoint (its k_scale/v_scale tensors), prompt "
+                        "(fixed from the first step each stage computes), one (1.0); auto: "
+                        "checkpoint when it ships them, else prompt")
     p.add_argument("--device-figures", default=None, metavar="hbm_gbs=X,h2d_gbs=Y,tflops=Z",
                    help="planner figures instead of the ones measured at start")
     ops = p.add_argument_group("operations")
@@ -272,6 +302,7 @@ def from_args(argv: list[str] | None = None) -> RunConfig:
                     cuda_graphs=a.cuda_graphs == "on" or (a.cuda_graphs == "auto"
                                                           and device == "cuda"),
                     prefix_caching=a.prefix_caching == "on",
+                    kv_cache_dtype=a.kv_cache_dtype, kv_scales=a.kv_scales,
                     socket=a.socket, no_socket=a.no_socket, socket_group=a.socket_group,
                     serve=a.serve, progress=a.progress, progress_interval=a.progress_interval)
     if a.dtype == "auto" and device == "cuda" and cfg.model_folder:

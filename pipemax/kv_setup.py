@@ -48,7 +48,7 @@ def setup(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload,
     host_avail = host_bytes // per_block if cfg.kv_offload != "off" else 0
     p = plan(model, shapes, figures(cfg, reports), esize, wl, mode=cfg.kv_offload,
              micro_batches=cfg.num_micro_batches, max_seqs=cfg.max_num_seqs,
-             block_size=cfg.block_size, host_blocks=host_avail)
+             block_size=cfg.block_size, host_blocks=host_avail, kv_esize=cfg.kv_esize)
     pool = None
     H = (min(host_avail, p.micro_batches * p.staging_blocks) if p.offload else 0) + p.stream_blocks
     if H:

@@ -30,7 +30,8 @@ from pipemax.runtime import Runtime
 from pipemax.scheduler import Scheduler
 from pipemax.tiny import DEFAULT_PROMPTS, ensure_tiny_model
 from pipemax.tokenizer import Tokenizer, TokenizerError
-from stages.loader import CheckpointError, check_checkpoint
+from stages.kv_quant import fp8_unsupported
+from stages.loader import CheckpointError, check_checkpoint, kv_scale_mode
 
 
 class Terminated(BaseException):
@@ -110,6 +111,13 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, ModelConfig, Tokenizer | None, i
                           f"{model.num_layers} layers")
     if cfg.device == "cuda":
         check_cuda_devices(cfg)
+    if cfg.kv_cache_dtype == "fp8":
+        try:
+            folder = cfg.model_folder if cfg.load_format == "auto" else None
+            cfg = RunConfig(**{**cfg.__dict__, "kv_scales": kv_scale_mode(
+                Path(folder) if folder else None, model, cfg.kv_scales)})
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
     max_len = model.max_position_embeddings
     if cfg.max_model_len:
         if cfg.max_model_len > max_len:
@@ -152,6 +160,12 @@ def check_cuda_devices(cfg: RunConfig) -> None:
             d: torch.cuda.get_device_properties(d).total_memory for d in set(cfg.stage_device_ids)})
     except devices.DeviceListError as e:
         raise ConfigError(str(e)) from None
+    if cfg.kv_cache_dtype == "fp8":
+        for d in sorted(set(cfg.stage_device_ids)):
+            why = fp8_unsupported(d, torch.cuda.get_device_capability(d),
+                                  torch.cuda.get_device_name(d))
+            if why:
+                raise ConfigError(why)
 
 
 def offload_summary(finals: list[dict], sched: Scheduler) -> str:
@@ -245,14 +259,16 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
                        "micro_batches": sched_cfg.num_micro_batches,
                        "max_seqs_per_mb": sched_cfg.max_seqs_per_mb,
                        "plan": json.loads(kv_plan.to_json()),
+                       "kv_cache_dtype": cfg.kv_dtype_name, "kv_scales": cfg.kv_scales
+                       if cfg.kv_cache_dtype == "fp8" else None,
                        "offloaded_admitted": sched.num_offloaded_admitted,
                        "streamed_admitted": sched.num_streamed_admitted,
                        "bytes_prefetched": sum(f.get("bytes_prefetched", 0) for f in finals),
                        "bytes_offloaded": sum(f.get("bytes_offloaded", 0) for f in finals),
                        "finals": finals}
             Path(cfg.stats_json).write_text(json.dumps(figures, indent=1) + "\n")
-        print(f"pipemax: {stats.summary()}", file=sys.stderr if cfg.input is None else sys.stdout,
-              flush=True)
+        print(f"pipemax: {stats.summary()} | KV cache {cfg.kv_dtype_name}",
+              file=sys.stderr if cfg.input is None else sys.stdout, flush=True)
         info(cfg, f"plan predicted {kv_plan.predicted_tok_s:.0f} output tok/s "
                   f"({kv_plan.decode_tok_s:.0f} in steady decode)"
                   f"{' (from nominal CPU figures)' if cfg.device == 'cpu' else ''}; "
