@@ -244,3 +244,28 @@ def test_vllm_kv_cache_dtype_is_taken():
     assert translate(["--kv-cache-dtype", "auto"]) == ["--kv-cache-dtype", "auto"]
     with pytest.raises(Refused, match="fp8_e5m2"):
         translate(["--kv-cache-dtype", "fp8_e5m2"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen flash path is CUDA-only")
+@pytest.mark.parametrize("seed", range(3))
+def test_fp8_step_on_cuda_matches_the_cpu_torch_path(seed):
+    """On CUDA (bf16) an fp8 step goes through the Triton write (quantizing), the varlen flash
+    prefill over the dequantized context and the Triton decode kernel: the cache holds the CPU
+    torch path's bytes, and the outputs agree with it."""
+    from stages import triton_decode
+    q_lens, ctx_lens, bt, bs, kv, q, k, v, _ = make_step(seed, D=64)
+    quant = _quant(seed)
+    kv8 = torch.zeros(kv.shape, dtype=FP8)
+    q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    lay = build_layout(q_lens, ctx_lens, bt, bs, torch.device("cpu"), decode_kernel=False)
+    layer, scale = 1, q.shape[-1] ** -0.5
+    want = paged_attention(q, k, v, kv8, layer, lay, scale, quant).float()
+    dev = torch.device("cuda")
+    cq = KVQuant(quant.scale.to(dev), quant.inv.to(dev))
+    kv8g = torch.zeros(kv.shape, dtype=FP8, device=dev)
+    lay = build_layout(q_lens, ctx_lens, bt, bs, dev,
+                       decode_kernel=triton_decode.available(dev))
+    assert lay.prefill.cu_q is not None
+    got = paged_attention(q.to(dev), k.to(dev), v.to(dev), kv8g, layer, lay, scale, cq)
+    assert torch.equal(kv8g.cpu().view(torch.uint8), kv8.view(torch.uint8))
+    torch.testing.assert_close(got.float().cpu(), want, atol=2e-2, rtol=2e-2)
