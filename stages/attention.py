@@ -206,12 +206,11 @@ def _probe(H: int, KVH: int, D: int, bs: int, dtype: torch.dtype,
                  .view(len(ctx_lens), width).to(torch.int32).to(device))
         ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=device)
         q = torch.randn(len(ctx_lens), H, D, generator=g).to(dtype).to(device)
-        kv_scale = quant.scale if quant is not None else None
-        want = paged_decode_torch(q, kv, 0, table, ctx, D ** -0.5, max(ctx_lens),
-                                  kv_scale).float()
+        fp8 = {"kv_scale": quant.scale} if quant is not None else {}
+        want = paged_decode_torch(q, kv, 0, table, ctx, D ** -0.5, max(ctx_lens), **fp8).float()
         try:
             got = triton_decode.paged_decode(q, kv, 0, table, ctx, D ** -0.5,
-                                             max_ctx=max(ctx_lens), kv_scale=kv_scale).float()
+                                             max_ctx=max(ctx_lens), **fp8).float()
         except Exception as e:  # noqa: BLE001 - any build or launch failure means "not here"
             return f"the Triton kernel fails at head_dim {D}: {type(e).__name__}"
         err = (got - want).abs().max().item()
