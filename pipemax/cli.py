@@ -21,10 +21,11 @@ DTYPES = {"auto": "auto", "half": "float16", "float16": "float16", "bfloat16": "
           "float": "float32", "float32": "float32"}
 LOAD_FORMATS = {"auto": "auto", "safetensors": "auto", "dummy": "dummy"}
 IGNORED = ("--trust-remote-code", "--disable-log-stats", "--disable-log-requests")
+# vLLM KV cache dtypes -> pipemax's (fp8 is e4m3 here, as in vLLM)
+KV_CACHE_DTYPES = {"auto": "auto", "fp8": "fp8", "fp8_e4m3": "fp8"}
 # vLLM flags pipemax does not have: what to use instead
 REFUSED = {
     "--quantization": "pipemax runs unquantized checkpoints; choose the precision with --dtype",
-    "--kv-cache-dtype": "the KV cache is kept in the model's --dtype",
     "--tokenizer": "the tokenizer is read from the model folder (tokenizer.json)",
     "--data-parallel-size": "run one pipemax per node, or many through Ray Data: "
                             "python -m pipemax.ray_batch --replicas K",
@@ -57,6 +58,8 @@ def _vllm_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, dest="tp")
     p.add_argument("--gpu-memory-utilization", type=float, dest="util")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--kv-cache-dtype", dest="kv_cache_dtype")
+    p.add_argument("--calculate-kv-scales", action="store_true")
     for flag in IGNORED:
         p.add_argument(flag, action="store_true")
     return p
@@ -109,6 +112,13 @@ def translate(argv: list[str]) -> list[str]:
             raise Refused(f"--load-format {a.load_format}: pipemax reads safetensors "
                           "(auto) or makes random weights (dummy)")
         out += ["--load-format", LOAD_FORMATS[a.load_format]]
+    if a.kv_cache_dtype is not None:
+        if a.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise Refused(f"--kv-cache-dtype {a.kv_cache_dtype}: pipemax keeps the KV cache in "
+                          "the model's dtype (auto) or in fp8 e4m3 (fp8, fp8_e4m3)")
+        out += ["--kv-cache-dtype", KV_CACHE_DTYPES[a.kv_cache_dtype]]
+    if a.calculate_kv_scales:            # vLLM: scales from the first forward pass
+        out += ["--kv-scales", "prompt"]
     if a.enforce_eager:
         out += ["--cuda-graphs", "off"]
     if a.util is not None:

@@ -18,6 +18,8 @@ from pipemax.model_config import (BUILTIN_MODELS, ModelConfig, ModelConfigError,
                                   builtin_config)
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+KV_CACHE_DTYPES = ("auto", "fp8")          # auto: the model's --dtype; fp8: e4m3 with scales
+KV_SCALES = ("auto", "checkpoint", "prompt", "one")   # see stages/kv_quant.py
 
 
 class ConfigError(ValueError):
@@ -137,6 +139,14 @@ class RunConfig:
     # shared prompt prefixes computed once (GPU blocks)
     prefix_caching: bool = flag(True, "share the KV blocks of common prompt prefixes, computed "
                                       "once", choices=("on", "off"), default="on", convert=_on)
+    kv_cache_dtype: str = flag(         # "auto" (the model's dtype) | "fp8" (e4m3)
+        "auto", "auto: the model's --dtype; fp8: e4m3 with a scale per layer and KV head, half "
+                "the bytes on the GPU, in the host pool and over PCIe (CUDA: compute "
+                "capability 8.9 or later)", choices=KV_CACHE_DTYPES)
+    kv_scales: str = flag(              # fp8 scales: see stages/kv_quant.py
+        "auto", "fp8 KV scales: checkpoint (its k_scale/v_scale tensors), prompt (fixed from "
+                "the first step each stage computes), one (1.0); auto: checkpoint when it "
+                "ships them, else prompt", choices=KV_SCALES)
     # planner figure overrides
     device_figures: tuple[tuple[str, float], ...] = flag(
         (), "planner figures instead of the ones measured at start",
@@ -187,6 +197,14 @@ class RunConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if self.kv_offload not in ("auto", "on", "off"):
             raise ConfigError(f"--kv-offload must be auto, on or off, got {self.kv_offload!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"--kv-cache-dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
+        if self.kv_scales not in KV_SCALES:
+            raise ConfigError(f"--kv-scales must be one of {', '.join(KV_SCALES)}, got "
+                              f"{self.kv_scales!r}")
+        if self.kv_scales != "auto" and self.kv_cache_dtype != "fp8":
+            raise ConfigError(f"--kv-scales {self.kv_scales} scales an fp8 KV cache: it needs "
+                              "--kv-cache-dtype fp8")
         if self.host_kv_gb is not None and self.host_kv_gb <= 0:
             raise ConfigError("--host-kv-gb must be positive")
         for k, v in self.device_figures:
@@ -224,6 +242,16 @@ class RunConfig:
     def stage_device_ids(self) -> tuple[int, ...]:
         """The CUDA device id of every stage."""
         return devices.resolve(self.gpus, self.stage_devices)
+
+    @property
+    def kv_dtype_name(self) -> str:
+        """The KV cache's element type, for the plan line and the summary."""
+        return "fp8 (e4m3)" if self.kv_cache_dtype == "fp8" else self.dtype
+
+    @property
+    def kv_esize(self) -> int:
+        """Bytes of one K or V element in the cache (and the host pool, and over PCIe)."""
+        return 1 if self.kv_cache_dtype == "fp8" else 4 if self.dtype == "float32" else 2
 
     @property
     def num_micro_batches(self) -> int:

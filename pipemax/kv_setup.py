@@ -45,7 +45,7 @@ def layout(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload
     host_avail = host_bytes // per_block if cfg.kv_offload != "off" else 0
     p = plan(model, shapes, figures(cfg, reports), esize, wl, mode=cfg.kv_offload,
              micro_batches=cfg.num_micro_batches, max_seqs=cfg.max_num_seqs,
-             block_size=cfg.block_size, host_blocks=host_avail)
+             block_size=cfg.block_size, host_blocks=host_avail, kv_esize=cfg.kv_esize)
     sched = SchedulerConfig(p.micro_batches, p.seqs_per_mb, cfg.max_num_batched_tokens,
                             cfg.block_size, p.resident_blocks, p.staging_blocks, p.host_blocks,
                             prefix_caching=cfg.prefix_caching)

@@ -38,7 +38,8 @@ from pipemax.requests import Request, RequestError
 from pipemax.runtime import Runtime
 from pipemax.tiny import DEFAULT_PROMPTS, ensure_tiny_model
 from pipemax.tokenizer import Tokenizer, TokenizerError
-from stages.loader import CheckpointError, check_checkpoint
+from stages.kv_quant import fp8_unsupported
+from stages.loader import CheckpointError, check_checkpoint, kv_scale_mode
 
 
 class Terminated(BaseException):
@@ -118,6 +119,13 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, ModelConfig, Tokenizer | None, i
                           f"{model.num_layers} layers")
     if cfg.device == "cuda":
         check_cuda_devices(cfg)
+    if cfg.kv_cache_dtype == "fp8":
+        try:
+            folder = cfg.model_folder if cfg.load_format == "auto" else None
+            cfg = RunConfig(**{**cfg.__dict__, "kv_scales": kv_scale_mode(
+                Path(folder) if folder else None, model, cfg.kv_scales)})
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
     max_len = model.max_position_embeddings
     if cfg.max_model_len:
         if cfg.max_model_len > max_len:
@@ -150,6 +158,12 @@ def check_cuda_devices(cfg: RunConfig) -> None:
             d: torch.cuda.get_device_properties(d).total_memory for d in set(cfg.stage_device_ids)})
     except devices.DeviceListError as e:
         raise ConfigError(str(e)) from None
+    if cfg.kv_cache_dtype == "fp8":
+        for d in sorted(set(cfg.stage_device_ids)):
+            why = fp8_unsupported(d, torch.cuda.get_device_capability(d),
+                                  torch.cuda.get_device_name(d))
+            if why:
+                raise ConfigError(why)
 
 
 class PrintWriter:

@@ -6,7 +6,8 @@ micro-batch of B sequences at mean context c takes
 
     t_w = weight bytes / BW_hbm            (weights streamed once per step)
     t_f = 2 * params * B / F                (GEMMs)
-    t_a = B * c * L_s * k / BW_hbm          (attention reads the KV; k = 2 * kv_heads * head_dim * b)
+    t_a = B * c * L_s * k / BW_hbm          (attention reads the KV; k = 2 * kv_heads * head_dim * b,
+                                             b the KV cache's bytes per element: 1 in fp8)
     t_p = n_off * c * L_s * k / BW_h2d      (offloaded sequences' KV, prefetched every step)
     step = max(max(t_w, t_f) + t_a, t_p)
 
@@ -138,9 +139,11 @@ class PlanError(ValueError):
 
 
 def stage_step(stage: StageShape, cfg: ModelConfig, B: int, ctx: float, n_off: int,
-               figs: DeviceFigures, esize: int) -> tuple[float, float, str]:
-    """(step seconds, prefetch seconds, what bounds it) for one stage."""
-    k = cfg.kv_bytes_per_token_layer(esize)
+               figs: DeviceFigures, esize: int,
+               kv_esize: int | None = None) -> tuple[float, float, str]:
+    """(step seconds, prefetch seconds, what bounds it) for one stage; ``esize``: bytes per
+    weight element, ``kv_esize``: per KV element (default the same)."""
+    k = cfg.kv_bytes_per_token_layer(kv_esize or esize)
     t_w = stage.params * esize / (figs.hbm_gbs * 1e9)
     t_f = 2 * stage.params * B / (figs.tflops * 1e12)
     t_a = B * ctx * stage.layers * k / (figs.hbm_gbs * 1e9)
@@ -165,10 +168,10 @@ def run_tok_s(decode_tok_s: float, t_prompt: float, mean_output: float) -> float
     return mean_output / (t_prompt + mean_output / decode_tok_s)
 
 
-def _predict(cfg, stages, figs, esize, wl, M, B, n_off):
+def _predict(cfg, stages, figs, esize, wl, M, B, n_off, kv_esize=None):
     """(whole-run tok/s, steady decode tok/s, (step, prefetch, bound) of the slowest stage)."""
     ctx = wl.mean_context
-    steps = [stage_step(s, cfg, B, ctx, n_off, figs, esize) for s in stages]
+    steps = [stage_step(s, cfg, B, ctx, n_off, figs, esize, kv_esize) for s in stages]
     worst = max(steps, key=lambda x: x[0])
     bubble = min(1.0, M / len(stages))
     decode = B / worst[0] * bubble
@@ -179,8 +182,10 @@ def _predict(cfg, stages, figs, esize, wl, M, B, n_off):
 
 def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize: int,
          wl: Workload, *, mode: str, micro_batches: int, max_seqs: int, block_size: int,
-         host_blocks: int) -> Plan:
+         host_blocks: int, kv_esize: int | None = None) -> Plan:
     """Choose the plan that maximises predicted tokens/s (mode: auto | on | off).
+    ``esize``: bytes per weight element; ``kv_esize``: per KV cache element (default the same;
+    1 for an fp8 cache, whose blocks, in ``stages``, are half as large too).
 
     When no plan holds the longest requests, plan for those that fit (one sequence alone in
     the GPU's blocks; with offload on, in a staging buffer). Unless offload is off, the longer
@@ -190,7 +195,7 @@ def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize:
     The plan's ``host_blocks`` is the host pool to start. PlanError when not even those that
     fit the GPU can run."""
     kw = dict(mode=mode, micro_batches=micro_batches, max_seqs=max_seqs,
-              block_size=block_size, host_blocks=host_blocks)
+              block_size=block_size, host_blocks=host_blocks, kv_esize=kv_esize)
     try:
         p = _plan(cfg, stages, figs, esize, wl, **kw)
         limit = max(p.resident_blocks, p.staging_blocks) * block_size
@@ -224,7 +229,7 @@ def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize:
 
 def _plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize: int,
           wl: Workload, *, mode: str, micro_batches: int, max_seqs: int, block_size: int,
-          host_blocks: int) -> Plan:
+          host_blocks: int, kv_esize: int | None = None) -> Plan:
     M = micro_batches
     G = min(s.gpu_blocks for s in stages)
     foot = max(1, math.ceil(wl.mean_context / block_size))       # mean blocks held per seq
@@ -250,7 +255,8 @@ def _plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize
         B = n_res + n_off
         if B < 1:
             return None
-        tok_s, decode, (step, t_p, bound) = _predict(cfg, stages, figs, esize, wl, M, B, n_off)
+        tok_s, decode, (step, t_p, bound) = _predict(cfg, stages, figs, esize, wl, M, B, n_off,
+                                                     kv_esize)
         return (tok_s, S, R, B, n_off, step, t_p, bound, decode)
 
     off = make(0)

@@ -50,6 +50,8 @@ def figures(stats: Stats, rt, finals: list[dict]) -> dict:
             "micro_batches": sched_cfg.num_micro_batches,
             "max_seqs_per_mb": sched_cfg.max_seqs_per_mb,
             "plan": json.loads(rt.kv_plan.to_json()),
+            "kv_cache_dtype": rt.cfg.kv_dtype_name,
+            "kv_scales": rt.cfg.kv_scales if rt.cfg.kv_cache_dtype == "fp8" else None,
             "offloaded_admitted": sched.num_offloaded_admitted,
             "streamed_admitted": sched.num_streamed_admitted,
             "bytes_prefetched": _bytes(finals, "bytes_prefetched"),
@@ -73,7 +75,7 @@ def report(rt, stats: Stats, finals: list[dict], *, summary: Callable[[str], Non
     if rt.cfg.stats_json:
         Path(rt.cfg.stats_json).write_text(
             json.dumps(figures(stats, rt, finals), indent=1) + "\n")
-    summary(stats.summary())
+    summary(f"{stats.summary()} | KV cache {rt.cfg.kv_dtype_name}")
     log(measured_line(rt, stats, finals))
 
 

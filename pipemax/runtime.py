@@ -80,7 +80,9 @@ class Runtime:
             cfg, model, self.reports, wl, self.pipeline, self.run_id)
         paths = sorted({r["decode_attention"] for r in self.reports})
         self.log(f"loaded in {time.monotonic() - self.t0:.1f} s; plan: "
-                 f"{self.kv_plan.describe()}; decode attention: {', '.join(paths)}")
+                 f"{self.kv_plan.describe()}; KV cache {cfg.kv_dtype_name}"
+                 + (f" (scales: {cfg.kv_scales})" if cfg.kv_cache_dtype == "fp8" else "")
+                 + f"; decode attention: {', '.join(paths)}")
         self.sched = Scheduler(self.sched_cfg)
         self.engine = Engine(pipeline=self.pipeline, sched=self.sched, tokenizer=tokenizer,
                              eos_ids=tuple(model.eos_token_ids) + (

@@ -23,6 +23,10 @@ keep their KV in the host pool, which has the same layout: their rows of the blo
 host block ids, their k/v are written there and attention reads it in place (on CUDA through
 the pool's device mapping, over PCIe). They form the layout's ``host`` part, with its own
 groups; every other sequence's KV is in the stage's cache.
+
+With an fp8 cache (stages/kv_quant.py: ``KVQuant``, one scale per layer, K|V and KV head) the
+writes quantize, the decode paths read fp8 and dequantize (the Triton kernel in registers), and
+prompt chunks attend over the dequantized values, their own new K/V included.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from stages import triton_decode, triton_fused
+from stages.kv_quant import FP8, KVQuant, dequantize, quantize
 from stages.transfer import to_device
 
 
@@ -150,50 +155,62 @@ def build_layout(q_lens: np.ndarray, ctx_lens: np.ndarray, block_tables: np.ndar
 
 
 def paged_decode(q: torch.Tensor, kv: torch.Tensor, layer: int, table: torch.Tensor,
-                 ctx: torch.Tensor, scale: float, max_ctx: int, kernel: bool) -> torch.Tensor:
+                 ctx: torch.Tensor, scale: float, max_ctx: int, kernel: bool,
+                 quant: KVQuant | None = None) -> torch.Tensor:
     """Decode attention (one query per sequence) through block tables: q [B, H, D] -> [B, H*D].
 
     The Triton kernel when ``kernel`` (see ``decode_path``); else the same function in torch
     (gather, then SDPA). Rows with ctx 0 (padding) give zeros. All inputs are device tensors:
-    capturable in a graph.
+    capturable in a graph. An fp8 ``kv`` comes with its ``quant`` scales.
     """
+    kv_scale = quant.scale if quant is not None else None
     if kernel:
-        return triton_decode.paged_decode(q, kv, layer, table, ctx, scale, max_ctx=max_ctx)
-    return paged_decode_torch(q, kv, layer, table, ctx, scale, max_ctx)
+        return triton_decode.paged_decode(q, kv, layer, table, ctx, scale, max_ctx=max_ctx,
+                                          kv_scale=kv_scale)
+    return paged_decode_torch(q, kv, layer, table, ctx, scale, max_ctx, kv_scale)
 
 
 def decode_path(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
-                dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
+                dtype: torch.dtype, device: torch.device,
+                kv_dtype: torch.dtype | None = None) -> tuple[bool, str]:
     """Which decode attention a stage runs, decided once at start: (use the Triton kernel,
     what to tell the user). The kernel must be compiled for this device and take the shape
     (``triton_decode.unsupported``), and then it is run once at the model's own head layout,
     block size and dtype, on a direct and a split context, against the torch path: a kernel
     that fails to build (say, too little shared memory for a large head) or disagrees leaves
-    the stage on the torch path, and the plan line says why."""
-    why = triton_decode.unsupported(head_dim, block_size, dtype, device)
+    the stage on the torch path, and the plan line says why. ``kv_dtype``: the cache's
+    (fp8, or None: the model's dtype)."""
+    kv_dtype = kv_dtype or dtype
+    why = triton_decode.unsupported(head_dim, block_size, dtype, device, kv_dtype)
     if why is None:
-        why = _probe(num_heads, num_kv_heads, head_dim, block_size, dtype, device)
+        why = _probe(num_heads, num_kv_heads, head_dim, block_size, dtype, device, kv_dtype)
     if why is None:
         return True, "triton kernel"
     return False, f"torch ({why})"
 
 
 def _probe(H: int, KVH: int, D: int, bs: int, dtype: torch.dtype,
-           device: torch.device) -> str | None:
+           device: torch.device, kv_dtype: torch.dtype) -> str | None:
     g = torch.Generator(device="cpu").manual_seed(0)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
+    quant = None
+    if kv_dtype == FP8:     # scales unlike 1 and unlike each other, as a run's are
+        quant = KVQuant.make(1, KVH, device, 2.0 ** torch.randint(-6, -2, (1, 2, KVH),
+                                                                   generator=g))
     for ctx_lens in ((5, 37), (300, 700)):          # one chunk (direct), several (combined)
         width = -(-max(ctx_lens) // bs)
         nb = len(ctx_lens) * width + 1
-        kv = torch.randn(nb, 1, 2, bs, KVH, D, generator=g).to(dtype).to(device)
+        kv = torch.randn(nb, 1, 2, bs, KVH, D, generator=g)
+        kv = (kv * 16 if quant is not None else kv).to(kv_dtype).to(device)
         table = (torch.randperm(nb - 1, generator=g)[:len(ctx_lens) * width]
                  .view(len(ctx_lens), width).to(torch.int32).to(device))
         ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=device)
         q = torch.randn(len(ctx_lens), H, D, generator=g).to(dtype).to(device)
-        want = paged_decode_torch(q, kv, 0, table, ctx, D ** -0.5, max(ctx_lens)).float()
+        fp8 = {"kv_scale": quant.scale} if quant is not None else {}
+        want = paged_decode_torch(q, kv, 0, table, ctx, D ** -0.5, max(ctx_lens), **fp8).float()
         try:
             got = triton_decode.paged_decode(q, kv, 0, table, ctx, D ** -0.5,
-                                             max_ctx=max(ctx_lens)).float()
+                                             max_ctx=max(ctx_lens), **fp8).float()
         except Exception as e:  # noqa: BLE001 - any build or launch failure means "not here"
             return f"the Triton kernel fails at head_dim {D}: {type(e).__name__}"
         err = (got - want).abs().max().item()
@@ -203,8 +220,10 @@ def _probe(H: int, KVH: int, D: int, bs: int, dtype: torch.dtype,
 
 
 def paged_decode_torch(q: torch.Tensor, kv: torch.Tensor, layer: int, table: torch.Tensor,
-                       ctx: torch.Tensor, scale: float, max_ctx: int) -> torch.Tensor:
-    """paged_decode in torch: gather each sequence's context, then SDPA."""
+                       ctx: torch.Tensor, scale: float, max_ctx: int,
+                       kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """paged_decode in torch: gather each sequence's context, then SDPA. An fp8 ``kv`` is
+    dequantized after the gather with ``kv_scale`` [L, 2, KVH]."""
     B, H, D = q.shape
     bs, KVH = kv.shape[3], kv.shape[4]
     c = torch.arange(max_ctx, device=q.device)
@@ -212,6 +231,9 @@ def paged_decode_torch(q: torch.Tensor, kv: torch.Tensor, layer: int, table: tor
     offs = (c % bs)[None, :].expand(B, -1)
     K = kv[:, layer, 0][blocks, offs].permute(0, 2, 1, 3)                     # [B, KVH, C, D]
     V = kv[:, layer, 1][blocks, offs].permute(0, 2, 1, 3)
+    if kv_scale is not None:
+        K = dequantize(K, kv_scale[layer, 0][:, None, None], q.dtype)
+        V = dequantize(V, kv_scale[layer, 1][:, None, None], q.dtype)
     mask = (c[None, :] < ctx[:, None])
     mask[:, 0] |= ctx == 0              # padding rows: attend to something, zeroed below
     o = F.scaled_dot_product_attention(q.view(B, KVH, H // KVH, D), K, V,
@@ -219,12 +241,13 @@ def paged_decode_torch(q: torch.Tensor, kv: torch.Tensor, layer: int, table: tor
     return torch.where((ctx > 0)[:, None], o.reshape(B, H * D), 0)
 
 
-def _prefill(q, k, v, kv: torch.Tensor, layer: int, g: Group, scale: float) -> torch.Tensor:
+def _prefill(q, k, v, kv: torch.Tensor, layer: int, g: Group, scale: float,
+             quant: KVQuant | None = None) -> torch.Tensor:
     """Prompt chunks, one sequence at a time (a few per step): causal attention aligned to the
     end of the context (a chunk's queries see all earlier context). A chunk with no earlier
     context attends over its own k/v; one with earlier context over the cache, where its own
     k/v were just written. K/V heads are expanded to the query heads, so the fused (flash)
-    kernels apply."""
+    kernels apply. With fp8, ``k``/``v`` are already the round trip of the cache's values."""
     n, H, D = q.shape
     KVH = k.shape[1]
     kc, vc = kv[:, layer, 0], kv[:, layer, 1]     # [nb, bs, KVH, D] views
@@ -238,6 +261,9 @@ def _prefill(q, k, v, kv: torch.Tensor, layer: int, g: Group, scale: float) -> t
             rows = g.blocks[b, :-(-c // bs)]
             K = kc[rows].flatten(0, 1)[:c]
             V = vc[rows].flatten(0, 1)[:c]
+            if quant is not None:
+                K = dequantize(K, quant.scale[layer, 0], q.dtype)
+                V = dequantize(V, quant.scale[layer, 1], q.dtype)
             mask = causal_lower_right(m, c)
         # [1, H, len, D]: the fused kernels want a batch dimension
         K = K.repeat_interleave(H // KVH, dim=1).transpose(0, 1)[None]
@@ -249,7 +275,7 @@ def _prefill(q, k, v, kv: torch.Tensor, layer: int, g: Group, scale: float) -> t
 
 
 def _prefill_varlen(q, k, v, kv: torch.Tensor, layer: int, g: Group,
-                    scale: float) -> torch.Tensor:
+                    scale: float, quant: KVQuant | None = None) -> torch.Tensor:
     """All prompt chunks of the step in one variable-length flash attention call (CUDA, 16-bit):
     queries packed [n, H, D], each sequence's context packed after it (its own k/v when every
     chunk is a fresh prompt, else gathered from the cache). Flash aligns the causal mask to the
@@ -259,6 +285,9 @@ def _prefill_varlen(q, k, v, kv: torch.Tensor, layer: int, g: Group,
     else:
         K = kv[:, layer, 0][g.k_blocks, g.k_offsets]
         V = kv[:, layer, 1][g.k_blocks, g.k_offsets]
+        if quant is not None:        # the gathered context, dequantized (flash takes 16-bit)
+            K = dequantize(K, quant.scale[layer, 0], q.dtype)
+            V = dequantize(V, quant.scale[layer, 1], q.dtype)
     n, H, D = q.shape
     out = torch.ops.aten._flash_attention_forward(
         q.contiguous(), K.contiguous(), V.contiguous(), g.cu_q, g.cu_k, g.max_q, g.max_ctx,
@@ -267,46 +296,56 @@ def _prefill_varlen(q, k, v, kv: torch.Tensor, layer: int, g: Group,
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, layer: int,
-            g: Group, scale: float) -> torch.Tensor:
+            g: Group, scale: float, quant: KVQuant | None = None) -> torch.Tensor:
     """q [n, H, D] (k, v [n, KVH, D]) of one group -> [n, H*D]."""
     if g.table is not None:
         return paged_decode(q.contiguous(), kv, layer, g.table, g.ctx, scale, g.max_ctx,
-                            g.kernel)
+                            g.kernel, quant)
     D = q.shape[-1]
     if (g.cu_q is not None and q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0
             and D <= 256):
-        return _prefill_varlen(q, k, v, kv, layer, g, scale)
-    return _prefill(q, k, v, kv, layer, g, scale)
+        return _prefill_varlen(q, k, v, kv, layer, g, scale, quant)
+    return _prefill(q, k, v, kv, layer, g, scale, quant)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
-                    layer: int, lay: StepLayout, scale: float) -> torch.Tensor:
+                    layer: int, lay: StepLayout, scale: float,
+                    quant: KVQuant | None = None) -> torch.Tensor:
     """Write the step's k/v into the cache (the streamed sequences' into the host pool), then
     attend. q [N, H, D]; k, v [N, KVH, D]. Returns [N, H*D]. Batched over sequences: no
-    Python loop over them."""
+    Python loop over them. ``quant``: the scales of an fp8 cache (None: the cache holds the
+    model's dtype); when calibrating, this step's k/v fix the layer's scales first."""
     N, H, D = q.shape
+    if quant is not None and quant.calibrate:
+        quant.observe(layer, k, v)
     w = lay.write_tokens
     _write(kv, layer, lay.write_blocks, lay.write_offsets, k if w is None else k[w],
-           v if w is None else v[w])
+           v if w is None else v[w], quant)
     groups = [(g, kv) for g in (lay.decode, lay.prefill) if g is not None]
     if lay.host is not None:
         h = lay.host
-        _write(h.kv, layer, h.write_blocks, h.write_offsets, k[h.tokens], v[h.tokens])
+        _write(h.kv, layer, h.write_blocks, h.write_offsets, k[h.tokens], v[h.tokens], quant)
         groups += [(g, h.kv) for g in (h.decode, h.prefill) if g is not None]
+    if quant is not None and any(g.table is None for g, _ in groups):
+        # prompt chunks attend over what the cache holds, their own new k/v included
+        k, v = quant.roundtrip(k, layer, 0), quant.roundtrip(v, layer, 1)
     if len(groups) == 1 and groups[0][0].tokens is None:
         g, cache = groups[0]
-        return _attend(q, k, v, cache, layer, g, scale)
+        return _attend(q, k, v, cache, layer, g, scale, quant)
     out = q.new_empty(N, H * D)
     for g, cache in groups:
         t = g.tokens
-        out[t] = _attend(q[t], k[t], v[t], cache, layer, g, scale)
+        out[t] = _attend(q[t], k[t], v[t], cache, layer, g, scale, quant)
     return out
 
 
 def _write(kv: torch.Tensor, layer: int, blocks: torch.Tensor, offsets: torch.Tensor,
-           k: torch.Tensor, v: torch.Tensor) -> None:
+           k: torch.Tensor, v: torch.Tensor, quant: KVQuant | None = None) -> None:
+    inv = quant.inv[layer] if quant is not None else None
     if triton_fused.available(k) and kv.is_contiguous():
-        triton_fused.write_kv(kv, layer, blocks, offsets, k, v)
+        triton_fused.write_kv(kv, layer, blocks, offsets, k, v, inv)
         return
+    if inv is not None:
+        k, v = quantize(k, inv[0]), quantize(v, inv[1])
     kv[:, layer, 0][blocks, offsets] = k      # [nb, bs, KVH, D] views
     kv[:, layer, 1][blocks, offsets] = v

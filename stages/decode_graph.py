@@ -46,8 +46,9 @@ class _Bucket:
 class DecodeGraphs:
     def __init__(self, model, kv: torch.Tensor, scratch_block: int, block_size: int,
                  max_blocks_per_seq: int, dtype, device: torch.device, capture: bool,
-                 decode_kernel: bool):
+                 decode_kernel: bool, quant=None):
         self.model, self.kv = model, kv
+        self.quant = quant                 # an fp8 cache's scales (read in place by replays)
         self.scratch = scratch_block
         self.bs = block_size
         self.width = max_blocks_per_seq
@@ -75,7 +76,7 @@ class DecodeGraphs:
         return bk
 
     def _forward(self, bk: _Bucket) -> torch.Tensor:
-        return self.model(bk.x, bk.layout, self.kv)
+        return self.model(bk.x, bk.layout, self.kv, self.quant)
 
     def _capture(self, bk: _Bucket) -> None:
         side = torch.cuda.Stream(self.device)

@@ -43,6 +43,8 @@ def workspace_bytes(spec, dtype: torch.dtype, decode_kernel: bool) -> int:
     gather = 2 * (T + ctx) * cfg.kv_size * esize + 2 * ctx * cfg.q_size * esize
     if not decode_kernel:   # the torch decode path gathers every decoding sequence's context
         gather += 4 * spec.max_seqs_per_step * min(ctx, 2048) * cfg.kv_size * esize
+    if spec.kv_cache_dtype == "fp8":
+        gather *= 3        # fp8 gathers dequantize through float32 temporaries
     rows = min(spec.max_seqs_per_step, T)
     logits = 3 * rows * cfg.vocab_size * 4 if spec.is_last else 0
     return act + gather + logits + 256 * (1 << 20)

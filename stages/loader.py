@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from pipemax.model_config import ModelConfig
+from stages import kv_quant
 from stages.model import StageModel, rope_inv_freq
 
 
@@ -162,3 +163,38 @@ def _load(params: dict, cfg: ModelConfig, model: StageModel, folder: Path) -> No
                                   f"config.json implies {tuple(p.shape)}")
         with torch.no_grad():
             p.copy_(t)
+
+
+def kv_scale_mode(folder: Path | None, cfg: ModelConfig, requested: str) -> str:
+    """``--kv-scales`` resolved against the checkpoint: auto is checkpoint when every layer
+    ships ``k_scale``/``v_scale``, else prompt. Raises CheckpointError for checkpoint scales
+    the folder lacks, or has for some layers only."""
+    if requested in ("prompt", "one"):
+        return requested
+    have = (kv_quant.has_checkpoint_scales(checkpoint_files(Path(folder)), cfg.num_layers)
+            if folder is not None else False)
+    if have is None:
+        raise CheckpointError(f"checkpoint in {folder} has k_scale/v_scale for some layers "
+                              "only: give --kv-scales prompt or one")
+    if requested == "checkpoint" and not have:
+        raise CheckpointError("--kv-scales checkpoint: "
+                              + (f"checkpoint in {folder} has no self_attn.k_scale/v_scale "
+                                 "tensors" if folder is not None else "random (dummy) weights "
+                                 "have no scales") + "; give --kv-scales prompt or one")
+    return "checkpoint" if have else "prompt"
+
+
+def load_kv_scales(folder: Path, cfg: ModelConfig, layer_start: int,
+                   layer_end: int) -> torch.Tensor:
+    """The checkpoint's fp8 KV scales of layers [layer_start, layer_end): [L, 2, KVH]."""
+    where = checkpoint_files(Path(folder))
+    handles = {}
+    try:
+        def read(name: str) -> torch.Tensor:
+            f = where[name]
+            if f not in handles:
+                handles[f] = safe_open(str(f), framework="pt", device="cpu")
+            return handles[f].get_tensor(name)
+        return kv_quant.checkpoint_scales(read, layer_start, layer_end, cfg.num_kv_heads)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint in {folder}: {e}") from None

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pipemax.model_config import ModelConfig
 from stages import triton_fused
 from stages.attention import StepLayout, paged_attention
+from stages.kv_quant import KVQuant
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -68,7 +69,7 @@ class DecoderLayer(nn.Module):
         self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=cfg.mlp_bias)
 
-    def forward(self, x, d, cos, sin, kv, layer: int, lay: StepLayout):
+    def forward(self, x, d, cos, sin, kv, layer: int, lay: StepLayout, quant=None):
         """x: the residual stream; d: the previous layer's output, not yet added to it (None
         before the first layer). Returns (residual stream, this layer's output to add)."""
         cfg = self.cfg
@@ -82,7 +83,7 @@ class DecoderLayer(nn.Module):
         v = v.view(N, cfg.num_kv_heads, cfg.head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        a = paged_attention(q, k, v, kv, layer, lay, cfg.head_dim ** -0.5)
+        a = paged_attention(q, k, v, kv, layer, lay, cfg.head_dim ** -0.5, quant)
         x, h = _add_norm(self.post_attention_layernorm, x, self.o_proj(a), fused)
         gu = self.gate_up(h)
         if fused:
@@ -125,8 +126,10 @@ class StageModel(nn.Module):
     def num_layers(self) -> int:
         return self.layer_end - self.layer_start
 
-    def forward(self, x: torch.Tensor, lay: StepLayout, kv: torch.Tensor) -> torch.Tensor:
-        """x: token ids [N] on the first stage, hidden states [N, H] elsewhere.
+    def forward(self, x: torch.Tensor, lay: StepLayout, kv: torch.Tensor,
+                quant: KVQuant | None = None) -> torch.Tensor:
+        """x: token ids [N] on the first stage, hidden states [N, H] elsewhere; ``quant``: the
+        scales of an fp8 ``kv`` (stages/kv_quant.py).
 
         Returns hidden states [N, H]; on the last stage, the final-normed hidden states of each
         sequence's last token [B, H] (feed them to ``logits``).
@@ -138,7 +141,7 @@ class StageModel(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         d = None
         for i, layer in enumerate(self.layers):
-            x, d = layer(x, d, cos, sin, kv, i, lay)
+            x, d = layer(x, d, cos, sin, kv, i, lay, quant)
         if d is not None:
             x = x + d
         if self.is_last:

@@ -15,6 +15,11 @@ tile is loaded once for all of them. With one chunk the program writes the outpu
 with several, each writes (log-sum-exp, normalised partial output) and a second small kernel
 merges the chunks of each (sequence, head). Chunks past a sequence's end return at once.
 
+An fp8 cache (stages/kv_quant.py) is read as bytes and converted in registers to the query's
+dtype (exact: e4m3 values fit in 16 bits); its per-(layer, K|V, head) scales are constant in a
+program, so the K scale is folded into the softmax scale and the V scale into the output, and
+the scales are read from a device tensor (updated in place: graphs see the current ones).
+
 The chunk count is picked on the host from (B, KVH, max_ctx, number of SMs) only: no device
 value is read, so a launch is CUDA-graph capturable for fixed shapes and fixed max_ctx.
 """
@@ -54,7 +59,7 @@ MAX_HEAD_DIM = 256
 
 
 def unsupported(head_dim: int, block_size: int, dtype: torch.dtype,
-                device: torch.device | str) -> str | None:
+                device: torch.device | str, kv_dtype: torch.dtype | None = None) -> str | None:
     """Why paged_decode cannot take this shape on ``device`` (None: it can). Head sizes under
     16 are padded to 16 (``tl.dot`` needs K >= 16) and others to a power of two; whether the
     tiles of a large head fit the device's shared memory only a launch tells
@@ -63,6 +68,8 @@ def unsupported(head_dim: int, block_size: int, dtype: torch.dtype,
         return "no compiled Triton on this device"
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"the kernel has no {dtype} path"
+    if kv_dtype not in (None, dtype, torch.float8_e4m3fn):
+        return f"the kernel has no {kv_dtype} cache path"
     if head_dim > MAX_HEAD_DIM:
         return f"head_dim {head_dim} is over the kernel's {MAX_HEAD_DIM}"
     if block_size & (block_size - 1):
@@ -79,7 +86,7 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _decode_kernel(
-        Q, KV, BT, CTX, OUT, LSE, ACC,
+        Q, KV, BT, CTX, OUT, LSE, ACC, KV_SCALE,   # KV_SCALE: [L, 2, KVH] float32 (QUANT)
         kv_base,                                   # element offset of kv[0, layer, 0, 0, 0, 0]
         s_blk, s_kv, s_tok, s_head, s_d,           # kv strides (elements)
         s_bt,                                      # block_tables row stride
@@ -92,6 +99,7 @@ if _HAVE_TRITON:
         BS: tl.constexpr, BLOCK: tl.constexpr,
         IEEE: tl.constexpr, DIRECT: tl.constexpr,
         DOT_F32: tl.constexpr,                     # interpreter only: its bf16/fp16 dot is wrong
+        QUANT: tl.constexpr,                       # fp8 cache: convert, and apply KV_SCALE
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -110,6 +118,10 @@ if _HAVE_TRITON:
                         mask=mask_g[:, None] & mask_d[None, :], other=0.0)
             if DOT_F32:
                 q = q.to(tl.float32)
+            if QUANT:                                 # this program's (layer, head) scales
+                k_s = tl.load(KV_SCALE + kvh)
+                v_s = tl.load(KV_SCALE + tl.num_programs(1) + kvh)
+                qk_scale = qk_scale * k_s
             m_i = tl.full([G_PAD], float("-inf"), tl.float32)
             l_i = tl.zeros([G_PAD], tl.float32)
             acc = tl.zeros([G_PAD, D_PAD], tl.float32)
@@ -124,6 +136,8 @@ if _HAVE_TRITON:
                 tok = blk * s_blk + (pos % BS) * s_tok                       # [BLOCK] int64
                 kv_mask = mask_n[:, None] & mask_d[None, :]
                 k = tl.load(k_ptr + tok[:, None] + d_off, mask=kv_mask, other=0.0)
+                if QUANT:
+                    k = k.to(Q.dtype.element_ty)
                 if DOT_F32:
                     k = k.to(tl.float32)
                 if IEEE or DOT_F32:
@@ -136,6 +150,8 @@ if _HAVE_TRITON:
                 p = tl.exp2(qk - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 v = tl.load(v_ptr + tok[:, None] + d_off, mask=kv_mask, other=0.0)
+                if QUANT:
+                    v = v.to(Q.dtype.element_ty)
                 if DOT_F32:
                     v = v.to(tl.float32)
                 if IEEE or DOT_F32:
@@ -145,6 +161,8 @@ if _HAVE_TRITON:
                 acc = acc * alpha[:, None] + pv
                 m_i = m_new
             acc = acc / l_i[:, None]
+            if QUANT:
+                acc = acc * v_s
             omask = mask_g[:, None] & mask_d[None, :]
             if DIRECT:
                 o_ptr = OUT + (b * (G * tl.num_programs(1)) + heads)[:, None] * D + offs_d[None, :]
@@ -219,10 +237,12 @@ def plan_splits(B: int, KVH: int, max_ctx: int, num_sms: int) -> tuple[int, int]
 
 def paged_decode(q: torch.Tensor, kv: torch.Tensor, layer: int, block_tables: torch.Tensor,
                  ctx_lens: torch.Tensor, scale: float, max_ctx: int | None = None, *,
-                 out: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, splits: int | None = None,
+                 kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention over the paged cache: q [B, H, D] -> [B, H*D] (q's dtype).
 
-    kv: the stage's cache [nb, L, 2, bs, KVH, D] (same dtype as q); block_tables
+    kv: the stage's cache [nb, L, 2, bs, KVH, D] (q's dtype, or float8_e4m3fn with
+    ``kv_scale`` [L, 2, KVH] float32 on the device: value = fp8 * scale); block_tables
     [B, max_blocks] int32/int64 (entries past a sequence's blocks are never read);
     ctx_lens [B] int32/int64, each in [0, max_ctx] (0: a padding row, output zeros).
     ``max_ctx``: host-known upper bound of ctx_lens (default max_blocks * bs); it sizes the
@@ -234,7 +254,11 @@ def paged_decode(q: torch.Tensor, kv: torch.Tensor, layer: int, block_tables: to
     B, H, D = q.shape
     nb, L, two, bs, KVH, Dk = kv.shape
     assert two == 2 and Dk == D and H % KVH == 0, (q.shape, kv.shape)
-    assert kv.dtype == q.dtype, (q.dtype, kv.dtype)
+    quant = kv.dtype == torch.float8_e4m3fn
+    assert kv.dtype == q.dtype or (quant and kv_scale is not None), (q.dtype, kv.dtype)
+    if quant:
+        assert kv_scale.shape == (L, 2, KVH) and kv_scale.dtype == torch.float32, kv_scale.shape
+        kv_scale = kv_scale.contiguous()
     assert bs & (bs - 1) == 0, "block_size must be a power of two"
     G = H // KVH
     if q.stride(-1) != 1:
@@ -267,11 +291,12 @@ def paged_decode(q: torch.Tensor, kv: torch.Tensor, layer: int, block_tables: to
     s = kv.stride()
     _decode_kernel[(B, KVH, n_split)](
         q, kv, block_tables, ctx_lens, out, lse, acc,
+        kv_scale[layer] if quant else ctx_lens,
         layer * s[1], s[0], s[2], s[3], s[4], s[5],
         block_tables.stride(0), q.stride(0), q.stride(1),
         chunk, scale * math.log2(math.e), n_split,
         G=G, G_PAD=G_PAD, D=D, D_PAD=_d_pad(D), BS=bs, BLOCK=BLOCK_N,
-        IEEE=q.dtype == torch.float32, DIRECT=direct, DOT_F32=_interpreted(),
+        IEEE=q.dtype == torch.float32, DIRECT=direct, DOT_F32=_interpreted(), QUANT=quant,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if not direct:
         _combine_kernel[(B, H)](out, lse, acc, ctx_lens, chunk, n_split,

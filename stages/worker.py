@@ -33,7 +33,8 @@ from stages.kv_cache import KVCache, kv_budget_bytes
 from stages.decode_graph import DecodeGraphs
 from stages.measure import measure
 from stages.offload import HostPool, Offloader
-from stages.loader import build_stage_model
+from stages.kv_quant import KVQuant, kv_dtype
+from stages.loader import build_stage_model, load_kv_scales
 from stages.gpu_clock import GpuClock
 from stages.sampler import sample
 from stages.transfer import Outbound, host_copy, to_device
@@ -65,6 +66,8 @@ class StageSpec:
     seed: int
     decode_graphs: bool = True     # decode steps through per-bucket static buffers (CUDA graphs)
     device_sharers: int = 1        # stages on this device (itself included): they split it
+    kv_cache_dtype: str = "auto"   # "auto" (the model's dtype) | "fp8"
+    kv_scales: str = "prompt"      # fp8 scales, resolved: "checkpoint" | "prompt" | "one"
 
     @property
     def is_first(self) -> bool:
@@ -84,12 +87,21 @@ class Stage:
         # what the device had free before this stage's weights (its share: pipemax/devices.py)
         self.free_at_start = torch.cuda.mem_get_info(self.device)[0] if cuda else None
         m = spec.model
+        self.kv_dtype = kv_dtype(spec.kv_cache_dtype, self.dtype)
         self.decode_kernel, self.decode_attention = decode_path(
-            m.num_heads, m.num_kv_heads, m.head_dim, spec.block_size, self.dtype, self.device)
+            m.num_heads, m.num_kv_heads, m.head_dim, spec.block_size, self.dtype, self.device,
+            self.kv_dtype)
         self.model = build_stage_model(
             spec.model, spec.layer_start, spec.layer_end, spec.is_first, spec.is_last,
             folder=Path(spec.folder) if spec.folder else None, dtype=self.dtype,
             device=self.device, seed=spec.seed)
+        self.quant: KVQuant | None = None      # an fp8 cache's scales (stages/kv_quant.py)
+        if self.kv_dtype != self.dtype:
+            values = (load_kv_scales(Path(spec.folder), m, spec.layer_start, spec.layer_end)
+                      if spec.kv_scales == "checkpoint" else None)
+            self.quant = KVQuant.make(spec.layer_end - spec.layer_start, m.num_kv_heads,
+                                      self.device, values,
+                                      calibrate=spec.kv_scales == "prompt")
         self.kv: KVCache | None = None
         self.host: HostPool | None = None
         self.host_kv: torch.Tensor | None = None    # the host pool as attention reads it
@@ -119,7 +131,7 @@ class Stage:
     def report(self) -> dict:
         s = self.spec
         block_bytes = KVCache.block_bytes(s.model, s.layer_end - s.layer_start, s.block_size,
-                                          self.dtype)
+                                          self.kv_dtype)
         budget = kv_budget_bytes(s, self.device, self.weight_bytes, self.dtype,
                                  self.decode_kernel, self.free_at_start)
         figures = measure(self.device, self.dtype) if self.device.type == "cuda" else None
@@ -128,6 +140,7 @@ class Stage:
                 "max_blocks": int(min(budget // block_bytes, s.max_blocks_useful)),
                 "kv_budget_bytes": int(budget), "device": str(self.device),
                 "decode_attention": self.decode_attention,
+                "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
                 "figures": figures}
 
     def final_report(self) -> dict:
@@ -156,15 +169,15 @@ class Stage:
         self.staging_blocks = int(meta["staging_blocks"])
         scratch = self.resident + 2 * self.staging_blocks     # a block no sequence owns
         self.kv = KVCache(s.model, s.layer_end - s.layer_start, scratch + 1, s.block_size,
-                          self.dtype, self.device)
+                          self.kv_dtype, self.device)
         if s.decode_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv.data, scratch, s.block_size,
                                        -(-s.max_model_len // s.block_size), self.dtype,
                                        self.device, capture=True,
-                                       decode_kernel=self.decode_kernel)
+                                       decode_kernel=self.decode_kernel, quant=self.quant)
         if int(meta["host_blocks"]):
             shape = (int(meta["host_blocks"]), *self.kv.data.shape[1:])
-            self.host = HostPool(meta["host_segments"][s.index], shape, self.dtype,
+            self.host = HostPool(meta["host_segments"][s.index], shape, self.kv_dtype,
                                  pin=self.device.type == "cuda")
             self.host_kv = self.host.device_view(self.device)
         if self.staging_blocks:       # streamed sequences alone need no copies, no timetable
@@ -222,13 +235,16 @@ class Stage:
         streamed = t["streamed"].numpy()
         d = self.device
         x = to_device(t["tokens"] if s.is_first else t["hidden"], d)
+        calibrating = self.quant is not None and self.quant.calibrate   # the first step
         if (self.graphs is not None and bool((q_lens == 1).all()) and not streamed.any()
-                and self.graphs.fits(len(q_lens), table.shape[1])):
+                and self.graphs.fits(len(q_lens), table.shape[1]) and not calibrating):
             h = self.graphs.run(x, ctx, table)
         else:
             lay = build_layout(q_lens, ctx, table, s.block_size, d, streamed, self.host_kv,
                                decode_kernel=self.decode_kernel)
-            h = self.model(x, lay, self.kv.data)
+            h = self.model(x, lay, self.kv.data, self.quant)
+            if calibrating:          # scales fixed from this step's K/V, for the whole run
+                self.quant.calibrate = False
         if s.is_last:
             rows = to_device(t["sample_rows"], d)
             so = sample(self.model.logits(h[rows]), to_device(t["temperature"], d),

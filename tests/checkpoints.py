@@ -199,3 +199,40 @@ def hf_continuation_logprobs(path, prompt_ids, new_ids) -> torch.Tensor:
     with torch.no_grad(), _one_thread():
         logits = model(torch.tensor([ids], dtype=torch.long)).logits[0].float()
     return torch.log_softmax(logits[len(prompt_ids) - 1:len(ids) - 1], dim=-1)
+
+
+def hf_greedy_fp8(path, prompt_ids_list, max_new_tokens: int, scales=None):
+    """transformers greedy continuations with every K and V rounded through an fp8 (e4m3) KV
+    cache, as pipemax stores it: x -> fp8(clamp(x / scale, +-448)) * scale, after RoPE, with
+    ``scales`` [num_layers, 2, kv_heads] (None: all 1.0). Returns, per prompt, (new ids, the
+    top-2 logit gap at each of them)."""
+    from transformers import AttentionInterface, AutoModelForCausalLM, GenerationConfig
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def roundtrip(x, s):                   # x [B, KVH, S, D], s [KVH]
+        s = s.to(x.dtype)[None, :, None, None]
+        return ((x / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(x.dtype)) * s
+
+    def attention(module, query, key, value, attention_mask, **kw):
+        kvh = key.shape[1]
+        s = (scales[module.layer_idx] if scales is not None
+             else torch.ones(2, kvh, dtype=torch.float32))
+        return sdpa_attention_forward(module, query, roundtrip(key, s[0]),
+                                      roundtrip(value, s[1]), attention_mask, **kw)
+
+    AttentionInterface.register("pipemax_fp8_kv", attention)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                 attn_implementation="pipemax_fp8_kv").eval()
+    gc = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=None,
+                          eos_token_id=None, pad_token_id=None, bos_token_id=None, num_beams=1,
+                          use_cache=True, output_scores=True, return_dict_in_generate=True)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    outs = []
+    with torch.no_grad(), _one_thread():
+        for ids in prompt_ids_list:
+            x = torch.tensor([list(ids)], dtype=torch.long)
+            y = model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc)
+            top = torch.stack([s[0].float() for s in y.scores]).topk(2, dim=-1).values
+            outs.append((y.sequences[0, x.shape[1]:].tolist(), (top[:, 0] - top[:, 1]).tolist()))
+    return outs

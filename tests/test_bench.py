@@ -44,6 +44,24 @@ def test_bench_cpu_table_has_every_column(tmp_path, capsys):
     assert rows["roofline"]["output_tok_s"] == rows["pipemax"]["plan"]["predicted_tok_s"]
 
 
+def test_bench_fp8_kv_beside_16_bit_kv(tmp_path, capsys):
+    """pipemax-fp8kv and pipemax-kv16 side by side: the same KV budget holds 4x the blocks in
+    fp8 as in float32, and the table names each run's KV dtype."""
+    out = tmp_path / "bench.json"
+    assert bench.main(["--model", "llama3-8b", *TINY, "--device", "cpu", "--dtype", "float32",
+                       "--workload", "fixed:16/8", "--num-requests", "8",
+                       "--systems", "pipemax-kv16,pipemax-fp8kv",
+                       "--pipemax-args", "--threads 1 --kv-cache-gb 0.0002 --block-size 4",
+                       "--json", str(out)]) == 0
+    rows = {r["system"]: r for r in json.loads(out.read_text())}
+    kv16, fp8 = rows["pipemax-kv16"], rows["pipemax-fp8kv"]
+    assert (kv16["kv_cache_dtype"], fp8["kv_cache_dtype"]) == ("float32", "fp8 (e4m3)")
+    assert fp8["output_tokens"] == kv16["output_tokens"] == 64
+    assert fp8["stages"][0]["block_bytes"] * 4 == kv16["stages"][0]["block_bytes"]
+    assert fp8["stages"][0]["max_blocks"] >= 4 * kv16["stages"][0]["max_blocks"] - 1
+    assert "fp8 (e4m3)" in capsys.readouterr().out
+
+
 def test_workload_with_long_outliers():
     from tools.workload import lengths
     base = lengths("fixed:16/8", 10, 0, 4096)

@@ -42,3 +42,15 @@ def test_rows_and_summary():
 def test_a_shorter_continuation_differs():
     rows = compare_rows([3], [[1, 2]], [([1, 2, 3], [1.0] * 3, [0.5] * 3)])
     assert rows[0]["first_diff"] == 2 and not rows[0]["equal"]
+
+
+def test_compare_kv_counts_the_same_context_only():
+    from tools.compare_kv import compare
+    base = [([1, 2, 3, 4], [-0.1, -0.2, -0.3, -0.4]), ([5, 6, 7, 8], [-1.0, -1.0, -1.0, -1.0])]
+    other = [([1, 2, 3, 9], [-0.1, -0.25, -0.3, -5.0]), ([5, 7, 7, 8], [-1.5, -9.0, -9.0, -9.0])]
+    s = compare(base, other, first=3)
+    assert (s["identical_first"], s["identical_share"]) == (1, 0.5)
+    # prompt 0: positions 0-2 (diffs 0, 0.05, 0); prompt 1: position 0 (0.5); then they differ
+    assert s["positions_compared"] == 4
+    assert abs(s["logprob_mean_abs_diff"] - 0.55 / 4) < 1e-9
+    assert abs(s["logprob_max_abs_diff"] - 0.5) < 1e-9

@@ -62,14 +62,35 @@ def _reference(q, ks, vs, scale):
     return torch.stack(out)
 
 
+def _fp8(kv, ks, vs, layer, seed):
+    """The case's cache in fp8, with per-(layer, k|v, head) power-of-two scales: (cache,
+    scales, what the kernel must see of each sequence's k and v)."""
+    from stages.kv_quant import dequantize, quantize
+    L, KVH = kv.shape[1], kv.shape[4]
+    g = torch.Generator().manual_seed(seed + 1000)
+    scale = 2.0 ** torch.randint(-6, -1, (L, 2, KVH), generator=g).float()
+    # quantize wants [..., KVH, D]: the cache is [nb, L, 2, bs, KVH, D]
+    kv8 = torch.stack([torch.stack([quantize(kv[:, l, j].float().nan_to_num(0.0),
+                                             1 / scale[l, j]) for j in range(2)], 1)
+                       for l in range(L)], 1)
+    back = lambda x, j: dequantize(quantize(x.float(), 1 / scale[layer, j]), scale[layer, j],
+                                   torch.float64)
+    return kv8, scale, [back(k, 0) for k in ks], [back(v, 1) for v in vs]
+
+
 def _check(B, H, KVH, D, bs, ctx_lens, dtype, seed=0, splits=None, bt_dtype=torch.int32,
-           max_ctx="exact", layer=1):
+           max_ctx="exact", layer=1, fp8=False):
     q, kv, bt, cl, ks, vs = _case(B, H, KVH, D, bs, ctx_lens, dtype, seed, layer=layer)
+    kv_scale = None
+    if fp8:
+        kv, kv_scale, ks, vs = _fp8(kv.double() * 8, [k * 8 for k in ks], [v * 8 for v in vs],
+                                    layer, seed)
+        kv_scale = kv_scale.to(DEV)
     scale = D ** -0.5
     ref = _reference(q, ks, vs, scale)
     mc = max(ctx_lens) if max_ctx == "exact" else max_ctx
     out = td.paged_decode(q.to(DEV), kv.to(DEV), layer, bt.to(bt_dtype).to(DEV), cl.to(DEV), scale,
-                          mc, splits=splits)
+                          mc, splits=splits, kv_scale=kv_scale)
     assert out.shape == (B, H * D) and out.dtype == dtype
     out = out.cpu().double()
     assert torch.isfinite(out).all(), "NaN/inf: read outside the context?"
@@ -220,3 +241,50 @@ def test_kernel_equals_torch_path_on_gpu(D):
     a = paged_decode(*args, kernel=True).double()
     b = paged_decode(*args, kernel=False).double()
     assert (a - b).norm() / b.norm() < 2e-2
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=lambda c: f"B{c[0]}H{c[1]}KV{c[2]}D{c[3]}bs{c[4]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_fp8_cache(case, dtype, splits):
+    """An fp8 cache with per-(layer, head) scales: the kernel converts in registers and
+    applies the scales; the reference attends over the dequantized values."""
+    B, H, KVH, D, bs, ctx = case
+    _check(B, H, KVH, D, bs, [c * 4 for c in ctx], dtype, seed=7, splits=splits, fp8=True)
+
+
+def _fp8_case(D, seed):
+    q, kv, bt, cl, ks, vs = _case(6, 12, 3, D, 16, [1, 40, 333, 17, 700, 64], torch.bfloat16,
+                                  seed)
+    kv8, scale, _, _ = _fp8(kv.double() * 8, ks, vs, 1, seed)
+    return (q.to(DEV), kv8.to(DEV), 1, bt.clamp(min=0).to(torch.int32).to(DEV), cl.to(DEV),
+            D ** -0.5, 700), scale.to(DEV)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("D", [64, 128])
+def test_fp8_kernel_equals_torch_fp8_path_on_gpu(D):
+    """The stage's two decode paths over an fp8 cache agree (bf16 queries, GQA); the start-up
+    probe takes the kernel for fp8; a CUDA graph replays it with the scales read in place."""
+    from stages.attention import decode_path, paged_decode
+    from stages.kv_quant import FP8, KVQuant
+    assert decode_path(12, 3, D, 16, torch.bfloat16, DEV, FP8) == (True, "triton kernel")
+    args, scale = _fp8_case(D, D)
+    quant = KVQuant(scale, 1 / scale)
+    a = paged_decode(*args, kernel=True, quant=quant).double()
+    b = paged_decode(*args, kernel=False, quant=quant).double()
+    assert (a - b).norm() / b.norm() < 1e-2
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        paged_decode(*args, kernel=True, quant=quant)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_decode(*args, kernel=True, quant=quant)
+    scale.mul_(2.0)                              # new scales, in place: the replay reads them
+    graph.replay()
+    torch.cuda.synchronize()
+    want = paged_decode(*args, kernel=False, quant=quant).double()
+    assert (out.double() - want).norm() / want.norm() < 1e-2
+    assert (out.double() - a).norm() / a.norm() > 1e-3     # and they did change the result

@@ -13,6 +13,8 @@ Systems:
     pipemax-1gpu     one stage with --kv-offload on (FlexGen's setting)
     pipemax-cache    the same as pipemax with --prefix-caching on (the default)
     pipemax-nocache  the same with --prefix-caching off (every prompt token computed)
+    pipemax-kv16     the same as pipemax with --kv-cache-dtype auto (KV in the model's dtype)
+    pipemax-fp8kv    the same with --kv-cache-dtype fp8 (e4m3: half the KV bytes)
     transformers     HuggingFace ``generate`` at each of ``--hf-batch-sizes`` (best one counts),
                      where transformers is installed
     roofline         the cost model's whole-run prediction for the plan pipemax chose
@@ -86,7 +88,9 @@ PIPEMAX_SYSTEMS = {"pipemax": (None, []), "pipemax-offload": (None, ["--kv-offlo
                    "pipemax-resident": (None, ["--kv-offload", "off"]),
                    "pipemax-1gpu": (1, ["--kv-offload", "on"]),
                    "pipemax-cache": (None, ["--prefix-caching", "on"]),
-                   "pipemax-nocache": (None, ["--prefix-caching", "off"])}
+                   "pipemax-nocache": (None, ["--prefix-caching", "off"]),
+                   "pipemax-kv16": (None, ["--kv-cache-dtype", "auto"]),
+                   "pipemax-fp8kv": (None, ["--kv-cache-dtype", "fp8"])}
 
 
 def derive(r: dict) -> dict:
@@ -134,7 +138,8 @@ def run_transformers(a, name: str) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    cols = ["system", "gpus", "output_tok_s", "total_tok_s", "requests_s", "seconds",
+    cols = ["system", "gpus", "kv_cache_dtype", "output_tok_s", "total_tok_s", "requests_s",
+            "seconds", "num_blocks",
             "peak_gpu_gb", "host_kv_gb", "pcie_gb", "prompt_cache_hit_share", "idle_share",
             "gpu_idle_share",
             "hidden_share",
@@ -153,7 +158,7 @@ def table(results: list[dict]) -> str:
                 v = ",".join(f"{x:.1f}" for x in v)
             cells.append(str(v))
         if "error" in r:
-            cells[2] = f"error: {r['error']}"
+            cells[cols.index("output_tok_s")] = f"error: {r['error']}"
         lines.append(" | ".join(cells))
     return "\n".join(lines)
 

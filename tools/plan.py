@@ -4,6 +4,7 @@
         --figures hbm_gbs=4300,h2d_gbs=46,tflops=780 --prompt 1024 --output 1024
     python -m tools.plan --model llama3-8b --gpus 1 --gpu-memory-gb 141 --prompt 1152 \
         --output 128 --cached-prompt 1024          # a 1024-token prefix every request shares
+    python -m tools.plan --model llama3-8b --gpus 1 --gpu-memory-gb 24 --kv-cache-dtype fp8
 
 Stage memory is estimated from the weights (each stage's layers, the embedding on the first,
 the lm_head on the last) and a fixed activation reserve; the run itself measures it.
@@ -21,12 +22,12 @@ GiB = 1 << 30
 
 
 def shapes(cfg, gpus: int, gpu_gb: float, esize: int, block_size: int,
-           reserve_gb: float) -> list[StageShape]:
+           reserve_gb: float, kv_esize: int | None = None) -> list[StageShape]:
     out = []
     for i, (a, b) in enumerate(split_layers(cfg, gpus)):
         params = StageShape.params_read(cfg, b - a, i == gpus - 1)
         weights = params * esize + (cfg.embed_params() * esize if i == 0 else 0)
-        block = (b - a) * 2 * block_size * cfg.kv_size * esize
+        block = (b - a) * 2 * block_size * cfg.kv_size * (kv_esize or esize)
         free = gpu_gb * GiB - weights - reserve_gb * GiB
         out.append(StageShape(b - a, params, block, max(0, int(free // block))))
     return out
@@ -51,11 +52,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-seqs", type=int, default=4096)
     p.add_argument("--host-gb", type=float, default=400)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                   help="auto: 16-bit KV, like the weights; fp8: one byte per K/V element")
     a = p.parse_args(argv)
+    kv_esize = 1 if a.kv_cache_dtype == "fp8" else 2
     cfg = apply_overrides(BUILTIN_MODELS[a.model], a.override)
     figs = DeviceFigures(**{k: float(v) for k, v in
                             (item.split("=") for item in a.figures.split(","))})
-    st = shapes(cfg, a.gpus, a.gpu_memory_gb, 2, a.block_size, a.reserve_gb)
+    st = shapes(cfg, a.gpus, a.gpu_memory_gb, 2, a.block_size, a.reserve_gb, kv_esize)
     if not 0 <= a.cached_prompt < a.prompt:
         p.error("--cached-prompt must be at least 0 and less than --prompt")
     wl = Workload(a.prompt, a.output, int(a.prompt + a.output), cached_prompt=a.cached_prompt,
@@ -66,13 +70,15 @@ def main(argv=None) -> int:
     for mode in ("off", "on", "auto"):
         try:
             pl = plan(cfg, st, figs, 2, wl, mode=mode, micro_batches=M, max_seqs=a.max_seqs,
-                      block_size=a.block_size, host_blocks=host_blocks)
+                      block_size=a.block_size, host_blocks=host_blocks, kv_esize=kv_esize)
             rows[mode] = json.loads(pl.to_json())
             print(f"{mode:>4}: {pl.describe()}")
         except ValueError as e:
             rows[mode] = {"error": str(e)}
             print(f"{mode:>4}: {e}")
     print(json.dumps({"model": a.model, "gpus": a.gpus, "gpu_memory_gb": a.gpu_memory_gb,
+                      "kv_cache_dtype": a.kv_cache_dtype,
+                      "kv_bytes_per_token": sum(s.block_bytes for s in st) // a.block_size,
                       "figures": figs.as_dict(), "plans": rows}))
     return 0
 
