@@ -14,6 +14,7 @@ from pipemax.model_config import (BUILTIN_MODELS, ModelConfig, ModelConfigError,
                                   builtin_config)
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+QUANTIZATIONS = ("none", "fp8")
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,7 @@ class RunConfig:
     device_figures: tuple[tuple[str, float], ...] = ()   # planner figure overrides
     cuda_graphs: bool = False           # decode steps replayed from CUDA graphs
     prefix_caching: bool = True         # shared prompt prefixes computed once (GPU blocks)
+    quantization: str = "none"          # "fp8": linear weights in e4m3, per-channel scales
     # operations (pipemax/control.py, progress.py, service.py)
     socket: str | None = None           # control socket; None: the default path
     no_socket: bool = False             # no control socket at all
@@ -85,12 +87,15 @@ class RunConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if self.kv_offload not in ("auto", "on", "off"):
             raise ConfigError(f"--kv-offload must be auto, on or off, got {self.kv_offload!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got "
+                              f"{self.quantization!r}")
         if self.host_kv_gb is not None and self.host_kv_gb <= 0:
             raise ConfigError("--host-kv-gb must be positive")
         for k, v in self.device_figures:
-            if k not in ("hbm_gbs", "h2d_gbs", "tflops") or v <= 0:
+            if k not in ("hbm_gbs", "h2d_gbs", "tflops", "decode_tflops") or v <= 0:
                 raise ConfigError(f"--device-figures: {k}={v} is not one of hbm_gbs, h2d_gbs, "
-                                  "tflops with a positive value")
+                                  "tflops, decode_tflops with a positive value")
         if (self.input is None) != (self.output is None):
             raise ConfigError("--input and --output go together")
         self._check_operations()
@@ -208,8 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs the same padded path eagerly, for tests)")
     p.add_argument("--prefix-caching", choices=("on", "off"), default="on",
                    help="share the KV blocks of common prompt prefixes, computed once")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                   help="fp8: linear weights in e4m3 with a scale per output channel, "
+                        "activations quantized per token (CUDA: compute capability 8.9+); "
+                        "default: as the checkpoint (fp8 if it ships fp8 weights, else none)")
     p.add_argument("--device-figures", default=None, metavar="hbm_gbs=X,h2d_gbs=Y,tflops=Z",
-                   help="planner figures instead of the ones measured at start")
+                   help="planner figures instead of the ones measured at start (tflops: the "
+                        "GEMM rate of prompt chunks, decode_tflops: of decode steps)")
     ops = p.add_argument_group("operations")
     ops.add_argument("--socket", default=None, metavar="PATH",
                      help="control socket (python -m pipemax.ctl); default: "
@@ -271,10 +281,12 @@ def from_args(argv: list[str] | None = None) -> RunConfig:
                     device_figures=_figures(a.device_figures),
                     cuda_graphs=a.cuda_graphs == "on" or (a.cuda_graphs == "auto"
                                                           and device == "cuda"),
-                    prefix_caching=a.prefix_caching == "on",
+                    prefix_caching=a.prefix_caching == "on", quantization=a.quantization or "none",
                     socket=a.socket, no_socket=a.no_socket, socket_group=a.socket_group,
                     serve=a.serve, progress=a.progress, progress_interval=a.progress_interval)
     if a.dtype == "auto" and device == "cuda" and cfg.model_folder:
         if cfg.model_config().torch_dtype == "float16":
             cfg = RunConfig(**{**cfg.__dict__, "dtype": "float16"})
+    if a.quantization is None and cfg.model_folder and cfg.model_config().quantization:
+        cfg = RunConfig(**{**cfg.__dict__, "quantization": cfg.model_config().quantization})
     return cfg

@@ -26,10 +26,11 @@ from pipemax.kv_pool import HostMemoryError
 from pipemax.planner import PlanError
 from pipemax.model_config import ModelConfig
 from pipemax.pipeline import StageFailed
-from pipemax.runtime import Runtime
+from pipemax.runtime import Runtime, weights_name
 from pipemax.scheduler import Scheduler
 from pipemax.tiny import DEFAULT_PROMPTS, ensure_tiny_model
 from pipemax.tokenizer import Tokenizer, TokenizerError
+from stages.fp8 import capability_refusal
 from stages.loader import CheckpointError, check_checkpoint
 
 
@@ -140,7 +141,8 @@ def handoff_summary(finals: list[dict]) -> str:
 
 
 def check_cuda_devices(cfg: RunConfig) -> None:
-    """The stages' devices are present, and the memory caps of stages sharing one fit it."""
+    """The stages' devices are present, the memory caps of stages sharing one fit it, and
+    they have fp8 tensor cores if the weights are fp8."""
     import torch
     n = torch.cuda.device_count()
     if cfg.stage_devices is None and cfg.gpus > n:
@@ -152,6 +154,13 @@ def check_cuda_devices(cfg: RunConfig) -> None:
             d: torch.cuda.get_device_properties(d).total_memory for d in set(cfg.stage_device_ids)})
     except devices.DeviceListError as e:
         raise ConfigError(str(e)) from None
+    if cfg.quantization == "fp8":
+        for d in sorted(set(cfg.stage_device_ids)):
+            why = capability_refusal(f"cuda:{d} ({torch.cuda.get_device_name(d)})",
+                                     torch.cuda.get_device_capability(d))
+            if why:
+                raise ConfigError(why)
+
 
 
 def offload_summary(finals: list[dict], sched: Scheduler) -> str:
@@ -253,10 +262,13 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
             Path(cfg.stats_json).write_text(json.dumps(figures, indent=1) + "\n")
         print(f"pipemax: {stats.summary()}", file=sys.stderr if cfg.input is None else sys.stdout,
               flush=True)
-        info(cfg, f"plan predicted {kv_plan.predicted_tok_s:.0f} output tok/s "
-                  f"({kv_plan.decode_tok_s:.0f} in steady decode)"
-                  f"{' (from nominal CPU figures)' if cfg.device == 'cpu' else ''}; "
-                  f"measured {stats.as_dict()['output_tok_s']:.0f} over the whole run"
+        measured = stats.as_dict()['output_tok_s']
+        predicted = (f"plan predicted {kv_plan.predicted_tok_s:.0f} output tok/s "
+                     f"({kv_plan.decode_tok_s:.0f} in steady decode); measured {measured:.0f}"
+                     f" ({measured / kv_plan.predicted_tok_s:.2f} of it)"
+                     if cfg.device == "cuda" and kv_plan.predicted_tok_s > 0 else
+                     f"measured {measured:.0f}")     # the CPU's figures are nominal: no prediction
+        info(cfg, f"weights {weights_name(cfg)}; {predicted} output tok/s over the whole run"
                   + offload_summary(finals, sched) + handoff_summary(finals))
         if sup.outcome != "done" and (job is None or job.done < job.total):
             info(cfg, f"{sup.outcome}: stopped before the end of the input; run again with the "

@@ -95,7 +95,7 @@ class Pipeline:
                 kv_cache_gb=cfg.kv_cache_gb, max_tokens_per_step=cfg.max_num_batched_tokens,
                 max_seqs_per_step=cfg.max_seqs_per_mb, max_model_len=self.max_model_len,
                 parent_pid=os.getpid(), threads=threads, seed=cfg.seed,
-                decode_graphs=cfg.cuda_graphs)
+                decode_graphs=cfg.cuda_graphs, quantization=cfg.quantization)
             p = ctx.Process(target=stage_main, args=(spec,), name=f"pipemax-stage{i}")
             p.start()
             self.procs.append(p)

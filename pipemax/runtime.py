@@ -28,6 +28,13 @@ from pipemax.scheduler import Scheduler
 from pipemax.workload import estimate
 
 
+def weights_name(cfg: RunConfig) -> str:
+    """The weights' dtype, as the plan line and the summary say it."""
+    if cfg.quantization == "fp8":
+        return f"fp8 (e4m3, a scale per output channel; activations {cfg.dtype})"
+    return cfg.dtype
+
+
 class Runtime:
     def __init__(self, cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int, *,
                  check: Callable[[], bool] = lambda: True,
@@ -80,7 +87,9 @@ class Runtime:
             cfg, model, self.reports, wl, self.pipeline, self.run_id)
         paths = sorted({r["decode_attention"] for r in self.reports})
         self.log(f"loaded in {time.monotonic() - self.t0:.1f} s; plan: "
-                 f"{self.kv_plan.describe()}; decode attention: {', '.join(paths)}")
+                 f"{self.kv_plan.describe(prediction=cfg.device == 'cuda')}; weights "
+                 f"{weights_name(cfg)}; decode "
+                 f"attention: {', '.join(paths)}")
         self.sched = Scheduler(self.sched_cfg)
         self.engine = Engine(pipeline=self.pipeline, sched=self.sched, tokenizer=tokenizer,
                              eos_ids=tuple(model.eos_token_ids) + (
