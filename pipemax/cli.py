@@ -23,7 +23,6 @@ LOAD_FORMATS = {"auto": "auto", "safetensors": "auto", "dummy": "dummy"}
 IGNORED = ("--trust-remote-code", "--disable-log-stats", "--disable-log-requests")
 # vLLM flags pipemax does not have: what to use instead
 REFUSED = {
-    "--quantization": "pipemax runs unquantized checkpoints; choose the precision with --dtype",
     "--kv-cache-dtype": "the KV cache is kept in the model's --dtype",
     "--tokenizer": "the tokenizer is read from the model folder (tokenizer.json)",
     "--data-parallel-size": "run one pipemax per node, or many through Ray Data: "
@@ -57,6 +56,7 @@ def _vllm_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, dest="tp")
     p.add_argument("--gpu-memory-utilization", type=float, dest="util")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--quantization", "-q")
     for flag in IGNORED:
         p.add_argument(flag, action="store_true")
     return p
@@ -109,6 +109,13 @@ def translate(argv: list[str]) -> list[str]:
             raise Refused(f"--load-format {a.load_format}: pipemax reads safetensors "
                           "(auto) or makes random weights (dummy)")
         out += ["--load-format", LOAD_FORMATS[a.load_format]]
+    if a.quantization is not None:
+        q = a.quantization.lower()
+        if q not in ("fp8", "none"):
+            raise Refused(f"--quantization {a.quantization}: pipemax quantizes to fp8 only "
+                          "(--quantization fp8: e4m3 weights, a scale per output channel); "
+                          "otherwise choose the precision with --dtype")
+        out += ["--quantization", q]
     if a.enforce_eager:
         out += ["--cuda-graphs", "off"]
     if a.util is not None:

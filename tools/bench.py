@@ -13,6 +13,8 @@ Systems:
     pipemax-1gpu     one stage with --kv-offload on (FlexGen's setting)
     pipemax-cache    the same as pipemax with --prefix-caching on (the default)
     pipemax-nocache  the same with --prefix-caching off (every prompt token computed)
+    pipemax-bf16     the same with --quantization none (16-bit weights: the default)
+    pipemax-fp8      the same with --quantization fp8 (e4m3 linear weights, stages/fp8.py)
     transformers     HuggingFace ``generate`` at each of ``--hf-batch-sizes`` (best one counts),
                      where transformers is installed
     roofline         the cost model's whole-run prediction for the plan pipemax chose
@@ -86,7 +88,9 @@ PIPEMAX_SYSTEMS = {"pipemax": (None, []), "pipemax-offload": (None, ["--kv-offlo
                    "pipemax-resident": (None, ["--kv-offload", "off"]),
                    "pipemax-1gpu": (1, ["--kv-offload", "on"]),
                    "pipemax-cache": (None, ["--prefix-caching", "on"]),
-                   "pipemax-nocache": (None, ["--prefix-caching", "off"])}
+                   "pipemax-nocache": (None, ["--prefix-caching", "off"]),
+                   "pipemax-bf16": (None, ["--quantization", "none"]),
+                   "pipemax-fp8": (None, ["--quantization", "fp8"])}
 
 
 def derive(r: dict) -> dict:
@@ -99,7 +103,8 @@ def derive(r: dict) -> dict:
     shares = [f["transfer_hidden_share"] for f in finals
               if f.get("transfer_hidden_share") is not None]
     gpu_idle = [f["gpu_idle_share"] for f in finals if f.get("gpu_idle_share") is not None]
-    return {"idle_share": wait / (busy + wait) if busy + wait > 0 else None,
+    return {"weights": ",".join(sorted({st.get("weights", "?") for st in r.get("stages", [])})),
+            "idle_share": wait / (busy + wait) if busy + wait > 0 else None,
             "gpu_idle_share": max(gpu_idle) if gpu_idle else None,
             "hidden_share": min(shares) if shares else None,
             "pcie_gb": (r.get("bytes_prefetched", 0) + r.get("bytes_offloaded", 0)) / 1e9,
@@ -134,7 +139,7 @@ def run_transformers(a, name: str) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    cols = ["system", "gpus", "output_tok_s", "total_tok_s", "requests_s", "seconds",
+    cols = ["system", "gpus", "weights", "output_tok_s", "total_tok_s", "requests_s", "seconds",
             "peak_gpu_gb", "host_kv_gb", "pcie_gb", "prompt_cache_hit_share", "idle_share",
             "gpu_idle_share",
             "hidden_share",
@@ -153,7 +158,7 @@ def table(results: list[dict]) -> str:
                 v = ",".join(f"{x:.1f}" for x in v)
             cells.append(str(v))
         if "error" in r:
-            cells[2] = f"error: {r['error']}"
+            cells[cols.index("output_tok_s")] = f"error: {r['error']}"
         lines.append(" | ".join(cells))
     return "\n".join(lines)
 
