@@ -35,9 +35,8 @@ def capability_refusal(name: str, capability: tuple[int, int]) -> str | None:
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row e4m3 quantization of a [R, C] tensor: (q [R, C] fp8, scale [R, 1] float32) with
     ``x ~= q * scale`` and every |q| <= 448 (each row's largest magnitude maps to 448)."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_TINY) / E4M3_MAX
-    q = (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_TINY) / E4M3_MAX
+    q = (x / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(FP8)     # x / scale: in float32
     return q, scale
 
 

@@ -114,6 +114,36 @@ def hf_reference(folder: str, prompts, max_new: int, device: str, dtype):
     return out
 
 
+def pipemax_completions(folder: str, prompts: list[list[int]], *, device: str, dtype: str,
+                        gpus: int, max_tokens: int, extra: list[str] = (),
+                        logprobs: int | None = None) -> list[dict]:
+    """pipemax's greedy completion choice of each prompt (token ids, and its logprobs with
+    ``logprobs``), EOS ignored, through the command line; RuntimeError with its stderr if the
+    run fails."""
+    with tempfile.TemporaryDirectory(prefix="pipemax-run-") as d:
+        req = Path(d) / "in.jsonl"
+        with open(req, "w") as f:
+            for i, ids in enumerate(prompts):
+                body = {"custom_id": f"p{i}", "prompt": ids, "temperature": 0,
+                        "max_tokens": max_tokens, "ignore_eos": True, "return_token_ids": True}
+                if logprobs is not None:
+                    body["logprobs"] = logprobs
+                f.write(json.dumps(body) + "\n")
+        out = Path(d) / "out.jsonl"
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        cmd = [sys.executable, "-m", "pipemax.launch", "--device", device, "--dtype", dtype,
+               "--gpus", str(gpus), "--model", folder, "--input", str(req), "--output",
+               str(out), *extra]
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr)
+        got = {}
+        for line in out.read_text().split("\n")[:-1]:
+            d_ = json.loads(line)
+            got[d_["custom_id"]] = d_["response"]["body"]["choices"][0]
+    return [got[f"p{i}"] for i in range(len(prompts))]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,25 +178,14 @@ def main(argv=None) -> int:
         else:
             prompts = [rng.integers(10, vocab - 10, size=int(n)).tolist()
                        for n in rng.integers(4, 300, size=a.num_prompts)]
-        req = Path(d) / "in.jsonl"
-        with open(req, "w") as f:
-            for i, ids in enumerate(prompts):
-                f.write(json.dumps({"custom_id": f"p{i}", "prompt": ids, "temperature": 0,
-                                    "max_tokens": a.max_tokens, "ignore_eos": True,
-                                    "return_token_ids": True}) + "\n")
-        out = Path(d) / "out.jsonl"
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        cmd = [sys.executable, "-m", "pipemax.launch", "--device", a.device, "--dtype", a.dtype,
-               "--gpus", str(a.gpus), "--model", folder, "--input", str(req), "--output",
-               str(out), *a.pipemax_args.split()]
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if r.returncode != 0:
-            print(r.stderr, file=sys.stderr)
+        try:
+            choices = pipemax_completions(folder, prompts, device=a.device, dtype=a.dtype,
+                                          gpus=a.gpus, max_tokens=a.max_tokens,
+                                          extra=a.pipemax_args.split())
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
             return 1
-        got = {}
-        for line in out.read_text().split("\n")[:-1]:
-            d_ = json.loads(line)
-            got[d_["custom_id"]] = d_["response"]["body"]["choices"][0]["token_ids"]
+        got = {f"p{i}": c["token_ids"] for i, c in enumerate(choices)}
         ref = hf_reference(folder, prompts, a.max_tokens, a.device, dtype)
     rows = compare_rows([len(x) for x in prompts], [got[f"p{i}"] for i in range(len(prompts))],
                         ref, a.dtype, a.tie_ulps)
