@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.compare_hf import pipemax_completions, text_prompts
+from tools.compare_hf import make_prompts, pipemax_completions
 
 
 def compare(ref: list[dict], got: list[dict]) -> dict:
@@ -60,13 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--pipemax-args", default="", help="extra pipemax flags, one string")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    rng = np.random.default_rng(0)
-    if a.prompts == "text":
-        prompts = text_prompts(a.model, a.num_prompts, rng)
-    else:
-        vocab = json.loads((Path(a.model) / "config.json").read_text())["vocab_size"]
-        prompts = [rng.integers(10, vocab - 10, size=int(n)).tolist()
-                   for n in rng.integers(4, 300, size=a.num_prompts)]
+    prompts = make_prompts(a.prompts, a.model, a.num_prompts)
     runs = {}
     for q in ("none", "fp8"):
         try:

@@ -89,6 +89,17 @@ def text_prompts(folder: str, n: int, rng) -> list[list[int]]:
     return out
 
 
+def make_prompts(kind: str, folder: str, n: int) -> list[list[int]]:
+    """``n`` prompts, the same on every call: slices of English text (``kind`` "text") or
+    random token ids of 4 to 300 tokens ("ids")."""
+    rng = np.random.default_rng(0)
+    if kind == "text":
+        return text_prompts(folder, n, rng)
+    vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
+    return [rng.integers(10, vocab - 10, size=int(k)).tolist()
+            for k in rng.integers(4, 300, size=n)]
+
+
 def hf_reference(folder: str, prompts, max_new: int, device: str, dtype):
     """transformers' greedy continuation of each prompt, as a plain argmax loop over the model's
     forward with its KV cache: no logits processors (``generate`` with ``min_new_tokens`` sets
@@ -171,13 +182,7 @@ def main(argv=None) -> int:
             folder = str(Path(d) / "model")
             write_random_checkpoint(folder, DEFAULT_SHAPE, seed=0, shards=2, dtype=a.dtype,
                                     std=a.std)
-        vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
-        rng = np.random.default_rng(0)
-        if a.prompts == "text":
-            prompts = text_prompts(folder, a.num_prompts, rng)
-        else:
-            prompts = [rng.integers(10, vocab - 10, size=int(n)).tolist()
-                       for n in rng.integers(4, 300, size=a.num_prompts)]
+        prompts = make_prompts(a.prompts, folder, a.num_prompts)
         try:
             choices = pipemax_completions(folder, prompts, device=a.device, dtype=a.dtype,
                                           gpus=a.gpus, max_tokens=a.max_tokens,
