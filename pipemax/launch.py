@@ -162,7 +162,6 @@ def check_cuda_devices(cfg: RunConfig) -> None:
                 raise ConfigError(why)
 
 
-
 def offload_summary(finals: list[dict], sched: Scheduler) -> str:
     streamed = (f"; {sched.num_streamed_admitted} sequences streamed from the host pool"
                 if sched.num_streamed_admitted else "")

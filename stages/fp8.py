@@ -5,12 +5,15 @@
     y = (xq @ weight.T) * xs[:, None] * scale[None, :]  (+ bias), in the run's dtype
 
 On CUDA (compute capability 8.9 or more) the GEMM is one ``torch._scaled_mm`` with rowwise
-scales; it wants M, K and N multiples of 16, so K and N are padded at load (zero columns
-and rows, sliced off the output) and M at run time. The activation quantization is plain
+scales (compute capability 9.0 or more; on 8.9 it runs unscaled into float32 and the scales
+are applied after); it wants M, K and N multiples of 16, so K and N are padded at load (zero
+columns and rows, sliced off the output) and M at run time. The activation quantization is plain
 tensor ops without a host sync, so a CUDA graph captures it. On the CPU the same math runs
 in plain torch: both operands dequantized to float32, multiplied, rounded to the dtype.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
@@ -95,8 +98,10 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        y = scaled_mm(x2, self.weight, self.weight_scale) if x.is_cuda else plain_mm(
-            x2, self.weight, self.weight_scale)
+        if x.is_cuda:
+            y = scaled_mm(x2, self.weight, self.weight_scale, rowwise=_rowwise(x.device))
+        else:
+            y = plain_mm(x2, self.weight, self.weight_scale)
         y = y[:, :self.out_features].to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
@@ -115,17 +120,29 @@ def plain_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torc
     return dequantize_rows(xq, xs) @ dequantize_rows(weight[:, :K], scale).t()
 
 
+@functools.lru_cache(maxsize=None)
+def _rowwise(device: torch.device) -> bool:
+    """torch._scaled_mm takes rowwise scales from compute capability 9.0 (Hopper) on."""
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-              out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+              out_dtype: torch.dtype = torch.bfloat16, rowwise: bool = True) -> torch.Tensor:
     """The same GEMM through ``torch._scaled_mm`` with rowwise scales (scale_a [M, 1], scale_b
     [1, N], both float32; the weight row-major [N, K], passed transposed: column-major). M and
-    K are padded to multiples of 16. Returns [M, Np] in ``out_dtype``."""
+    K are padded to multiples of 16. Returns [M, Np] in ``out_dtype``. ``rowwise=False``: the
+    product unscaled in float32, then the scales (for GPUs without rowwise scaling)."""
     M, K = x.shape
     Kp = weight.shape[1]
     Mp = _round_up(M)
     if Mp != M or Kp != K:
         x = F.pad(x, (0, Kp - K, 0, Mp - M))
     xq, xs = quantize_rows(x)
-    y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.view(1, -1),
-                         out_dtype=out_dtype)
+    if rowwise:
+        y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.view(1, -1),
+                             out_dtype=out_dtype)
+    else:
+        one = torch.ones((), dtype=torch.float32, device=x.device)
+        y = torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        y = (y * xs * scale.view(1, -1)).to(out_dtype)
     return y[:M] if Mp != M else y

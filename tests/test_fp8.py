@@ -87,11 +87,12 @@ def test_scaled_mm_call_equals_plain_math_on_cpu(M, K, N):
     m.set_weight(_weight(N, K, seed=M))
     assert m.weight.shape == (-(-N // 16) * 16, -(-K // 16) * 16)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(3))
-    got = scaled_mm(x, m.weight, m.weight_scale, torch.float32)
     want = plain_mm(x, m.weight, m.weight_scale)
-    assert got.shape == want.shape == (M, m.weight.shape[0])
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-    assert torch.all(got[:, N:] == 0)                      # padded rows: zero weights
+    for rowwise in (True, False):
+        got = scaled_mm(x, m.weight, m.weight_scale, torch.float32, rowwise=rowwise)
+        assert got.shape == want.shape == (M, m.weight.shape[0])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        assert torch.all(got[:, N:] == 0)                  # padded rows: zero weights
 
 
 def test_set_quantized_takes_per_tensor_and_per_channel_scales():
@@ -124,6 +125,9 @@ def test_cuda_fp8_linear_against_bf16(M):
     assert rel < 0.05, rel
     same = plain_mm(x, m.weight, m.weight_scale)          # the CPU's math, on the GPU
     torch.testing.assert_close(y.float(), same.to(torch.bfloat16).float(), rtol=2e-2, atol=2e-2)
+    unscaled = scaled_mm(x, m.weight, m.weight_scale, rowwise=False)   # compute capability 8.9
+    torch.testing.assert_close(unscaled.float(), same.to(torch.bfloat16).float(), rtol=2e-2,
+                               atol=2e-2)
 
 
 @needs_fp8_gpu
