@@ -281,7 +281,8 @@ def from_args(argv: list[str] | None = None) -> RunConfig:
                     device_figures=_figures(a.device_figures),
                     cuda_graphs=a.cuda_graphs == "on" or (a.cuda_graphs == "auto"
                                                           and device == "cuda"),
-                    prefix_caching=a.prefix_caching == "on", quantization=a.quantization or "none",
+                    prefix_caching=a.prefix_caching == "on",
+                    quantization=a.quantization or "none",
                     socket=a.socket, no_socket=a.no_socket, socket_group=a.socket_group,
                     serve=a.serve, progress=a.progress, progress_interval=a.progress_interval)
     if a.dtype == "auto" and device == "cuda" and cfg.model_folder:

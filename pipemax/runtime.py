@@ -35,6 +35,15 @@ def weights_name(cfg: RunConfig) -> str:
     return cfg.dtype
 
 
+def figures_line(cfg: RunConfig, reports: list[dict]) -> str:
+    """The device figures the prediction uses: the GEMM rates at the model's own shapes."""
+    f = kv_setup.figures(cfg, reports)
+    tokens = next((r["figures"].get("gemm_tokens") for r in reports if r.get("figures")), None)
+    at = (lambda i: f" at {tokens[i]} tokens") if tokens else (lambda i: "")
+    return (f"GEMMs {f.tflops:.0f} TFLOP/s{at(0)}, {f.decode_rate:.0f}{at(1)}; HBM "
+            f"{f.hbm_gbs:.0f} GB/s, host to device {f.h2d_gbs:.1f} GB/s")
+
+
 class Runtime:
     def __init__(self, cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int, *,
                  check: Callable[[], bool] = lambda: True,
@@ -86,9 +95,10 @@ class Runtime:
         self.kv_plan, self.pool, self.sched_cfg = kv_setup.setup(
             cfg, model, self.reports, wl, self.pipeline, self.run_id)
         paths = sorted({r["decode_attention"] for r in self.reports})
+        cuda = cfg.device == "cuda"
         self.log(f"loaded in {time.monotonic() - self.t0:.1f} s; plan: "
-                 f"{self.kv_plan.describe(prediction=cfg.device == 'cuda')}; weights "
-                 f"{weights_name(cfg)}; decode "
+                 f"{self.kv_plan.describe(prediction=cuda)}; weights {weights_name(cfg)}"
+                 f"{'; ' + figures_line(cfg, self.reports) if cuda else ''}; decode "
                  f"attention: {', '.join(paths)}")
         self.sched = Scheduler(self.sched_cfg)
         self.engine = Engine(pipeline=self.pipeline, sched=self.sched, tokenizer=tokenizer,

@@ -406,3 +406,11 @@ def test_compare_fp8_summary():
     assert math.isclose(s["logprob_diff_max"], 0.2)
     assert math.isclose(s["logprob_diff_mean"], (0.05 + 0 + 0.2 + 0.1) / 4)
     assert math.isclose(s["gap_at_first_diff_max"], 0.1)
+
+
+def test_plan_line_names_the_measured_gemm_rates():
+    from pipemax.runtime import figures_line
+    rep = [{"figures": {"hbm_gbs": 4000.0, "h2d_gbs": 50.0, "tflops": 650.0,
+                        "decode_tflops": 480.0, "gemm_tokens": [2048, 256]}}]
+    assert figures_line(RunConfig(), rep) == ("GEMMs 650 TFLOP/s at 2048 tokens, 480 at 256 "
+                                              "tokens; HBM 4000 GB/s, host to device 50.0 GB/s")
