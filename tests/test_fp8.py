@@ -172,6 +172,10 @@ def test_flag_values_and_defaults(capsys):
         from_args(["--quantization", "int4"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "invalid choice: 'int4'" in err[0]
+    from pipemax.api import config               # LLM(quantization="fp8")
+    assert config(device="cpu", quantization="fp8").quantization == "fp8"
+    with pytest.raises(ConfigError, match="invalid choice: 'int4'"):
+        config(device="cpu", quantization="int4")
 
 
 def test_vllm_command_takes_quantization_fp8():
