@@ -5,9 +5,10 @@
 #     bf16, and a CUDA graph capturing it (activation quantization included);
 # (b) with SMOLLM2_DIR (the HF folder python -m tools.smollm2 writes): 64 text prompts x 64
 #     greedy tokens on the GPU, fp8 weights against bfloat16 (tools/compare_fp8.py);
-# (c) llama3-8b dummy, 512/256 then (time allowing) 2048/128, 256 requests: pipemax-bf16 and
-#     pipemax-fp8 in one bench run: output tok/s, fp8 over bf16, measured over predicted, the
-#     GEMM rates measured at the model's shapes.
+# (c) llama3-8b dummy, 1,024 requests of 512/256 then (time allowing) 512 of 2048/128:
+#     pipemax-bf16 and pipemax-fp8 in one bench run: output tok/s, fp8 over bf16, measured over
+#     predicted, the GEMM rates measured at the model's shapes. (Enough requests that the
+#     micro-batches reach the planned size: the prediction assumes full micro-batches.)
 # Run from the repo root with the posix_ipc wheel in .whl/ (see docs/benchmarks.md).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/posix_ipc*.whl 2>/dev/null || exit 1
@@ -29,10 +30,10 @@ if [ -n "${1:-}" ]; then
     grep '^compare_fp8' "$OUT/fp8_smollm2.log" || tail -5 "$OUT/fp8_smollm2.log"
 fi
 
-bench() {   # name, workload: at most 200 s, and within 460 s of the start
+bench() {   # name, workload, requests: at most 200 s, and within 460 s of the start
     local left=$((460 - SECONDS)); [ "$left" -gt 200 ] && left=200
     timeout "$left" python3 -m tools.bench --model llama3-8b --device cuda --gpus 1 \
-        --workload "$2" --num-requests 256 --systems pipemax-bf16,pipemax-fp8 \
+        --workload "$2" --num-requests "$3" --systems pipemax-bf16,pipemax-fp8 \
         --pipemax-args "--progress off" --json "$OUT/$1.json" > "$OUT/$1.log" 2>&1
     echo "bench $1 exit $?"
     grep 'plan:\|plan predicted\|error' "$OUT/$1.log" | cut -c1-420
@@ -58,9 +59,9 @@ if "output_tok_s" in b and "output_tok_s" in q:
 EOF
 }
 echo "== (c) llama3-8b dummy, bf16 beside fp8"
-bench fp8_bench_512_256 fixed:512/256
+bench fp8_bench_512_256 fixed:512/256 1024
 if [ "$SECONDS" -lt 300 ]; then
-    bench fp8_bench_2048_128 fixed:2048/128
+    bench fp8_bench_2048_128 fixed:2048/128 512
 else
     echo "bench fp8_bench_2048_128 skipped: ${SECONDS} s used"
 fi
