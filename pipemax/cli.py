@@ -25,7 +25,6 @@ IGNORED = ("--trust-remote-code", "--disable-log-stats", "--disable-log-requests
 KV_CACHE_DTYPES = {"auto": "auto", "fp8": "fp8", "fp8_e4m3": "fp8"}
 # vLLM flags pipemax does not have: what to use instead
 REFUSED = {
-    "--quantization": "pipemax runs unquantized checkpoints; choose the precision with --dtype",
     "--tokenizer": "the tokenizer is read from the model folder (tokenizer.json)",
     "--data-parallel-size": "run one pipemax per node, or many through Ray Data: "
                             "python -m pipemax.ray_batch --replicas K",
@@ -60,6 +59,7 @@ def _vllm_parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--kv-cache-dtype", dest="kv_cache_dtype")
     p.add_argument("--calculate-kv-scales", action="store_true")
+    p.add_argument("--quantization", "-q")
     for flag in IGNORED:
         p.add_argument(flag, action="store_true")
     return p
@@ -119,6 +119,13 @@ def translate(argv: list[str]) -> list[str]:
         out += ["--kv-cache-dtype", KV_CACHE_DTYPES[a.kv_cache_dtype]]
     if a.calculate_kv_scales:            # vLLM: scales from the first forward pass
         out += ["--kv-scales", "prompt"]
+    if a.quantization is not None:
+        q = a.quantization.lower()
+        if q not in ("fp8", "none"):
+            raise Refused(f"--quantization {a.quantization}: pipemax quantizes to fp8 only "
+                          "(--quantization fp8: e4m3 weights, a scale per output channel); "
+                          "otherwise choose the precision with --dtype")
+        out += ["--quantization", q]
     if a.enforce_eager:
         out += ["--cuda-graphs", "off"]
     if a.util is not None:

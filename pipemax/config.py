@@ -20,6 +20,7 @@ from pipemax.model_config import (BUILTIN_MODELS, ModelConfig, ModelConfigError,
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 KV_CACHE_DTYPES = ("auto", "fp8")          # auto: the model's --dtype; fp8: e4m3 with scales
 KV_SCALES = ("auto", "checkpoint", "prompt", "one")   # see stages/kv_quant.py
+QUANTIZATIONS = ("none", "fp8")
 
 
 class ConfigError(ValueError):
@@ -147,9 +148,15 @@ class RunConfig:
         "auto", "fp8 KV scales: checkpoint (its k_scale/v_scale tensors), prompt (fixed from "
                 "the first step each stage computes), one (1.0); auto: checkpoint when it "
                 "ships them, else prompt", choices=KV_SCALES)
+    quantization: str = flag(           # "fp8": linear weights in e4m3, per-channel scales
+        "none", "fp8: linear weights in e4m3 with a scale per output channel, activations "
+                "quantized per token (CUDA: compute capability 8.9+); default: as the checkpoint "
+                "(fp8 if it ships fp8 weights, else none)", choices=QUANTIZATIONS, default=None,
+        convert=lambda v, device: v or "none")
     # planner figure overrides
     device_figures: tuple[tuple[str, float], ...] = flag(
-        (), "planner figures instead of the ones measured at start",
+        (), "planner figures instead of the ones measured at start (tflops: the GEMM rate of "
+            "prompt chunks, decode_tflops: of decode steps)",
         metavar="hbm_gbs=X,h2d_gbs=Y,tflops=Z", default=None, convert=_figures)
     # operations (pipemax/ops/: control socket, progress, service)
     socket: str | None = flag(          # control socket; None: the default path
@@ -205,12 +212,15 @@ class RunConfig:
         if self.kv_scales != "auto" and self.kv_cache_dtype != "fp8":
             raise ConfigError(f"--kv-scales {self.kv_scales} scales an fp8 KV cache: it needs "
                               "--kv-cache-dtype fp8")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got "
+                              f"{self.quantization!r}")
         if self.host_kv_gb is not None and self.host_kv_gb <= 0:
             raise ConfigError("--host-kv-gb must be positive")
         for k, v in self.device_figures:
-            if k not in ("hbm_gbs", "h2d_gbs", "tflops") or v <= 0:
+            if k not in ("hbm_gbs", "h2d_gbs", "tflops", "decode_tflops") or v <= 0:
                 raise ConfigError(f"--device-figures: {k}={v} is not one of hbm_gbs, h2d_gbs, "
-                                  "tflops with a positive value")
+                                  "tflops, decode_tflops with a positive value")
         if (self.input is None) != (self.output is None):
             raise ConfigError("--input and --output go together")
         self._check_operations()
@@ -325,4 +335,6 @@ def from_args(argv: list[str] | None = None) -> RunConfig:
     if a.dtype == "auto" and device == "cuda" and cfg.model_folder:
         if cfg.model_config().torch_dtype == "float16":
             cfg = RunConfig(**{**cfg.__dict__, "dtype": "float16"})
+    if a.quantization is None and cfg.model_folder and cfg.model_config().quantization:
+        cfg = RunConfig(**{**cfg.__dict__, "quantization": cfg.model_config().quantization})
     return cfg

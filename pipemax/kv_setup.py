@@ -12,13 +12,18 @@ GiB = 1 << 30
 
 
 def figures(cfg: RunConfig, reports: list[dict]) -> DeviceFigures:
-    """The slowest stage's measured figures (nominal ones on the CPU), then the overrides."""
+    """The slowest stage's measured figures (nominal ones on the CPU), then the overrides (a
+    ``tflops`` given alone stands for both GEMM rates)."""
     measured = [r["figures"] for r in reports if r.get("figures")]
+    keys = ("hbm_gbs", "h2d_gbs", "tflops", "decode_tflops")
     if measured:
-        base = {k: min(m[k] for m in measured) for k in ("hbm_gbs", "h2d_gbs", "tflops")}
+        base = {k: min(m[k] for m in measured) for k in keys}
     else:
         base = CPU_FIGURES.as_dict()
-    base.update(dict(cfg.device_figures))
+    given = dict(cfg.device_figures)
+    if "tflops" in given and "decode_tflops" not in given:
+        given["decode_tflops"] = given["tflops"]
+    base.update(given)
     return DeviceFigures(**base)
 
 
@@ -28,7 +33,8 @@ def stage_shapes(model: ModelConfig, reports: list[dict]) -> list[StageShape]:
     for r in sorted(reports, key=lambda r: r["stage"]):
         a, b = r["layers"]
         params = StageShape.params_read(model, b - a, r["stage"] == last)
-        out.append(StageShape(b - a, params, r["block_bytes"], r["max_blocks"]))
+        out.append(StageShape(b - a, params, r["block_bytes"], r["max_blocks"],
+                              r["step_weight_bytes"]))
     return out
 
 

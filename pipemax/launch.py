@@ -38,6 +38,7 @@ from pipemax.requests import Request, RequestError
 from pipemax.runtime import Runtime
 from pipemax.tiny import DEFAULT_PROMPTS, ensure_tiny_model
 from pipemax.tokenizer import Tokenizer, TokenizerError
+from stages.fp8 import capability_refusal
 from stages.kv_quant import fp8_unsupported
 from stages.loader import CheckpointError, check_checkpoint, kv_scale_mode
 
@@ -146,7 +147,8 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, ModelConfig, Tokenizer | None, i
 
 
 def check_cuda_devices(cfg: RunConfig) -> None:
-    """The stages' devices are present, and the memory caps of stages sharing one fit it."""
+    """The stages' devices are present, the memory caps of stages sharing one fit it, and
+    they have fp8 tensor cores if the weights are fp8."""
     import torch
     n = torch.cuda.device_count()
     if cfg.stage_devices is None and cfg.gpus > n:
@@ -162,6 +164,12 @@ def check_cuda_devices(cfg: RunConfig) -> None:
         for d in sorted(set(cfg.stage_device_ids)):
             why = fp8_unsupported(d, torch.cuda.get_device_capability(d),
                                   torch.cuda.get_device_name(d))
+            if why:
+                raise ConfigError(why)
+    if cfg.quantization == "fp8":
+        for d in sorted(set(cfg.stage_device_ids)):
+            why = capability_refusal(f"cuda:{d} ({torch.cuda.get_device_name(d)})",
+                                     torch.cuda.get_device_capability(d))
             if why:
                 raise ConfigError(why)
 

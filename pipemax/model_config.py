@@ -11,7 +11,9 @@ llama3), ``tie_word_embeddings``, the biases (Llama: ``attention_bias`` on q/k/v
 ``mlp_bias``; Qwen2: q/k/v always; Mistral: none), sliding windows (the context is capped at
 the window, where attention is exact), ``hidden_act`` (silu), ``partial_rotary_factor`` (1).
 ``pretraining_tp`` only splits matmuls (transformers 5 ignores it) and ``attention_dropout``
-acts in training only. A quantized checkpoint (``quantization_config``) is refused.
+acts in training only. A quantized checkpoint (``quantization_config``) is refused, except
+one of fp8 (e4m3) weights with one scale per tensor or per output channel (compressed-tensors'
+``float-quantized``, or HF's ``fp8`` without blocks), which sets ``quantization`` to fp8.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ class ModelConfig:
     torch_dtype: str = "bfloat16"
     o_proj_bias: bool = False        # Llama's attention_bias also covers o_proj
     mlp_bias: bool = False           # gate/up/down biases (Llama's mlp_bias)
+    quantization: str = ""           # "fp8": the checkpoint ships e4m3 weights and scales
 
     def __post_init__(self):
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -89,18 +92,22 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def layer_linear_params(self) -> int:
+        """Weights of one decoder layer's four GEMMs (q/k/v, o, gate/up, down), no biases."""
+        h = self.hidden_size
+        return 2 * h * self.q_size + 2 * h * self.kv_size + 3 * h * self.intermediate_size
+
     def layer_params(self) -> int:
         """Parameters of one decoder layer (attention + MLP + 2 norms)."""
         h = self.hidden_size
-        attn = h * self.q_size + 2 * h * self.kv_size + self.q_size * h
+        biases = 0
         if self.attention_bias:
-            attn += self.q_size + 2 * self.kv_size
+            biases += self.q_size + 2 * self.kv_size
         if self.o_proj_bias:
-            attn += h
-        mlp = 3 * h * self.intermediate_size
+            biases += h
         if self.mlp_bias:
-            mlp += 2 * self.intermediate_size + h
-        return attn + mlp + 2 * h
+            biases += 2 * self.intermediate_size + h
+        return self.layer_linear_params() + biases + 2 * h
 
     def embed_params(self) -> int:
         return self.vocab_size * self.hidden_size
@@ -161,6 +168,7 @@ class ModelConfig:
                 torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "bfloat16"),
             )
             _refuse_unsupported(d)
+            kw["quantization"] = _checkpoint_quantization(d.get("quantization_config"))
             sw = _sliding_window(d, arch, kw["num_layers"])
         except KeyError as e:
             raise ModelConfigError(f"config.json lacks {e.args[0]!r}") from None
@@ -218,12 +226,38 @@ def _refuse_unsupported(d: dict) -> None:
     if prf is not None and float(prf) != 1.0:
         raise ModelConfigError(f"model config: partial_rotary_factor {prf} is not supported "
                                "(rotary embedding on the whole head only)")
-    q = d.get("quantization_config")
-    if q:
-        method = q.get("quant_method", "unknown") if isinstance(q, dict) else q
-        raise ModelConfigError(f"model config: quantized checkpoints are not supported "
-                               f"(quantization_config: {method}); use float16/bfloat16/float32 "
-                               "weights")
+
+
+def _checkpoint_quantization(q) -> str:
+    """"fp8" for a checkpoint of e4m3 weights with per-tensor or per-channel scales, "" for
+    none; any other quantization_config is refused in one line."""
+    if not q:
+        return ""
+    method = q.get("quant_method", "unknown") if isinstance(q, dict) else q
+    why = _fp8_refusal(q) if method in ("fp8", "compressed-tensors") else ""
+    if why is None:
+        return "fp8"
+    raise ModelConfigError(f"model config: quantized checkpoints are not supported "
+                           f"(quantization_config: {method}{why}); use fp8 (e4m3, one scale "
+                           "per tensor or per channel) or float16/bfloat16/float32 weights")
+
+
+def _fp8_refusal(q: dict) -> str | None:
+    """None if pipemax reads this fp8 quantization_config, else why not (for the message)."""
+    if q.get("quant_method") == "fp8":
+        return ", weight_block_size" if q.get("weight_block_size") else None
+    if q.get("kv_cache_scheme"):
+        return ", kv_cache_scheme"
+    if q.get("format") not in ("float-quantized", "naive-quantized"):
+        return f", format {q.get('format')!r}"
+    groups = q.get("config_groups") or {}
+    for g in groups.values():
+        w = (g or {}).get("weights") or {}
+        if (w.get("num_bits"), w.get("type"), w.get("strategy")) not in (
+                (8, "float", "tensor"), (8, "float", "channel")):
+            return (f", weights {w.get('num_bits')}-bit {w.get('type')} "
+                    f"{w.get('strategy')}-wise")
+    return None if groups else ", no config_groups"
 
 
 def _sliding_window(d: dict, arch: str, num_layers: int) -> int | None:

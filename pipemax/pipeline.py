@@ -96,7 +96,7 @@ class Pipeline:
                 max_seqs_per_step=cfg.max_seqs_per_mb, max_model_len=self.max_model_len,
                 parent_pid=os.getpid(), threads=threads, seed=cfg.seed,
                 decode_graphs=cfg.cuda_graphs, kv_cache_dtype=cfg.kv_cache_dtype,
-                kv_scales=cfg.kv_scales)
+                kv_scales=cfg.kv_scales, quantization=cfg.quantization)
             p = ctx.Process(target=stage_main, args=(spec,), name=f"pipemax-stage{i}")
             p.start()
             self.procs.append(p)

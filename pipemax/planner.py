@@ -4,8 +4,8 @@ Pure functions of (model, stage layout, device figures, memory budgets, workload
 the cost model of the design reference. Per stage s with L_s layers, a decode step of a
 micro-batch of B sequences at mean context c takes
 
-    t_w = weight bytes / BW_hbm            (weights streamed once per step)
-    t_f = 2 * params * B / F                (GEMMs)
+    t_w = weight bytes / BW_hbm            (weights streamed once per step; 1 byte each in fp8)
+    t_f = 2 * params * B / F_decode         (GEMMs, at the rate measured at a decode batch)
     t_a = B * c * L_s * k / BW_hbm          (attention reads the KV; k = 2 * kv_heads * head_dim * b,
                                              b the KV cache's bytes per element: 1 in fp8)
     t_p = n_off * c * L_s * k / BW_h2d      (offloaded sequences' KV, prefetched every step)
@@ -14,7 +14,8 @@ micro-batch of B sequences at mean context c takes
 and the pipeline delivers B tokens per slowest-stage step (``decode_tok_s``). Every request
 also brings its prompt, computed once at the GEMM rate on each stage,
 
-    t_prompt = 2 * layer params * mean_prompt / F      (per request, slowest stage)
+    t_prompt = 2 * layer params * mean_prompt / F      (per request, slowest stage; F: the
+                                                        rate measured at a prompt chunk)
 
 so the whole run's prediction is mean_output / (t_prompt + mean_output / decode_tok_s): the
 prompt and decode work of a request, done back to back on the slowest stage. With prefix
@@ -40,7 +41,12 @@ from pipemax.placement import Room, offload_share, stream_share
 class DeviceFigures:
     hbm_gbs: float       # device memory bandwidth
     h2d_gbs: float       # pinned host -> device
-    tflops: float        # dense matmul rate in the run's dtype
+    tflops: float        # GEMM rate of a prompt chunk, at the model's shapes and weight dtype
+    decode_tflops: float = 0.0   # the same at a decode batch (0: tflops)
+
+    @property
+    def decode_rate(self) -> float:
+        return self.decode_tflops or self.tflops
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +62,7 @@ class StageShape:
     params: int             # parameters read per step (layers, + lm_head on the last stage)
     block_bytes: int        # one KV block of this stage (all its layers)
     gpu_blocks: int         # KV blocks this stage's memory can hold
+    weight_bytes: int | None = None   # bytes streamed per step (None: params x the dtype's size)
 
     @staticmethod
     def params_read(cfg: ModelConfig, layers: int, last: bool) -> int:
@@ -113,15 +120,18 @@ class Plan:
     stream_blocks: int = 0      # host blocks kept for streamed sequences
     cached_prompt: float = 0.0  # mean prompt tokens per request counted as cached
 
-    def describe(self) -> str:
+    def describe(self, prediction: bool = True) -> str:
+        """The plan in one line; ``prediction=False`` leaves out the predicted figures (a run
+        on nominal figures, the CPU's)."""
         kind = "offload on" if self.offload else "offload off"
         return (f"{kind}: {self.micro_batches} micro-batches x {self.seqs_per_mb} sequences "
                 f"({self.offloaded_per_mb} offloaded each), resident {self.resident_blocks} "
-                f"blocks, staging 2 x {self.staging_blocks}, host {self.host_blocks}; predicted "
-                f"{self.predicted_tok_s:.0f} output tok/s ({self.decode_tok_s:.0f} in steady "
-                f"decode; step {self.predicted_step_ms:.2f} ms, "
-                f"prefetch {self.prefetch_ms:.2f} ms, {self.bound}-bound; the other choice "
-                f"{self.other_tok_s:.0f})"
+                f"blocks, staging 2 x {self.staging_blocks}, host {self.host_blocks}"
+                + (f"; predicted {self.predicted_tok_s:.0f} output tok/s "
+                   f"({self.decode_tok_s:.0f} in steady decode; step "
+                   f"{self.predicted_step_ms:.2f} ms, prefetch {self.prefetch_ms:.2f} ms, "
+                   f"{self.bound}-bound; the other choice {self.other_tok_s:.0f})"
+                   if prediction else "")
                 + (f"; {self.cached_prompt:.0f} prompt tokens per request from the prefix "
                    "cache" if self.cached_prompt else "")
                 + (f"; {self.streamed} of the sampled requests are too long for the GPU and "
@@ -142,10 +152,11 @@ def stage_step(stage: StageShape, cfg: ModelConfig, B: int, ctx: float, n_off: i
                figs: DeviceFigures, esize: int,
                kv_esize: int | None = None) -> tuple[float, float, str]:
     """(step seconds, prefetch seconds, what bounds it) for one stage; ``esize``: bytes per
-    weight element, ``kv_esize``: per KV element (default the same)."""
+    (16-bit) weight element, ``kv_esize``: per KV element (default the same)."""
     k = cfg.kv_bytes_per_token_layer(kv_esize or esize)
-    t_w = stage.params * esize / (figs.hbm_gbs * 1e9)
-    t_f = 2 * stage.params * B / (figs.tflops * 1e12)
+    wbytes = stage.weight_bytes if stage.weight_bytes is not None else stage.params * esize
+    t_w = wbytes / (figs.hbm_gbs * 1e9)
+    t_f = 2 * stage.params * B / (figs.decode_rate * 1e12)
     t_a = B * ctx * stage.layers * k / (figs.hbm_gbs * 1e9)
     t_p = n_off * ctx * stage.layers * k / (figs.h2d_gbs * 1e9)
     compute = max(t_w, t_f) + t_a

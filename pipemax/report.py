@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipemax.engine import Stats
+from pipemax.runtime import weights_name
 from pipemax.scheduler import Scheduler
 
 
@@ -60,12 +61,16 @@ def figures(stats: Stats, rt, finals: list[dict]) -> dict:
 
 
 def measured_line(rt, stats: Stats, finals: list[dict]) -> str:
-    """The plan's prediction against the measured figure."""
+    """The weights' dtype and the measured figure, beside the plan's prediction on CUDA (the
+    CPU's figures are nominal: no prediction)."""
     plan = rt.kv_plan
-    return (f"plan predicted {plan.predicted_tok_s:.0f} output tok/s "
-            f"({plan.decode_tok_s:.0f} in steady decode)"
-            f"{' (from nominal CPU figures)' if rt.cfg.device == 'cpu' else ''}; "
-            f"measured {stats.as_dict()['output_tok_s']:.0f} over the whole run"
+    measured = stats.as_dict()["output_tok_s"]
+    predicted = (f"plan predicted {plan.predicted_tok_s:.0f} output tok/s "
+                 f"({plan.decode_tok_s:.0f} in steady decode); measured {measured:.0f}"
+                 f" ({measured / plan.predicted_tok_s:.2f} of it)"
+                 if rt.cfg.device == "cuda" and plan.predicted_tok_s > 0 else
+                 f"measured {measured:.0f}")
+    return (f"weights {weights_name(rt.cfg)}; {predicted} output tok/s over the whole run"
             + offload_summary(finals, rt.sched) + handoff_summary(finals))
 
 

@@ -28,6 +28,22 @@ from pipemax.scheduler import Scheduler
 from pipemax.workload import estimate
 
 
+def weights_name(cfg: RunConfig) -> str:
+    """The weights' dtype, as the plan line and the summary say it."""
+    if cfg.quantization == "fp8":
+        return f"fp8 (e4m3, a scale per output channel; activations {cfg.dtype})"
+    return cfg.dtype
+
+
+def figures_line(cfg: RunConfig, reports: list[dict]) -> str:
+    """The device figures the prediction uses: the GEMM rates at the model's own shapes."""
+    f = kv_setup.figures(cfg, reports)
+    tokens = next((r["figures"].get("gemm_tokens") for r in reports if r.get("figures")), None)
+    at = (lambda i: f" at {tokens[i]} tokens") if tokens else (lambda i: "")
+    return (f"GEMMs {f.tflops:.0f} TFLOP/s{at(0)}, {f.decode_rate:.0f}{at(1)}; HBM "
+            f"{f.hbm_gbs:.0f} GB/s, host to device {f.h2d_gbs:.1f} GB/s")
+
+
 class Runtime:
     def __init__(self, cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int, *,
                  check: Callable[[], bool] = lambda: True,
@@ -79,10 +95,13 @@ class Runtime:
         self.kv_plan, self.pool, self.sched_cfg = kv_setup.setup(
             cfg, model, self.reports, wl, self.pipeline, self.run_id)
         paths = sorted({r["decode_attention"] for r in self.reports})
+        cuda = cfg.device == "cuda"
         self.log(f"loaded in {time.monotonic() - self.t0:.1f} s; plan: "
-                 f"{self.kv_plan.describe()}; KV cache {cfg.kv_dtype_name}"
+                 f"{self.kv_plan.describe(prediction=cuda)}; weights {weights_name(cfg)}; "
+                 f"KV cache {cfg.kv_dtype_name}"
                  + (f" (scales: {cfg.kv_scales})" if cfg.kv_cache_dtype == "fp8" else "")
-                 + f"; decode attention: {', '.join(paths)}")
+                 + f"{'; ' + figures_line(cfg, self.reports) if cuda else ''}; decode "
+                 f"attention: {', '.join(paths)}")
         self.sched = Scheduler(self.sched_cfg)
         self.engine = Engine(pipeline=self.pipeline, sched=self.sched, tokenizer=tokenizer,
                              eos_ids=tuple(model.eos_token_ids) + (

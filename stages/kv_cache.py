@@ -37,6 +37,8 @@ def workspace_bytes(spec, dtype: torch.dtype, decode_kernel: bool) -> int:
     T = spec.max_tokens_per_step
     per_token = 4 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + 3 * cfg.intermediate_size
     act = T * per_token * esize * 2
+    if spec.quantization == "fp8":     # a GEMM's input quantized: in float32, then e4m3
+        act += T * max(cfg.hidden_size, cfg.q_size, cfg.intermediate_size) * (4 + 1)
     ctx = min(spec.max_model_len, 8192)
     # prefill chunks gather their sequences' context from the cache (k and v, packed); the
     # per-sequence path also expands one sequence's k/v to the query heads

@@ -2,6 +2,11 @@
 
 A stage reads only the tensors of its own layers (plus embedding / head at the ends): with a
 sharded checkpoint it opens only the shard files its tensors are in.
+
+FP8 (stages/fp8.py): a float checkpoint's linear weights are quantized per output channel as
+they are loaded; a checkpoint that ships e4m3 weights (compressed-tensors or HF ``fp8``, a
+``weight_scale`` of one value or one per output channel beside each fp8 ``weight``) gives its
+own weights and scales, or its dequantized weights to a run without ``--quantization fp8``.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from safetensors import safe_open
 
 from pipemax.model_config import ModelConfig
 from stages import kv_quant
+from stages.fp8 import FP8, Fp8Linear
 from stages.model import StageModel, rope_inv_freq
 
 
@@ -116,51 +122,105 @@ def _hf_names(cfg: ModelConfig, model: StageModel) -> dict[str, list[str]]:
 
 def build_stage_model(cfg: ModelConfig, layer_start: int, layer_end: int, is_first: bool,
                       is_last: bool, *, folder: Path | None, dtype: torch.dtype,
-                      device: torch.device, seed: int = 0) -> StageModel:
+                      device: torch.device, seed: int = 0,
+                      quantization: str = "none") -> StageModel:
     with torch.device("meta"):
-        model = StageModel(cfg, layer_start, layer_end, is_first, is_last)
-    model = model.to(dtype=dtype).to_empty(device=device)
+        model = StageModel(cfg, layer_start, layer_end, is_first, is_last, dtype=dtype,
+                           quantization=quantization)
+    model = model.to_empty(device=device)
     model.inv_freq = rope_inv_freq(cfg).to(device)  # float32 always, like HF
-    params = dict(model.named_parameters())
     if folder is None:
-        _init_random(params, seed + 7919 * layer_start)
+        _init_random(model, dtype, seed + 7919 * layer_start)
     else:
-        _load(params, cfg, model, Path(folder))
+        _load(model, cfg, Path(folder))
     return model.eval().requires_grad_(False)
 
 
-def _init_random(params: dict, seed: int) -> None:
+def _fp8_layers(model: StageModel) -> dict[str, Fp8Linear]:
+    """Parameter name of each fp8 weight -> its layer."""
+    return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
+
+
+def _init_random(model: StageModel, dtype: torch.dtype, seed: int) -> None:
+    """Random weights, the same draws whatever the quantization (an fp8 weight is the float
+    one quantized)."""
+    params = dict(model.named_parameters())
+    fp8 = _fp8_layers(model)
     gen = torch.Generator(device=next(iter(params.values())).device).manual_seed(seed)
     for name, p in params.items():
         with torch.no_grad():
-            if name.endswith("norm.weight"):
+            if name in fp8:
+                m = fp8[name]
+                w = torch.empty(m.out_features, m.in_features, dtype=dtype, device=p.device)
+                m.set_weight(w.normal_(0.0, 0.02, generator=gen))
+            elif name.endswith("weight_scale"):
+                continue
+            elif name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=gen)
 
 
-def _load(params: dict, cfg: ModelConfig, model: StageModel, folder: Path) -> None:
-    where = checkpoint_files(folder)
-    wanted = _resolve_tied(_hf_names(cfg, model), where, cfg)
-    _check_missing(wanted, where, folder)
+def _scale_name(name: str) -> str:
+    return name + "_scale"            # "...proj.weight" -> "...proj.weight_scale"
+
+
+def _read(where: dict, names: list[str]) -> dict[str, torch.Tensor]:
     by_file: dict[Path, list[str]] = {}
-    for names in wanted.values():
-        for n in names:
-            by_file.setdefault(where[n], []).append(n)
+    for n in names:
+        by_file.setdefault(where[n], []).append(n)
     tensors = {}
-    for f, names in by_file.items():
+    for f, ns in by_file.items():
         try:
             with safe_open(str(f), framework="pt", device="cpu") as fh:
-                for n in names:
+                for n in ns:
                     tensors[n] = fh.get_tensor(n)
         except Exception as e:
             raise CheckpointError(f"cannot read {f}: {e}") from None
+    return tensors
+
+
+def _row_scales(name: str, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """A checkpoint's weight_scale as one float32 value per output row of ``q``."""
+    if s.numel() == 1:
+        return s.float().reshape(1).expand(q.shape[0])
+    if s.numel() == q.shape[0]:
+        return s.float().reshape(-1)
+    raise CheckpointError(f"tensor {_scale_name(name)} has shape {tuple(s.shape)}: only one "
+                          f"fp8 scale per tensor or per output channel ({q.shape[0]}) is "
+                          "supported, not block-wise scales")
+
+
+def _load(model: StageModel, cfg: ModelConfig, folder: Path) -> None:
+    params = dict(model.named_parameters())
+    fp8 = _fp8_layers(model)
+    where = checkpoint_files(folder)
+    wanted = _resolve_tied(_hf_names(cfg, model), where, cfg)
+    _check_missing(wanted, where, folder)
+    tensors = _read(where, [n for names in wanted.values() for n in names])
+    quantized = [n for n, t in tensors.items() if t.dtype == FP8]
+    missing = [_scale_name(n) for n in quantized if _scale_name(n) not in where]
+    if missing:
+        raise CheckpointError(f"checkpoint in {folder} has fp8 tensor {missing[0][:-6]} "
+                              f"without its {missing[0]}")
+    shipped = _read(where, [_scale_name(n) for n in quantized])
+    scales = {n: _row_scales(n, tensors[n], shipped[_scale_name(n)]) for n in quantized}
     for ours, names in wanted.items():
         p = params[ours]
-        t = tensors[names[0]] if len(names) == 1 else torch.cat([tensors[n] for n in names], 0)
-        if tuple(t.shape) != tuple(p.shape):
-            raise CheckpointError(f"tensor {names[0]} has shape {tuple(t.shape)}, "
-                                  f"config.json implies {tuple(p.shape)}")
+        m = fp8.get(ours)
+        if m is not None and all(n in scales for n in names):   # fp8 as shipped
+            q = torch.cat([tensors[n] for n in names], 0)
+            _check_shape(names, q, (m.out_features, m.in_features))
+            m.set_quantized(q, torch.cat([scales[n] for n in names]))
+            continue
+        parts = [tensors[n].float() * scales[n][:, None] if n in scales else tensors[n]
+                 for n in names]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        if m is not None:
+            _check_shape(names, t, (m.out_features, m.in_features))
+            m.set_weight(t)
+            continue
+        _check_shape(names, t, tuple(p.shape))
         with torch.no_grad():
             p.copy_(t)
 
@@ -198,3 +258,7 @@ def load_kv_scales(folder: Path, cfg: ModelConfig, layer_start: int,
         return kv_quant.checkpoint_scales(read, layer_start, layer_end, cfg.num_kv_heads)
     except ValueError as e:
         raise CheckpointError(f"checkpoint in {folder}: {e}") from None
+def _check_shape(names: list[str], t: torch.Tensor, expect: tuple) -> None:
+    if tuple(t.shape) != tuple(expect):
+        raise CheckpointError(f"tensor {names[0]} has shape {tuple(t.shape)}, "
+                              f"config.json implies {tuple(expect)}")

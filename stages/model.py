@@ -3,6 +3,8 @@
 Covers Llama 2/3 (incl. ``rope_scaling`` of type llama3, attention and MLP biases), Mistral and
 Qwen2/2.5 (qkv bias, tied embeddings). The first stage owns the embedding, the last the final norm and lm_head; every
 stage owns a contiguous range of layers. q/k/v and gate/up are fused into one matmul each.
+With ``quantization="fp8"`` the four linear layers of every decoder layer hold e4m3 weights
+(stages/fp8.py); the embedding, the norms and the lm_head stay in the run's dtype.
 """
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ from pipemax.model_config import ModelConfig
 from stages import triton_fused
 from stages.attention import StepLayout, paged_attention
 from stages.kv_quant import KVQuant
+from stages.fp8 import Fp8Linear
+
+QUANTIZATIONS = ("none", "fp8")
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -45,9 +50,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,16 +63,22 @@ class RMSNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None = None,
+                 quantization: str = "none"):
         super().__init__()
         h = cfg.hidden_size
         self.cfg = cfg
-        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
-        self.qkv = nn.Linear(h, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.q_size, h, bias=cfg.o_proj_bias)
-        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
-        self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=cfg.mlp_bias)
+        linear = Fp8Linear if quantization == "fp8" else nn.Linear
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype)
+        self.qkv = linear(h, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias, dtype=dtype)
+        self.o_proj = linear(cfg.q_size, h, bias=cfg.o_proj_bias, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype)
+        self.gate_up = linear(h, 2 * cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype)
+        self.down_proj = linear(cfg.intermediate_size, h, bias=cfg.mlp_bias, dtype=dtype)
+
+    def linears(self) -> list[nn.Module]:
+        """The layer's GEMMs, in the order a step runs them."""
+        return [self.qkv, self.o_proj, self.gate_up, self.down_proj]
 
     def forward(self, x, d, cos, sin, kv, layer: int, lay: StepLayout, quant=None):
         """x: the residual stream; d: the previous layer's output, not yet added to it (None
@@ -105,19 +116,26 @@ def _add_norm(norm: RMSNorm, x: torch.Tensor, d: torch.Tensor | None,
 
 
 class StageModel(nn.Module):
-    """Layers ``[layer_start, layer_end)`` of the model, plus embedding / head at the ends."""
+    """Layers ``[layer_start, layer_end)`` of the model, plus embedding / head at the ends,
+    with parameters in ``dtype`` (the fp8 weights of ``quantization="fp8"`` excepted)."""
 
     def __init__(self, cfg: ModelConfig, layer_start: int, layer_end: int,
-                 is_first: bool, is_last: bool):
+                 is_first: bool, is_last: bool, dtype: torch.dtype | None = None,
+                 quantization: str = "none"):
         super().__init__()
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
         self.cfg = cfg
+        self.quantization = quantization
         self.layer_start, self.layer_end = layer_start, layer_end
         self.is_first, self.is_last = is_first, is_last
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if is_first else None
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(layer_end - layer_start))
+        self.embed_tokens = (nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+                             if is_first else None)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, quantization)
+                                    for _ in range(layer_end - layer_start))
         if is_last:
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
         else:
             self.norm = self.lm_head = None
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)

@@ -68,6 +68,7 @@ class StageSpec:
     device_sharers: int = 1        # stages on this device (itself included): they split it
     kv_cache_dtype: str = "auto"   # "auto" (the model's dtype) | "fp8"
     kv_scales: str = "prompt"      # fp8 scales, resolved: "checkpoint" | "prompt" | "one"
+    quantization: str = "none"     # "fp8": linear weights in e4m3 (stages/fp8.py)
 
     @property
     def is_first(self) -> bool:
@@ -94,7 +95,7 @@ class Stage:
         self.model = build_stage_model(
             spec.model, spec.layer_start, spec.layer_end, spec.is_first, spec.is_last,
             folder=Path(spec.folder) if spec.folder else None, dtype=self.dtype,
-            device=self.device, seed=spec.seed)
+            device=self.device, seed=spec.seed, quantization=spec.quantization)
         self.quant: KVQuant | None = None      # an fp8 cache's scales (stages/kv_quant.py)
         if self.kv_dtype != self.dtype:
             values = (load_kv_scales(Path(spec.folder), m, spec.layer_start, spec.layer_end)
@@ -116,6 +117,10 @@ class Stage:
         self._staged: dict[int, Staging] = {}  # staging of steps prefetched, not yet offloaded
         self.clock = GpuClock(self.device)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        emb = self.model.embed_tokens
+        # what a step streams: all but the embedding (a lookup of a few rows)
+        self.step_weight_bytes = self.weight_bytes - (
+            emb.weight.numel() * emb.weight.element_size() if emb is not None else 0)
 
     def handed_off(self, meta: dict, wait_start: float) -> None:
         """A step message this stage was waiting for has been copied out of the ring: count
@@ -134,9 +139,13 @@ class Stage:
                                           self.kv_dtype)
         budget = kv_budget_bytes(s, self.device, self.weight_bytes, self.dtype,
                                  self.decode_kernel, self.free_at_start)
-        figures = measure(self.device, self.dtype) if self.device.type == "cuda" else None
+        figures = (measure(self.device, self.dtype, self.model.layers[0].linears(),
+                           s.max_tokens_per_step, s.max_seqs_per_step)
+                   if self.device.type == "cuda" else None)
         return {"stage": s.index, "layers": [s.layer_start, s.layer_end],
                 "weight_bytes": self.weight_bytes, "block_bytes": block_bytes,
+                "step_weight_bytes": self.step_weight_bytes,
+                "weights": "fp8" if s.quantization == "fp8" else s.dtype,
                 "max_blocks": int(min(budget // block_bytes, s.max_blocks_useful)),
                 "kv_budget_bytes": int(budget), "device": str(self.device),
                 "decode_attention": self.decode_attention,

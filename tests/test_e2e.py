@@ -153,3 +153,6 @@ def test_default_run_prints_completions_and_summary():
     lines = [l for l in p.stdout.splitlines() if l.startswith("[")]
     assert len(lines) >= 5
     assert "output tok/s" in p.stderr
+    # the planner's CPU figures are nominal: no prediction, only what was measured
+    assert "predicted" not in p.stderr
+    assert "pipemax: weights float32; measured " in p.stderr

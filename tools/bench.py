@@ -15,6 +15,8 @@ Systems:
     pipemax-nocache  the same with --prefix-caching off (every prompt token computed)
     pipemax-kv16     the same as pipemax with --kv-cache-dtype auto (KV in the model's dtype)
     pipemax-fp8kv    the same with --kv-cache-dtype fp8 (e4m3: half the KV bytes)
+    pipemax-bf16     the same with --quantization none (16-bit weights: the default)
+    pipemax-fp8      the same with --quantization fp8 (e4m3 linear weights, stages/fp8.py)
     transformers     HuggingFace ``generate`` at each of ``--hf-batch-sizes`` (best one counts),
                      where transformers is installed
     roofline         the cost model's whole-run prediction for the plan pipemax chose
@@ -90,7 +92,9 @@ PIPEMAX_SYSTEMS = {"pipemax": (None, []), "pipemax-offload": (None, ["--kv-offlo
                    "pipemax-cache": (None, ["--prefix-caching", "on"]),
                    "pipemax-nocache": (None, ["--prefix-caching", "off"]),
                    "pipemax-kv16": (None, ["--kv-cache-dtype", "auto"]),
-                   "pipemax-fp8kv": (None, ["--kv-cache-dtype", "fp8"])}
+                   "pipemax-fp8kv": (None, ["--kv-cache-dtype", "fp8"]),
+                   "pipemax-bf16": (None, ["--quantization", "none"]),
+                   "pipemax-fp8": (None, ["--quantization", "fp8"])}
 
 
 def derive(r: dict) -> dict:
@@ -103,7 +107,8 @@ def derive(r: dict) -> dict:
     shares = [f["transfer_hidden_share"] for f in finals
               if f.get("transfer_hidden_share") is not None]
     gpu_idle = [f["gpu_idle_share"] for f in finals if f.get("gpu_idle_share") is not None]
-    return {"idle_share": wait / (busy + wait) if busy + wait > 0 else None,
+    return {"weights": ",".join(sorted({st.get("weights", "?") for st in r.get("stages", [])})),
+            "idle_share": wait / (busy + wait) if busy + wait > 0 else None,
             "gpu_idle_share": max(gpu_idle) if gpu_idle else None,
             "hidden_share": min(shares) if shares else None,
             "pcie_gb": (r.get("bytes_prefetched", 0) + r.get("bytes_offloaded", 0)) / 1e9,
@@ -138,8 +143,8 @@ def run_transformers(a, name: str) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    cols = ["system", "gpus", "kv_cache_dtype", "output_tok_s", "total_tok_s", "requests_s",
-            "seconds", "num_blocks",
+    cols = ["system", "gpus", "weights", "kv_cache_dtype", "output_tok_s", "total_tok_s",
+            "requests_s", "seconds", "num_blocks",
             "peak_gpu_gb", "host_kv_gb", "pcie_gb", "prompt_cache_hit_share", "idle_share",
             "gpu_idle_share",
             "hidden_share",

@@ -89,6 +89,17 @@ def text_prompts(folder: str, n: int, rng) -> list[list[int]]:
     return out
 
 
+def make_prompts(kind: str, folder: str, n: int) -> list[list[int]]:
+    """``n`` prompts, the same on every call: slices of English text (``kind`` "text") or
+    random token ids of 4 to 300 tokens ("ids")."""
+    rng = np.random.default_rng(0)
+    if kind == "text":
+        return text_prompts(folder, n, rng)
+    vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
+    return [rng.integers(10, vocab - 10, size=int(k)).tolist()
+            for k in rng.integers(4, 300, size=n)]
+
+
 def hf_reference(folder: str, prompts, max_new: int, device: str, dtype):
     """transformers' greedy continuation of each prompt, as a plain argmax loop over the model's
     forward with its KV cache: no logits processors (``generate`` with ``min_new_tokens`` sets
@@ -112,6 +123,36 @@ def hf_reference(folder: str, prompts, max_new: int, device: str, dtype):
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return out
+
+
+def pipemax_completions(folder: str, prompts: list[list[int]], *, device: str, dtype: str,
+                        gpus: int, max_tokens: int, extra: list[str] = (),
+                        logprobs: int | None = None) -> list[dict]:
+    """pipemax's greedy completion choice of each prompt (token ids, and its logprobs with
+    ``logprobs``), EOS ignored, through the command line; RuntimeError with its stderr if the
+    run fails."""
+    with tempfile.TemporaryDirectory(prefix="pipemax-run-") as d:
+        req = Path(d) / "in.jsonl"
+        with open(req, "w") as f:
+            for i, ids in enumerate(prompts):
+                body = {"custom_id": f"p{i}", "prompt": ids, "temperature": 0,
+                        "max_tokens": max_tokens, "ignore_eos": True, "return_token_ids": True}
+                if logprobs is not None:
+                    body["logprobs"] = logprobs
+                f.write(json.dumps(body) + "\n")
+        out = Path(d) / "out.jsonl"
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        cmd = [sys.executable, "-m", "pipemax.launch", "--device", device, "--dtype", dtype,
+               "--gpus", str(gpus), "--model", folder, "--input", str(req), "--output",
+               str(out), *extra]
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr)
+        got = {}
+        for line in out.read_text().split("\n")[:-1]:
+            d_ = json.loads(line)
+            got[d_["custom_id"]] = d_["response"]["body"]["choices"][0]
+    return [got[f"p{i}"] for i in range(len(prompts))]
 
 
 def main(argv=None) -> int:
@@ -141,32 +182,15 @@ def main(argv=None) -> int:
             folder = str(Path(d) / "model")
             write_random_checkpoint(folder, DEFAULT_SHAPE, seed=0, shards=2, dtype=a.dtype,
                                     std=a.std)
-        vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
-        rng = np.random.default_rng(0)
-        if a.prompts == "text":
-            prompts = text_prompts(folder, a.num_prompts, rng)
-        else:
-            prompts = [rng.integers(10, vocab - 10, size=int(n)).tolist()
-                       for n in rng.integers(4, 300, size=a.num_prompts)]
-        req = Path(d) / "in.jsonl"
-        with open(req, "w") as f:
-            for i, ids in enumerate(prompts):
-                f.write(json.dumps({"custom_id": f"p{i}", "prompt": ids, "temperature": 0,
-                                    "max_tokens": a.max_tokens, "ignore_eos": True,
-                                    "return_token_ids": True}) + "\n")
-        out = Path(d) / "out.jsonl"
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        cmd = [sys.executable, "-m", "pipemax.launch", "--device", a.device, "--dtype", a.dtype,
-               "--gpus", str(a.gpus), "--model", folder, "--input", str(req), "--output",
-               str(out), *a.pipemax_args.split()]
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if r.returncode != 0:
-            print(r.stderr, file=sys.stderr)
+        prompts = make_prompts(a.prompts, folder, a.num_prompts)
+        try:
+            choices = pipemax_completions(folder, prompts, device=a.device, dtype=a.dtype,
+                                          gpus=a.gpus, max_tokens=a.max_tokens,
+                                          extra=a.pipemax_args.split())
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
             return 1
-        got = {}
-        for line in out.read_text().split("\n")[:-1]:
-            d_ = json.loads(line)
-            got[d_["custom_id"]] = d_["response"]["body"]["choices"][0]["token_ids"]
+        got = {f"p{i}": c["token_ids"] for i, c in enumerate(choices)}
         ref = hf_reference(folder, prompts, a.max_tokens, a.device, dtype)
     rows = compare_rows([len(x) for x in prompts], [got[f"p{i}"] for i in range(len(prompts))],
                         ref, a.dtype, a.tie_ulps)
