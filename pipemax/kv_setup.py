@@ -58,5 +58,7 @@ def setup(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload,
                    cfg.offload_overlap)
     sched = SchedulerConfig(p.micro_batches, p.seqs_per_mb, cfg.max_num_batched_tokens,
                             cfg.block_size, p.resident_blocks, p.staging_blocks, H,
-                            prefix_caching=cfg.prefix_caching)
+                            prefix_caching=cfg.prefix_caching,
+                            swap_blocks_per_step=p.seqs_per_mb * -(-pipeline.max_model_len
+                                                                   // cfg.block_size))
     return p, pool, sched

@@ -168,6 +168,19 @@ def offload_summary(finals: list[dict], sched: Scheduler) -> str:
             f"{peak} blocks per buffer" + streamed)
 
 
+def preemption_summary(finals: list[dict], sched: Scheduler) -> str:
+    """What preemptions cost: the sequences swapped to the host pool and back (no
+    recomputation), and the tokens recomputed for the others."""
+    if not sched.num_preemptions:
+        return ""
+    mib = lambda key: sum(f.get(key, 0) for f in finals) / 2**20
+    swapped = (f"{sched.num_swapped_out} swapped to the host pool ({mib('bytes_swapped_out'):.1f} "
+               f"MiB out, {mib('bytes_swapped_in'):.1f} MiB back in), "
+               if sched.num_swapped_out else "")
+    return (f"; {sched.num_preemptions} preemptions: {swapped}{sched.tokens_recomputed} "
+            "tokens recomputed")
+
+
 class PrintWriter:
     """The built-in default run: show each completion on the terminal."""
 
@@ -242,6 +255,12 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
                        "peak_gpu_gb": [f["peak_gpu_bytes"] / 2**30 for f in finals],
                        "block_size": cfg.block_size, "stages": reports,
                        "preemptions": sched.num_preemptions,
+                       "swapped_out": sched.num_swapped_out,
+                       "blocks_swapped_out": sched.blocks_swapped_out,
+                       "blocks_swapped_in": sched.blocks_swapped_in,
+                       "tokens_recomputed": sched.tokens_recomputed,
+                       "bytes_swapped_out": sum(f.get("bytes_swapped_out", 0) for f in finals),
+                       "bytes_swapped_in": sum(f.get("bytes_swapped_in", 0) for f in finals),
                        "micro_batches": sched_cfg.num_micro_batches,
                        "max_seqs_per_mb": sched_cfg.max_seqs_per_mb,
                        "plan": json.loads(kv_plan.to_json()),
@@ -257,7 +276,8 @@ def run(cfg: RunConfig, model: ModelConfig, tokenizer, max_len: int,
                   f"({kv_plan.decode_tok_s:.0f} in steady decode)"
                   f"{' (from nominal CPU figures)' if cfg.device == 'cpu' else ''}; "
                   f"measured {stats.as_dict()['output_tok_s']:.0f} over the whole run"
-                  + offload_summary(finals, sched) + handoff_summary(finals))
+                  + offload_summary(finals, sched) + preemption_summary(finals, sched)
+                  + handoff_summary(finals))
         if sup.outcome != "done" and (job is None or job.done < job.total):
             info(cfg, f"{sup.outcome}: stopped before the end of the input; run again with the "
                       "same --output to serve the rest")
