@@ -259,6 +259,7 @@ class Scheduler:
             assert where is Placement.HOST, "a swapped sequence fits the GPU"
             grown = self._grow_staged(s, n)
             assert grown, "place() found room for its first step"
+            self.num_offloaded_admitted += 1
 
     def schedule(self, mb: int) -> StepPlan | None:
         cfg = self.cfg
