@@ -10,7 +10,7 @@ stages handled it.
             host_blocks, host_segments,                    (and maps its host KV segment)
             overlap, acks: [stage, ...]
     STEP    mb, step, num_top                 q_lens, ctx_lens, block_tables, offloaded,
-                                              streamed, tokens|hidden,
+                                              streamed, swap_out, swap_in, tokens|hidden,
                                               sample_rows, temperature, top_p, top_k, u
             (back to the driver)              token_ids, logprobs, top_ids, top_logprobs
     STOP    finals: [stage report, ...]       -            each stage appends its counters, exits
@@ -23,5 +23,5 @@ OP_STOP = 4
 OP_ERROR = 5
 
 # tensors every stage forwards unchanged with a STEP
-STEP_META_TENSORS = ("q_lens", "ctx_lens", "block_tables", "offloaded", "streamed", "sample_rows",
-                     "temperature", "top_p", "top_k", "u")
+STEP_META_TENSORS = ("q_lens", "ctx_lens", "block_tables", "offloaded", "streamed", "swap_out",
+                     "swap_in", "sample_rows", "temperature", "top_p", "top_k", "u")

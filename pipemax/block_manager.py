@@ -111,7 +111,7 @@ class ExtentAllocator:
         return None
 
     def free(self, start: int, n: int) -> None:
-        self.used -= n
+        """Give back an extent that ``alloc`` handed out (freeing one twice raises)."""
         free = self._free
         lo, hi = 0, len(free)
         while lo < hi:                       # keep the list sorted by start
@@ -120,6 +120,10 @@ class ExtentAllocator:
                 lo = mid + 1
             else:
                 hi = mid
+        if (lo > 0 and free[lo - 1][0] + free[lo - 1][1] > start
+                or lo < len(free) and free[lo][0] < start + n):
+            raise AssertionError(f"host extent ({start}, {n}) freed but not in use")
+        self.used -= n
         free.insert(lo, (start, n))
         if lo + 1 < len(free) and free[lo][0] + free[lo][1] == free[lo + 1][0]:
             free[lo] = (start, n + free[lo + 1][1])

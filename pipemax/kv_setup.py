@@ -39,10 +39,11 @@ def stage_shapes(model: ModelConfig, reports: list[dict]) -> list[StageShape]:
 
 
 def layout(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload,
-           host_bytes: int) -> tuple[Plan, SchedulerConfig]:
+           host_bytes: int, max_model_len: int | None = None) -> tuple[Plan, SchedulerConfig]:
     """The plan and the scheduler's settings for the stages' reports and a host pool of at
     most ``host_bytes`` (pure: tools/simulate.py plans with it too). The plan's host_blocks
-    are the blocks the pool must hold (0: no pool).
+    are the blocks the pool must hold (0: no pool). ``max_model_len`` bounds the blocks a
+    step's swap copies move (None: no bound).
 
     Raises PlanError (one line with the figures) when memory cannot hold it."""
     shapes = stage_shapes(model, reports)
@@ -54,7 +55,9 @@ def layout(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload
              block_size=cfg.block_size, host_blocks=host_avail, kv_esize=cfg.kv_esize)
     sched = SchedulerConfig(p.micro_batches, p.seqs_per_mb, cfg.max_num_batched_tokens,
                             cfg.block_size, p.resident_blocks, p.staging_blocks, p.host_blocks,
-                            prefix_caching=cfg.prefix_caching)
+                            prefix_caching=cfg.prefix_caching,
+                            swap_blocks_per_step=p.seqs_per_mb * -(-max_model_len // cfg.block_size)
+                            if max_model_len else None)
     return p, sched
 
 
@@ -66,7 +69,7 @@ def setup(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload,
     """
     pinned = cfg.device == "cuda"
     host_bytes = int(cfg.host_kv_gb * GiB) if cfg.host_kv_gb else default_host_bytes(pinned)
-    p, sched = layout(cfg, model, reports, wl, host_bytes)
+    p, sched = layout(cfg, model, reports, wl, host_bytes, pipeline.max_model_len)
     pool = None
     H = p.host_blocks                       # the plan sizes the host pool
     if H:

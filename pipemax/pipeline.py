@@ -39,7 +39,9 @@ def ring_capacity(cfg: RunConfig, model: ModelConfig, max_model_len: int) -> int
     seqs = cfg.max_seqs_per_mb
     tables = seqs * (-(-max_model_len // cfg.block_size)) * 4
     per_seq = seqs * (4 * 4 + 8 * 3 + 2 * 20 * 8)
-    one = hidden + tokens + tables + per_seq + (64 << 10)
+    swaps = 4 * tables   # a step's swap copies: int32 (from, to) pairs out and in, each at
+    # most a micro-batch's block tables (SchedulerConfig.swap_blocks_per_step)
+    one = hidden + tokens + tables + swaps + per_seq + (64 << 10)
     return 2 * one + (1 << 20)
 
 
@@ -176,6 +178,8 @@ class Pipeline:
             "block_tables": torch.from_numpy(plan.block_tables),
             "offloaded": torch.from_numpy(plan.offloaded),
             "streamed": torch.from_numpy(plan.streamed),
+            "swap_out": torch.from_numpy(plan.swap_out),
+            "swap_in": torch.from_numpy(plan.swap_in),
             "sample_rows": torch.from_numpy(plan.sample_rows),
             **{k: torch.from_numpy(v) for k, v in sampling.items()},
             "tokens": torch.from_numpy(plan.tokens),

@@ -18,6 +18,17 @@ the blocks of its whole length, prompt and every token it may sample):
   ``MAX_STREAMED_PER_MB`` per micro-batch, since each of its steps reads its whole context
   over PCIe.
 
+*Preemption.* When a micro-batch's resident sequences outgrow the GPU's blocks, the newest is
+preempted. ``swaps`` says whether its KV goes to the host pool instead of being dropped: when
+KV offload is on (a host pool and staging buffers exist) and it has computed KV to keep. The
+scheduler then moves its computed blocks into a host extent of its whole length (the step
+message carries the copies; each stage copies its own layers, pipemax/timetable.py orders
+them), or recomputes it as before when the pool has no free extent for it. A swapped
+sequence waits at the front of the queue and comes back through ``place`` like any other,
+without recomputation: ``RESIDENT`` copies its KV back into GPU blocks, ``HOST`` keeps its
+extent and stages it for each step like any offloaded sequence (its first chunk is then its
+whole context so far, ``Admission.first``).
+
 A sequence none of them takes now waits (it is admitted later, or, if its extent is beyond
 ``Room.longest``, the engine gives it an error line before it is queued). The planner uses the
 same rule ahead of the run: a sampled request the GPU cannot hold (``fits_gpu``) runs
@@ -28,7 +39,8 @@ streamed ones).
 Changing the offload policy (which sequences go to the host, migration between GPU and host,
 swapping instead of recomputing a preempted sequence) happens here: ``place`` is the decision
 for one admission, given what the scheduler sees at that moment (``Admission``) and the
-memory of the plan (``Room``); the scheduler only carries it out.
+memory of the plan (``Room``), and ``swaps`` the one for a preemption; the scheduler only
+carries them out.
 """
 from __future__ import annotations
 
@@ -77,7 +89,7 @@ class Admission:
     """What the scheduler sees when it admits one sequence into a micro-batch (blocks)."""
     extent: int         # its whole length
     need: int           # free GPU blocks it would take now, resident (its prompt, less cached)
-    first: int          # staging blocks its first chunk takes
+    first: int          # staging blocks its first step takes (its context so far included)
     free: int           # free GPU blocks
     watermark: int      # GPU blocks kept free for the running sequences to grow into
     alone: bool         # its micro-batch runs nothing yet
@@ -98,6 +110,14 @@ def place(a: Admission, room: Room) -> Placement | None:
     if room.streams(a.extent) and a.streamed < MAX_STREAMED_PER_MB:
         return Placement.STREAMED
     return None
+
+
+def swaps(room: Room, computed_blocks: int) -> bool:
+    """Does a preempted resident sequence holding ``computed_blocks`` blocks of computed KV
+    go to the host pool (True), or is it recomputed later (False)? Only with KV offload on
+    (a host pool and staging buffers), so that it can come back staged as well as resident;
+    and only if there is KV to keep. (The scheduler still needs a free host extent.)"""
+    return room.host_blocks > 0 and room.staging_blocks > 0 and computed_blocks > 0
 
 
 def offload_share(host_avail: int, micro_batches: int, staging_blocks: int) -> int:

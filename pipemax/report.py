@@ -41,6 +41,19 @@ def offload_summary(finals: list[dict], sched: Scheduler) -> str:
             f"{peak} blocks per buffer" + streamed)
 
 
+def preemption_summary(finals: list[dict], sched: Scheduler) -> str:
+    """What preemptions cost: the sequences swapped to the host pool and back (no
+    recomputation), and the tokens recomputed for the others."""
+    if not sched.num_preemptions:
+        return ""
+    mib = lambda key: sum(f.get(key, 0) for f in finals) / 2**20
+    swapped = (f"{sched.num_swapped_out} swapped to the host pool ({mib('bytes_swapped_out'):.1f} "
+               f"MiB out, {mib('bytes_swapped_in'):.1f} MiB back in), "
+               if sched.num_swapped_out else "")
+    return (f"; {sched.num_preemptions} preemptions: {swapped}{sched.tokens_recomputed} "
+            "tokens recomputed")
+
+
 def figures(stats: Stats, rt, finals: list[dict]) -> dict:
     """The ``--stats-json`` figures of a run."""
     sched, sched_cfg = rt.sched, rt.sched_cfg
@@ -48,6 +61,12 @@ def figures(stats: Stats, rt, finals: list[dict]) -> dict:
             "peak_gpu_gb": [f["peak_gpu_bytes"] / 2**30 for f in finals],
             "block_size": rt.cfg.block_size, "stages": rt.reports,
             "preemptions": sched.num_preemptions,
+            "swapped_out": sched.num_swapped_out,
+            "blocks_swapped_out": sched.blocks_swapped_out,
+            "blocks_swapped_in": sched.blocks_swapped_in,
+            "tokens_recomputed": sched.tokens_recomputed,
+            "bytes_swapped_out": _bytes(finals, "bytes_swapped_out"),
+            "bytes_swapped_in": _bytes(finals, "bytes_swapped_in"),
             "micro_batches": sched_cfg.num_micro_batches,
             "max_seqs_per_mb": sched_cfg.max_seqs_per_mb,
             "plan": json.loads(rt.kv_plan.to_json()),
@@ -71,7 +90,8 @@ def measured_line(rt, stats: Stats, finals: list[dict]) -> str:
                  if rt.cfg.device == "cuda" and plan.predicted_tok_s > 0 else
                  f"measured {measured:.0f}")
     return (f"weights {weights_name(rt.cfg)}; {predicted} output tok/s over the whole run"
-            + offload_summary(finals, rt.sched) + handoff_summary(finals))
+            + offload_summary(finals, rt.sched) + preemption_summary(finals, rt.sched)
+            + handoff_summary(finals))
 
 
 def report(rt, stats: Stats, finals: list[dict], *, summary: Callable[[str], None],

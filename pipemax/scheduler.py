@@ -10,6 +10,17 @@ micro-batch is preempted: its blocks are freed and it goes back to the front of 
 be recomputed (prompt and output so far) later. Only the micro-batch being planned is touched,
 so blocks in use by micro-batches in flight are never given away.
 
+With KV offload on (``placement.swaps``), a preempted resident sequence is *swapped* instead,
+when the host pool has a free extent for its whole length: the step carries the copies of its
+computed blocks into that extent (``StepPlan.swap_out``, GPU -> host on every stage, before
+the step computes, so its freed blocks may be reused at once), and it waits at the front of
+the queue with its KV kept. It comes back without recomputation, wherever ``place`` puts it:
+offloaded (its extent staged for each step like any offloaded sequence), or resident again
+(``StepPlan.swap_in``: host -> GPU into new blocks, before the step computes; its extent is
+freed when that step has come back). Without a host
+pool, or with no free extent in it, it is recomputed as before. Copies of a preemption whose
+planning gave no step ride on the next step planned.
+
 Where an admitted sequence's KV lives is decided by pipemax/placement.py (``place``), the
 rule the planner sizes memory by; this module carries it out. *Resident*: GPU blocks.
 *Offloaded* (``Placement.HOST``, with KV offload: ``staging_blocks`` > 0): one contiguous host
@@ -41,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipemax.block_manager import BlockManager, ExtentAllocator
-from pipemax.placement import Admission, Placement, Room, place
+from pipemax.placement import Admission, Placement, Room, place, swaps
 from pipemax.prefix_cache import extend_keys, shareable_blocks
 from pipemax.sequence import Sequence
 
@@ -58,6 +69,7 @@ class SchedulerConfig:
     staging_blocks: int = 0       # per staging buffer (0: no offload)
     host_blocks: int = 0
     prefix_caching: bool = False
+    swap_blocks_per_step: int | None = None   # most blocks a step's swap copies move each way
 
     def __post_init__(self):
         for f in ("num_micro_batches", "max_seqs_per_mb", "max_tokens_per_step", "block_size"):
@@ -78,6 +90,8 @@ class StepPlan:
     sample_rows: np.ndarray   # [n] int64, rows of seqs that sample a token this step
     offloaded: np.ndarray     # [B] bool, rows whose block table holds host block ids (staged)
     streamed: np.ndarray      # [B] bool, rows whose KV stays in the host pool (host ids too)
+    swap_out: np.ndarray = None   # [n, 2] int32 (GPU block, host block) copied before compute
+    swap_in: np.ndarray = None    # [n, 2] int32 (host block, GPU block) copied before compute
 
     @property
     def num_tokens(self) -> int:
@@ -102,6 +116,16 @@ class Scheduler:
         self.streaming = [0] * cfg.num_micro_batches  # streamed sequences per mb
         self.num_offloaded_admitted = 0
         self.num_streamed_admitted = 0
+        # preemption: swapped to the host pool (placement.swaps) or recomputed
+        self.num_swapped_out = 0         # preemptions that kept the KV in the host pool
+        self.blocks_swapped_out = 0
+        self.blocks_swapped_in = 0       # (swapped sequences resumed offloaded copy nothing)
+        self.tokens_recomputed = 0       # computed tokens whose KV a preemption dropped
+        self._copies_out: list[tuple[int, int]] = []   # copies for the next step planned
+        self._copies_in: list[tuple[int, int]] = []
+        self._swapped: dict[int, Sequence] = {}      # swapped out, not yet resumed
+        # host extents of sequences swapped back in, freed once their step came back
+        self._freed_after: list[list[tuple[int, int]]] = [[] for _ in range(cfg.num_micro_batches)]
 
     def max_tokens_servable(self) -> int:
         """The longest sequence that can ever run (alone): streamed, what the host pool holds."""
@@ -199,15 +223,83 @@ class Scheduler:
         seq.mb = -1
 
     def _preempt(self, seq: Sequence) -> None:
-        self._release(seq)
-        seq.num_computed = 0
+        computed = self.blocks.blocks_for(seq.num_computed)
+        cap = self.cfg.swap_blocks_per_step
+        start = (self._host_alloc(self._extent(seq))
+                 if seq.placement is Placement.RESIDENT and swaps(self.room, computed)
+                 and (cap is None or len(self._copies_out) + computed <= cap) else None)
+        if start is not None:                   # swap: its computed blocks to the extent
+            self._copies_out.extend(zip(seq.blocks[:computed], range(start, start + computed)))
+            self._release(seq)
+            seq.blocks = list(range(start, start + self._extent(seq)))
+            seq.placement = Placement.HOST      # (its blocks are a host extent)
+            seq.swapped = True
+            self._swapped[id(seq)] = seq
+            self.num_swapped_out += 1
+            self.blocks_swapped_out += computed
+        else:
+            self._release(seq)
+            self.tokens_recomputed += seq.num_computed
+            seq.num_computed = 0
         seq.mb = -1
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def _host_alloc(self, n: int) -> int | None:
+        """A free host extent of ``n`` blocks, or None. When there is none, the extents of
+        swapped sequences that left the queue without resuming (dropped by a control
+        command) are taken back first."""
+        start = self.host.alloc(n)
+        if start is None and self._swapped:
+            queued = {id(s) for s in self.waiting}
+            for key, s in list(self._swapped.items()):
+                if key not in queued:
+                    del self._swapped[key]
+                    self.host.free(s.blocks[0], len(s.blocks))
+                    s.blocks = []
+                    s.swapped = False
+                    s.placement = Placement.RESIDENT
+                    s.num_computed = 0
+            start = self.host.alloc(n)
+        return start
+
+    def _swap_in(self, s: Sequence, mb: int) -> None:
+        """Resume swapped ``s`` resident: new blocks for its tokens, its computed blocks
+        copied back from its extent (freed once this step of ``mb`` has come back)."""
+        host, s.blocks = s.blocks, []
+        grown = self.blocks.grow(s.blocks, len(s.token_ids))
+        assert grown, "room was checked"
+        computed = self.blocks.blocks_for(s.num_computed)
+        self._copies_in.extend(zip(host[:computed], s.blocks[:computed]))
+        self._freed_after[mb].append((host[0], len(host)))
+        self.blocks_swapped_in += computed
+        s.placement = Placement.RESIDENT
+        s.num_registered = 0                    # (its full blocks are offered as it runs)
+
+    def _free_swapped_in(self, mb: int) -> None:
+        """Free the host extents of the sequences that ``mb``'s last step swapped back in
+        (that step has come back: every stage's copy out of them is done)."""
+        for start, n in self._freed_after[mb]:
+            self.host.free(start, n)
+        self._freed_after[mb].clear()
+
+    def _resume(self, s: Sequence, mb: int, where: Placement, n: int) -> None:
+        """Swapped ``s`` comes back at ``where`` (resident or offloaded), nothing recomputed."""
+        del self._swapped[id(s)]
+        s.swapped = False
+        s.mb = mb
+        if where is Placement.RESIDENT:
+            self._swap_in(s, mb)
+        else:                                   # offloaded: its extent, staged from now on
+            assert where is Placement.HOST, "a swapped sequence fits the GPU"
+            grown = self._grow_staged(s, n)
+            assert grown, "place() found room for its first step"
+            self.num_offloaded_admitted += 1
+
     def schedule(self, mb: int) -> StepPlan | None:
         cfg = self.cfg
+        self._free_swapped_in(mb)     # (complete() did, unless its last step was dropped)
         run = self.running[mb]
         budget = cfg.max_tokens_per_step
         items: list[tuple[Sequence, int]] = []
@@ -225,7 +317,7 @@ class Scheduler:
                and len(run) < cfg.max_seqs_per_mb and budget > 0):
             s = self.waiting[w]
             hit = []
-            if self.caching:
+            if self.caching and not s.swapped:
                 keys = self._shareable_keys(s)
                 hit = self.blocks.match(keys)
                 if len(hit) < len(keys) and self.computing.get(keys[len(hit)], s) is not s:
@@ -235,12 +327,14 @@ class Scheduler:
                     + self.blocks.idle_among(hit))           # free room taking it uses
             where = place(Admission(
                 self._extent(s), need,
-                self.blocks.blocks_for(min(s.remaining, cfg.max_tokens_per_step)),
+                self.blocks.blocks_for(s.num_computed + min(s.remaining, cfg.max_tokens_per_step)),
                 self.blocks.num_free, self.watermark, not run, self.staged[mb],
                 self.streaming[mb]), self.room)
             # resident: the whole prompt's blocks are taken now, not the first chunk's, so
             # the other micro-batches cannot take them before its prefill is done
-            if where is Placement.RESIDENT:
+            if s.swapped and where is not None:
+                self._resume(s, mb, where, min(s.remaining, budget))
+            elif where is Placement.RESIDENT:
                 self._admit_resident(s, hit)
             elif where is None or not self._admit_to_host(s, mb, where,
                                                           min(s.remaining, budget)):
@@ -311,7 +405,7 @@ class Scheduler:
         """Admit ``s`` into ``mb`` at ``where`` (offloaded or streamed), taking ``n`` tokens
         now, if the host has a free extent for its whole length; True if it did."""
         whole = self._extent(s)
-        start = self.host.alloc(whole)
+        start = self._host_alloc(whole)
         if start is None:
             return False
         s.blocks = list(range(start, start + whole))
@@ -348,12 +442,16 @@ class Scheduler:
                            count=B)
         streamed = np.fromiter((s.placement is Placement.STREAMED for s, _ in items),
                                dtype=bool, count=B)
-        return StepPlan(mb, [s for s, _ in items], q_lens, ctx, bt,
+        pairs = lambda xs: np.asarray(xs, dtype=np.int32).reshape(-1, 2)
+        plan = StepPlan(mb, [s for s, _ in items], q_lens, ctx, bt,
                         np.asarray(toks, dtype=np.int64), np.asarray(rows, dtype=np.int64), offl,
-                        streamed)
+                        streamed, pairs(self._copies_out), pairs(self._copies_in))
+        self._copies_out, self._copies_in = [], []
+        return plan
 
     def complete(self, plan: StepPlan, new_tokens: list[int]) -> list[Sequence]:
         """Account for a finished step; returns the sequences that got a new token."""
+        self._free_swapped_in(plan.mb)
         for s, n in zip(plan.seqs, plan.q_lens):
             s.num_computed += int(n)
             if self.caching and s.placement is Placement.RESIDENT:

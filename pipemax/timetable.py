@@ -15,11 +15,20 @@ into that buffer; after it computes, the blocks holding the tokens written in th
 ``Timetable`` says what each copy and compute must wait for, so that the overlapped schedule
 (prefetch of step k+1 during compute of step k) is exactly as correct as the plain one:
 
+    swapout(k)   waits for  the compute issued so far
     prefetch(k)  waits for  offload(k-2)           its buffer was last used by step k-2
                             offload(j)             j = the last step of the same micro-batch:
                                                    the host copy must hold what j wrote
-    compute(k)   waits for  prefetch(k)
+                            the last swapout       its copies read host extents a swap-out
+                                                   wrote, and write GPU blocks it read
+    compute(k)   waits for  prefetch(k), swapout(k) (its blocks may be reused in step k)
     offload(k)   waits for  compute(k)
+
+A step may also carry *swap* copies of preempted sequences (pipemax/scheduler.py): swap-out
+(GPU blocks -> host extent, on the offload stream) and swap-in (host extent -> GPU blocks,
+with the prefetch). ``swapout(k)`` is issued first, as part of prefetch(k). A later step
+never reuses a swapped-out block before the copy: every compute follows compute(k) on the
+stream. A host extent a swap-in read is freed by the driver only once its step has come back.
 
 The stage issues, per step k: prefetch(k) unless issued early; (overlapped only) prefetch(k+1)
 if the next message is already in its ring and ``prefetch_ready`` says its waits have all been
@@ -47,6 +56,8 @@ class Staging:
     prefetch: list[Run] = field(default_factory=list)   # host -> GPU
     offload: list[Run] = field(default_factory=list)    # GPU -> host
     blocks_used: int = 0                   # staging blocks this step occupies
+    swap_out: list[Run] = field(default_factory=list)   # GPU -> host, preempted sequences
+    swap_in: list[Run] = field(default_factory=list)    # host -> GPU, resumed resident
 
     @property
     def prefetch_blocks(self) -> int:
@@ -55,6 +66,12 @@ class Staging:
     @property
     def offload_blocks(self) -> int:
         return sum(r.n for r in self.offload)
+
+
+def swap_runs(pairs: np.ndarray) -> list[Run]:
+    """Runs of a step's swap copies, given as [n, 2] (from, to) block pairs."""
+    pairs = np.asarray(pairs).reshape(-1, 2)
+    return _runs(pairs[:, 0], pairs[:, 1])
 
 
 def _runs(src: np.ndarray, dst: np.ndarray) -> list[Run]:
@@ -134,7 +151,7 @@ class Timetable:
 
     @staticmethod
     def compute_waits(k: int) -> list[tuple[str, int]]:
-        return [("prefetch", k)]
+        return [("prefetch", k), ("swapout", k)]
 
     @staticmethod
     def offload_waits(k: int) -> list[tuple[str, int]]:

@@ -9,7 +9,9 @@ On CUDA the mapping is registered with the driver (cudaHostRegister, mapped), so
 and kernels can read and write it in place (``HostPool.device_view``: the streamed sequences'
 attention, stages/attention.py);
 prefetches run on their own stream, offloads on another, and CUDA events carry the
-timetable's dependencies (pipemax/timetable.py). On the CPU the same copies are plain memcpy,
+timetable's dependencies (pipemax/timetable.py). The swap copies of preempted sequences go
+the same way: swap-out on the offload stream, swap-in with the prefetch; they move raw
+blocks, whatever the cache's dtype. On the CPU the same copies are plain memcpy,
 done at once, so every path runs in the tests.
 """
 from __future__ import annotations
@@ -92,6 +94,9 @@ class Offloader:
         self.block_bytes = gpu_kv[0].numel() * gpu_kv.element_size()
         self.bytes_prefetched = 0
         self.bytes_offloaded = 0
+        self.bytes_swapped_out = 0
+        self.bytes_swapped_in = 0
+        self._last_swapout = None     # the latest swap-out's event (CUDA)
         self.prefetched: set[int] = set()
         self._spans: list = []        # (kind, start event, end event) not yet added up
         self.copy_s = self.stall_s = 0.0
@@ -124,18 +129,41 @@ class Offloader:
         if k in self.prefetched:
             return
         self.tt.begin(k, mb)
+        if st.swap_out:
+            self._swap_out(k, st)
         stream = self.h2d if self.cuda else None
         self._wait(stream, self.tt.prefetch_waits(k))
+        if self.cuda and self._last_swapout is not None:
+            stream.wait_event(self._last_swapout)
         start = self._timing_event(stream)
         with torch.cuda.stream(stream) if self.cuda else _nothing():
+            for r in st.swap_in:
+                self.gpu[r.dst:r.dst + r.n].copy_(self.host[r.src:r.src + r.n],
+                                                  non_blocking=True)
             for r in st.prefetch:
                 self.gpu[r.dst:r.dst + r.n].copy_(self.host[r.src:r.src + r.n],
                                                   non_blocking=True)
         self._record(("prefetch", k), stream)
+        self.bytes_swapped_in += sum(r.n for r in st.swap_in) * self.block_bytes
         if start is not None:
             self._spans.append(("copy", start, self._timing_event(stream)))
         self.bytes_prefetched += st.prefetch_blocks * self.block_bytes
         self.prefetched.add(k)
+
+    def _swap_out(self, k: int, st: Staging) -> None:
+        """Copy the blocks of the sequences preempted in step k to their host extents, after
+        the compute issued so far; step k's compute (reusing those blocks) waits for it."""
+        stream = self.d2h if self.cuda else None
+        if self.cuda:
+            stream.wait_stream(torch.cuda.current_stream(self.gpu.device))
+        with torch.cuda.stream(stream) if self.cuda else _nothing():
+            for r in st.swap_out:
+                self.host[r.dst:r.dst + r.n].copy_(self.gpu[r.src:r.src + r.n],
+                                                   non_blocking=True)
+        self._record(("swapout", k), stream)
+        if self.cuda:
+            self._last_swapout = self.events[("swapout", k)]
+        self.bytes_swapped_out += sum(r.n for r in st.swap_out) * self.block_bytes
 
     def before_compute(self, k: int) -> None:
         """Make the compute stream wait until step k's data is on the GPU."""

@@ -28,7 +28,7 @@ from ipc import protocol as P
 from ipc.ring import PeerGone, Ring, RingTimeout
 from pipemax.model_config import ModelConfig
 from stages.attention import build_layout, decode_path
-from pipemax.timetable import Staging, staging_for
+from pipemax.timetable import Staging, staging_for, swap_runs
 from stages.kv_cache import KVCache, kv_budget_bytes
 from stages.decode_graph import DecodeGraphs
 from stages.measure import measure
@@ -161,6 +161,8 @@ class Stage:
                 "busy_s": self.busy_s, "wait_s": self.wait_s, "steps": self.steps,
                 "bytes_prefetched": off.bytes_prefetched if off else 0,
                 "bytes_offloaded": off.bytes_offloaded if off else 0,
+                "bytes_swapped_out": off.bytes_swapped_out if off else 0,
+                "bytes_swapped_in": off.bytes_swapped_in if off else 0,
                 "transfer_hidden_share": off.hidden_share() if off else None,
                 "prefetch_seconds": off.copy_s if off else 0.0,
                 "compute_stall_seconds": off.stall_s if off else 0.0,
@@ -200,8 +202,11 @@ class Stage:
             self.host.close()
 
     def staging(self, meta: dict, t: dict) -> Staging | None:
-        """How this step's offloaded sequences use the staging buffer (None: no offload)."""
+        """How this step's offloaded sequences use the staging buffer, and its swap copies
+        (None: no offload, and so no swaps)."""
         if self.offloader is None:
+            if t["swap_out"].numel() or t["swap_in"].numel():
+                raise RuntimeError("a step with swap copies on a stage without KV offload")
             return None
         k = int(meta["step"])
         st = self._staged.get(k)
@@ -209,6 +214,8 @@ class Stage:
             st = staging_for(t["q_lens"].numpy(), t["ctx_lens"].numpy(),
                              t["block_tables"].numpy(), t["offloaded"].numpy(),
                              self.spec.block_size, self.resident, self.staging_blocks, k % 2)
+            st.swap_out = swap_runs(t["swap_out"].numpy())
+            st.swap_in = swap_runs(t["swap_in"].numpy())
             self._staged[k] = st
             self.peak_staging = max(self.peak_staging, st.blocks_used)
         return st

@@ -5,7 +5,8 @@
 
 No model and no device: every step "samples" a fixed token, so the figures are the scheduler's
 alone. Tokens computed over tokens needed (prompt plus output, each once) shows the work lost
-to preemptions (a preempted sequence is recomputed from its first token), and with
+to preemptions (a preempted sequence is recomputed from its first token, unless it is
+swapped to the host pool: with ``--staging`` and ``--host``), and with
 ``--prefix-caching`` the work saved by shared prefixes (the prompts are then the workload's
 tokens, tools/workload.py). Prints one JSON line.
 """
@@ -47,7 +48,8 @@ def replay(cfg: SchedulerConfig, lens: list[tuple[int, int]], max_steps: int = 1
             "tokens_needed": sum(p + o - 1 for p, o in lens),
             "prompt_tokens_cached": sum(s.num_cached for s in seqs),
             "preemptions": sch.num_preemptions, "offloaded": sch.num_offloaded_admitted,
-            "streamed": sch.num_streamed_admitted}
+            "streamed": sch.num_streamed_admitted, "swapped_out": sch.num_swapped_out,
+            "tokens_recomputed": sch.tokens_recomputed}
 
 
 def main(argv=None) -> int:

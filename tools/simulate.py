@@ -238,7 +238,7 @@ def simulate(cfg: RunConfig, model: ModelConfig, reports: list[dict], lines: lis
     parser = lambda: Parser(None, max_model_len=max_len, vocab_size=model.vocab_size)
     wl = estimate(enumerate(lines), parser(), max_len,
                   block_size=cfg.block_size if cfg.prefix_caching else 0)
-    plan, sched_cfg = kv_setup.layout(cfg, model, reports, wl, host_bytes)
+    plan, sched_cfg = kv_setup.layout(cfg, model, reports, wl, host_bytes, max_len)
     shapes = kv_setup.stage_shapes(model, reports)
     figs = kv_setup.figures(cfg, reports)
     esize = 4 if cfg.dtype == "float32" else 2
