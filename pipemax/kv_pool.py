@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import posix_ipc
 
-from ipc.names import shm_name
-from ipc.ring import PeerGone, Ring
+from pipemax.ipc.names import shm_name
+from pipemax.ipc.ring import PeerGone, Ring
 
 OP_READY, OP_STATS, OP_STOP = 1, 2, 3
 GiB = 1 << 30

@@ -38,9 +38,9 @@ from pipemax.requests import Request, RequestError
 from pipemax.runtime import Runtime
 from pipemax.tiny import DEFAULT_PROMPTS, ensure_tiny_model
 from pipemax.tokenizer import Tokenizer, TokenizerError
-from stages.fp8 import capability_refusal
-from stages.kv_quant import fp8_unsupported
-from stages.loader import CheckpointError, check_checkpoint, kv_scale_mode
+from pipemax.stages.fp8 import capability_refusal
+from pipemax.stages.kv_quant import fp8_unsupported
+from pipemax.stages.loader import CheckpointError, check_checkpoint, kv_scale_mode
 
 
 class Terminated(BaseException):

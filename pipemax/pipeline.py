@@ -17,15 +17,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ipc import protocol as P
-from ipc.names import cleanup_run, shm_name
-from ipc.ring import PeerGone, Ring
+from pipemax.ipc import protocol as P
+from pipemax.ipc.names import cleanup_run, shm_name
+from pipemax.ipc.ring import PeerGone, Ring
 from pipemax import devices
 from pipemax.config import RunConfig
 from pipemax.model_config import ModelConfig
 from pipemax.partition import split_layers
 from pipemax.scheduler import StepPlan
-from stages.worker import StageSpec, main as stage_main
+from pipemax.stages.worker import StageSpec, main as stage_main
 
 
 class StageFailed(RuntimeError):

@@ -9,7 +9,7 @@ the blocks of its whole length, prompt and every token it may sample):
   free blocks hold them above a watermark (or its micro-batch runs nothing yet) and its extent
   fits the resident blocks, so it can finish there.
 - ``HOST`` (offloaded): its KV lives in one host extent reserved for its whole length and is
-  staged on the GPU for each step of its micro-batch (pipemax/timetable.py). Taken when KV
+  staged on the GPU for each step of its micro-batch (stages/timetable.py). Taken when KV
   offload is on (staging buffers exist), the micro-batch's staging buffer has room for its
   first chunk and one block to grow into, and its extent fits a staging buffer.
 - ``STREAMED``: a host extent as for ``HOST``, never staged: attention reads and writes it in
@@ -22,7 +22,7 @@ the blocks of its whole length, prompt and every token it may sample):
 preempted. ``swaps`` says whether its KV goes to the host pool instead of being dropped: when
 KV offload is on (a host pool and staging buffers exist) and it has computed KV to keep. The
 scheduler then moves its computed blocks into a host extent of its whole length (the step
-message carries the copies; each stage copies its own layers, pipemax/timetable.py orders
+message carries the copies; each stage copies its own layers, stages/timetable.py orders
 them), or recomputes it as before when the pool has no free extent for it. A swapped
 sequence waits at the front of the queue and comes back through ``place`` like any other,
 without recomputation: ``RESIDENT`` copies its KV back into GPU blocks, ``HOST`` keeps its

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ipc.names import cleanup_stale, new_run_id
+from pipemax.ipc.names import cleanup_stale, new_run_id
 from pipemax import kv_setup
 from pipemax.config import RunConfig
 from pipemax.engine import Engine

@@ -25,7 +25,7 @@ Where an admitted sequence's KV lives is decided by pipemax/placement.py (``plac
 rule the planner sizes memory by; this module carries it out. *Resident*: GPU blocks.
 *Offloaded* (``Placement.HOST``, with KV offload: ``staging_blocks`` > 0): one contiguous host
 extent reserved for its whole length (prompt + max_tokens), its context staged on the GPU for
-each step of its micro-batch (pipemax/timetable.py). The context of a micro-batch's offloaded
+each step of its micro-batch (stages/timetable.py). The context of a micro-batch's offloaded
 sequences must fit one staging buffer, which is how the plan bounds the bytes prefetched per
 step; when it outgrows the buffer, the newest sequence is preempted, as for resident blocks.
 *Streamed* (too long to ever finish on the GPU, when a host pool exists): a host extent like

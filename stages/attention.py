@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from stages import triton_decode, triton_fused
-from stages.kv_quant import FP8, KVQuant, dequantize, quantize
-from stages.transfer import to_device
+from pipemax.stages import triton_decode, triton_fused
+from pipemax.stages.kv_quant import FP8, KVQuant, dequantize, quantize
+from pipemax.stages.transfer import to_device
 
 
 @dataclass

@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stages.attention import Group, StepLayout
-from stages.transfer import staged
+from pipemax.stages.attention import Group, StepLayout
+from pipemax.stages.transfer import staged
 
 BUCKETS = (8, 16, 32, 64, 128, 256, 384, 512, 768, 1024)
 

@@ -17,9 +17,9 @@ import torch
 from safetensors import safe_open
 
 from pipemax.model_config import ModelConfig
-from stages import kv_quant
-from stages.fp8 import FP8, Fp8Linear
-from stages.model import StageModel, rope_inv_freq
+from pipemax.stages import kv_quant
+from pipemax.stages.fp8 import FP8, Fp8Linear
+from pipemax.stages.model import StageModel, rope_inv_freq
 
 
 class CheckpointError(ValueError):

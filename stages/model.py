@@ -15,10 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipemax.model_config import ModelConfig
-from stages import triton_fused
-from stages.attention import StepLayout, paged_attention
-from stages.kv_quant import KVQuant
-from stages.fp8 import Fp8Linear
+from pipemax.stages import triton_fused
+from pipemax.stages.attention import StepLayout, paged_attention
+from pipemax.stages.kv_quant import KVQuant
+from pipemax.stages.fp8 import Fp8Linear
 
 QUANTIZATIONS = ("none", "fp8")
 

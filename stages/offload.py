@@ -9,7 +9,7 @@ On CUDA the mapping is registered with the driver (cudaHostRegister, mapped), so
 and kernels can read and write it in place (``HostPool.device_view``: the streamed sequences'
 attention, stages/attention.py);
 prefetches run on their own stream, offloads on another, and CUDA events carry the
-timetable's dependencies (pipemax/timetable.py). The swap copies of preempted sequences go
+timetable's dependencies (stages/timetable.py). The swap copies of preempted sequences go
 the same way: swap-out on the offload stream, swap-in with the prefetch; they move raw
 blocks, whatever the cache's dtype. On the CPU the same copies are plain memcpy,
 done at once, so every path runs in the tests.
@@ -21,7 +21,7 @@ import mmap
 import posix_ipc
 import torch
 
-from pipemax.timetable import Staging, Timetable
+from pipemax.stages.timetable import Staging, Timetable
 
 EVENT_WINDOW = 1024     # steps of CUDA events kept (more than any micro-batch count)
 HOST_REGISTER_PORTABLE_MAPPED = 1 | 2   # cudaHostRegisterPortable | cudaHostRegisterMapped

@@ -29,9 +29,9 @@ import math
 
 import torch
 
-from stages.triton_import import HAVE_TRITON as _HAVE_TRITON, tl, triton
+from pipemax.stages.triton_import import HAVE_TRITON as _HAVE_TRITON, tl, triton
 
-# Tunables, picked on an H100 (python -m stages.triton_decode --tune): with these, the
+# Tunables, picked on an H100 (python -m pipemax.stages.triton_decode --tune): with these, the
 # Llama-3-8B shapes read K/V at 2.6-2.9 TB/s. BLOCK_N 32..128, num_warps 2..4 and num_stages
 # 3..4 are all within ~2% of each other; num_stages 1-2 lose up to 10% on split contexts.
 BLOCK_N = 64          # context tokens per inner-loop tile
@@ -63,7 +63,7 @@ def unsupported(head_dim: int, block_size: int, dtype: torch.dtype,
     """Why paged_decode cannot take this shape on ``device`` (None: it can). Head sizes under
     16 are padded to 16 (``tl.dot`` needs K >= 16) and others to a power of two; whether the
     tiles of a large head fit the device's shared memory only a launch tells
-    (``stages.attention.decode_path`` tries one)."""
+    (``pipemax.stages.attention.decode_path`` tries one)."""
     if not available(device):
         return "no compiled Triton on this device"
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -373,7 +373,7 @@ def _bench() -> None:                          # pragma: no cover - CUDA only
             print("best:", [(f"{m * 1e3:.1f}us", bn, w, st) for m, bn, w, st in best[:4]])
         if B * ctx <= 256 * 2048:       # the torch gather + SDPA path it replaces
             try:
-                from stages.attention import paged_decode_torch
+                from pipemax.stages.attention import paged_decode_torch
                 f = lambda: paged_decode_torch(q, kv, 1, bt, cl, sc, ctx)
                 o = f().float()
                 err = ((o - ref).norm() / ref.norm()).item()

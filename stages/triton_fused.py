@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.triton_import import HAVE_TRITON as _HAVE_TRITON, tl, triton
+from pipemax.stages.triton_import import HAVE_TRITON as _HAVE_TRITON, tl, triton
 
 
 def _interpreted() -> bool:

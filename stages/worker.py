@@ -24,20 +24,20 @@ from pathlib import Path
 
 import torch
 
-from ipc import protocol as P
-from ipc.ring import PeerGone, Ring, RingTimeout
+from pipemax.ipc import protocol as P
+from pipemax.ipc.ring import PeerGone, Ring, RingTimeout
 from pipemax.model_config import ModelConfig
-from stages.attention import build_layout, decode_path
-from pipemax.timetable import Staging, staging_for, swap_runs
-from stages.kv_cache import KVCache, kv_budget_bytes
-from stages.decode_graph import DecodeGraphs
-from stages.measure import measure
-from stages.offload import HostPool, Offloader
-from stages.kv_quant import KVQuant, kv_dtype
-from stages.loader import build_stage_model, load_kv_scales
-from stages.gpu_clock import GpuClock
-from stages.sampler import sample
-from stages.transfer import Outbound, host_copy, to_device
+from pipemax.stages.attention import build_layout, decode_path
+from pipemax.stages.timetable import Staging, staging_for, swap_runs
+from pipemax.stages.kv_cache import KVCache, kv_budget_bytes
+from pipemax.stages.decode_graph import DecodeGraphs
+from pipemax.stages.measure import measure
+from pipemax.stages.offload import HostPool, Offloader
+from pipemax.stages.kv_quant import KVQuant, kv_dtype
+from pipemax.stages.loader import build_stage_model, load_kv_scales
+from pipemax.stages.gpu_clock import GpuClock
+from pipemax.stages.sampler import sample
+from pipemax.stages.transfer import Outbound, host_copy, to_device
 
 GiB = 1 << 30
 

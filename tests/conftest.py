@@ -18,7 +18,7 @@ _OWNER = re.compile(r"^(?:sem\.)?pipemax-(\d+)-")
 def _ours() -> set[str]:
     """pipemax objects in /dev/shm owned by this process or by a process that is gone
     (objects of other live processes, e.g. a concurrent test run, are not ours to judge)."""
-    from ipc.names import pid_alive
+    from pipemax.ipc.names import pid_alive
     out = set()
     for n in os.listdir("/dev/shm"):
         m = _OWNER.match(n)
@@ -39,7 +39,7 @@ def no_shm_left_behind():
 @pytest.fixture
 def run_id():
     """A unique run id; the test must remove all of its objects itself."""
-    from ipc import names
+    from pipemax.ipc import names
     rid = names.new_run_id()
     yield rid
     left = names.run_objects(rid)

@@ -15,7 +15,7 @@ import pytest
 
 from checkpoints import checkpoint_root, hf_greedy, make_checkpoint
 from cli import ROOT, read_results, run_cli, write_jsonl
-from ipc.names import run_objects
+from pipemax.ipc.names import run_objects
 from pipemax import LLM, SamplingParams
 from pipemax.cli import main as cli_main, translate
 from pipemax.config import ConfigError

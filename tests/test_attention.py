@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.attention import build_layout, paged_attention
+from pipemax.stages.attention import build_layout, paged_attention
 
 
 def dense(q, k, v, scale):
@@ -102,8 +102,8 @@ def test_streamed_rows_through_the_registered_pool_on_cuda(seed, run_id):
     """On CUDA the kernels (Triton decode, varlen flash prefill, the k/v writes) read and write
     the registered host pool in place: the same results, bit for bit, as over a GPU copy."""
     import posix_ipc
-    from ipc.names import shm_name
-    from stages.offload import HostPool
+    from pipemax.ipc.names import shm_name
+    from pipemax.stages.offload import HostPool
     q_lens, ctx_lens, bt, bs, kv, q, k, v, _ = make_step(seed, torch.bfloat16, "cuda", D=64)
     name = shm_name(run_id, "hostkv0")
     shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=kv.numel() * kv.element_size())

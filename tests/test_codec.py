@@ -4,8 +4,8 @@ import msgpack
 import pytest
 import torch
 
-from ipc import codec
-from ipc.codec import ALIGN, CodecError, decode, encode, encode_into, encoded_size
+from pipemax.ipc import codec
+from pipemax.ipc.codec import ALIGN, CodecError, decode, encode, encode_into, encoded_size
 
 
 def _sample(dtype, shape, seed=0):

@@ -7,8 +7,8 @@ import torch
 from pipemax import devices
 from pipemax.config import ConfigError, from_args
 from pipemax.launch import main
-from stages import triton_decode
-from stages.attention import decode_path
+from pipemax.stages import triton_decode
+from pipemax.stages.attention import decode_path
 
 GiB = 1 << 30
 
@@ -117,7 +117,7 @@ def test_decode_path_on_cpu():
 def test_probe_falls_back_when_the_kernel_fails(monkeypatch):
     """A kernel that fails to build at a shape (e.g. shared memory) or disagrees with the torch
     path leaves the stage on the torch path, saying why."""
-    from stages import attention
+    from pipemax.stages import attention
     monkeypatch.setattr(triton_decode, "unsupported", lambda *a: None)
 
     def fails(*a, **k):

@@ -16,10 +16,10 @@ from safetensors.torch import load_file, save_file
 from cli import read_results, run_cli, write_jsonl
 from pipemax.config import ConfigError, RunConfig, from_args
 from pipemax.model_config import ModelConfig, ModelConfigError
-from stages.fp8 import (E4M3_MAX, FP8, Fp8Linear, capability_refusal, dequantize_rows,
+from pipemax.stages.fp8 import (E4M3_MAX, FP8, Fp8Linear, capability_refusal, dequantize_rows,
                         plain_mm, quantize_rows, scaled_mm)
-from stages.loader import CheckpointError, build_stage_model
-from stages.measure import gemm_flops, gemm_tflops
+from pipemax.stages.loader import CheckpointError, build_stage_model
+from pipemax.stages.measure import gemm_flops, gemm_tflops
 
 FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 needs_fp8_gpu = pytest.mark.skipif(not FP8_GPU, reason="needs a CUDA GPU of compute "
@@ -359,7 +359,7 @@ def test_greedy_run_agrees_with_float32_at_large_gaps(float_dir, tmp_path):
 
 # ---- the GEMM rates the planner uses ------------------------------------------------------
 def test_gemm_rates_at_the_model_shapes():
-    from stages.model import DecoderLayer
+    from pipemax.stages.model import DecoderLayer
     cfg = ModelConfig.from_hf_dict({**SHAPE, "hidden_act": "silu"})
     plain = DecoderLayer(cfg, torch.float32).linears()
     q = DecoderLayer(cfg, torch.float32, "fp8").linears()

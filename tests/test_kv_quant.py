@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.attention import build_layout, paged_attention, paged_decode_torch
-from stages.kv_quant import (FP8, FP8_MAX, KVQuant, checkpoint_scales, dequantize,
+from pipemax.stages.attention import build_layout, paged_attention, paged_decode_torch
+from pipemax.stages.kv_quant import (FP8, FP8_MAX, KVQuant, checkpoint_scales, dequantize,
                              fp8_unsupported, has_checkpoint_scales, prompt_scale, quantize)
 from test_attention import dense, make_step
 
@@ -140,9 +140,9 @@ def test_fp8_blocks_round_trip_through_the_host_pool_bit_exactly(run_id):
     memory segment, as the KV pool process makes it) and prefetched back are the same bytes,
     every one of the 256 values an fp8 byte can hold included."""
     import posix_ipc
-    from ipc.names import shm_name
-    from pipemax.timetable import Run, Staging
-    from stages.offload import HostPool, Offloader
+    from pipemax.ipc.names import shm_name
+    from pipemax.stages.timetable import Run, Staging
+    from pipemax.stages.offload import HostPool, Offloader
     shape = (8, 2, 2, 4, 2, 64)                 # [blocks, L, k|v, bs, KVH, D]: 2048 bytes each
     name = shm_name(run_id, "hostkv0")
     size = int(np.prod(shape))
@@ -252,7 +252,7 @@ def test_fp8_step_on_cuda_matches_the_cpu_torch_path(seed):
     """On CUDA (bf16) an fp8 step goes through the Triton write (quantizing), the varlen flash
     prefill over the dequantized context and the Triton decode kernel: the cache holds the CPU
     torch path's bytes, and the outputs agree with it."""
-    from stages import triton_decode
+    from pipemax.stages import triton_decode
     q_lens, ctx_lens, bt, bs, kv, q, k, v, _ = make_step(seed, D=64)
     quant = _quant(seed)
     kv8 = torch.zeros(kv.shape, dtype=FP8)

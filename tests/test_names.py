@@ -7,8 +7,8 @@ import time
 import posix_ipc
 import pytest
 
-from ipc import names
-from ipc.ring import Ring
+from pipemax.ipc import names
+from pipemax.ipc.ring import Ring
 
 
 def _make_objects(rid):

@@ -19,7 +19,7 @@ from pipemax.results import encode_line
 from pipemax.scheduler import Scheduler, SchedulerConfig
 from pipemax.tiny import write_tokenizer_files
 from pipemax.tokenizer import Tokenizer
-from stages.sampler import sample
+from pipemax.stages.sampler import sample
 
 VOCAB = 512
 MAX_MODEL_LEN = 48

@@ -10,8 +10,8 @@ import posix_ipc
 import pytest
 import torch
 
-from ipc import codec, names
-from ipc.ring import (REC_HEADER, MessageTooLarge, PeerGone, Ring, RingTimeout, _align)
+from pipemax.ipc import codec, names
+from pipemax.ipc.ring import (REC_HEADER, MessageTooLarge, PeerGone, Ring, RingTimeout, _align)
 
 SPAWN = mp.get_context("spawn")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8,

@@ -1,7 +1,7 @@
 """tools/ring_latency.py: the hand-off timing runs, reports its figures and leaves nothing."""
 import torch
 
-from ipc import names
+from pipemax.ipc import names
 from pipemax.pipeline import stage_threads
 from tools.ring_latency import hand_off, parse_size
 

@@ -21,7 +21,7 @@ from pipemax.requests import Request, RequestError, SamplingParams, parse_line
 from pipemax import results
 from pipemax.results import OutputError, ResultWriter, error_line
 from pipemax.sequence import Sequence
-from stages.sampler import sample
+from pipemax.stages.sampler import sample
 
 VOCAB = 512          # the built-in tiny model's
 

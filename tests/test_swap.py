@@ -16,7 +16,7 @@ from pipemax.placement import Placement as P, Room, swaps
 from pipemax.requests import Request, SamplingParams
 from pipemax.scheduler import Scheduler, SchedulerConfig
 from pipemax.sequence import Sequence
-from pipemax.timetable import staging_for, swap_runs
+from pipemax.stages.timetable import staging_for, swap_runs
 
 EMPTY = -1
 

@@ -11,7 +11,7 @@ from pipemax.block_manager import ExtentAllocator
 from pipemax.model_config import builtin_config
 from pipemax.planner import (DeviceFigures, PlanError, StageShape, Workload, plan,
                              prompt_seconds, run_tok_s, stage_step)
-from pipemax.timetable import Run, Timetable, staging_for
+from pipemax.stages.timetable import Run, Timetable, staging_for
 
 
 # ---- staging_for ---------------------------------------------------------------------------

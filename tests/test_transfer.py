@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from stages.transfer import Outbound, host_copy, staged, to_device
+from pipemax.stages.transfer import Outbound, host_copy, staged, to_device
 
 
 def test_inputs_reach_the_device_with_their_values():

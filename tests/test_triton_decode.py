@@ -1,4 +1,4 @@
-"""stages.triton_decode: paged decode attention against a float64 torch reference.
+"""pipemax.stages.triton_decode: paged decode attention against a float64 torch reference.
 
 Runs on the GPU when there is one, else on CPU tensors under Triton's interpreter
 (TRITON_INTERPRET=1, set only while the kernel module is imported). Skipped only when
@@ -10,7 +10,7 @@ import torch
 from triton_env import load
 
 
-td, DEV, WHY = load("stages.triton_decode")
+td, DEV, WHY = load("pipemax.stages.triton_decode")
 if WHY:
     print(f"test_triton_decode skipped: {WHY}")
 pytestmark = pytest.mark.skipif(WHY is not None, reason=WHY or "")
@@ -65,7 +65,7 @@ def _reference(q, ks, vs, scale):
 def _fp8(kv, ks, vs, layer, seed):
     """The case's cache in fp8, with per-(layer, k|v, head) power-of-two scales: (cache,
     scales, what the kernel must see of each sequence's k and v)."""
-    from stages.kv_quant import dequantize, quantize
+    from pipemax.stages.kv_quant import dequantize, quantize
     L, KVH = kv.shape[1], kv.shape[4]
     g = torch.Generator().manual_seed(seed + 1000)
     scale = 2.0 ** torch.randint(-6, -1, (L, 2, KVH), generator=g).float()
@@ -224,7 +224,7 @@ def test_head_sizes(D, dtype):
 def test_decode_path_takes_the_kernel_on_gpu(D, dtype):
     """At start a stage runs the kernel once at its shape against the torch path; every head
     size above passes that check on the GPU, so the kernel is chosen."""
-    from stages.attention import decode_path
+    from pipemax.stages.attention import decode_path
     kernel, why = decode_path(8, 2, D, 16, dtype, DEV)
     assert kernel, why
 
@@ -233,7 +233,7 @@ def test_decode_path_takes_the_kernel_on_gpu(D, dtype):
 @pytest.mark.parametrize("D", HEAD_SIZES)
 def test_kernel_equals_torch_path_on_gpu(D):
     """The stage's two decode paths agree at every head size (bf16, real GQA layout)."""
-    from stages.attention import paged_decode
+    from pipemax.stages.attention import paged_decode
     q, kv, bt, cl, ks, vs = _case(6, 12, 3, D, 16, [1, 40, 333, 17, 700, 64], torch.bfloat16, D)
     kv = kv.nan_to_num(0.0)      # a stage's cache starts zeroed; the torch path reads whole blocks
     args = (q.to(DEV), kv.to(DEV), 1, bt.clamp(min=0).to(torch.int32).to(DEV), cl.to(DEV),
@@ -266,8 +266,8 @@ def _fp8_case(D, seed):
 def test_fp8_kernel_equals_torch_fp8_path_on_gpu(D):
     """The stage's two decode paths over an fp8 cache agree (bf16 queries, GQA); the start-up
     probe takes the kernel for fp8; a CUDA graph replays it with the scales read in place."""
-    from stages.attention import decode_path, paged_decode
-    from stages.kv_quant import FP8, KVQuant
+    from pipemax.stages.attention import decode_path, paged_decode
+    from pipemax.stages.kv_quant import FP8, KVQuant
     assert decode_path(12, 3, D, 16, torch.bfloat16, DEV, FP8) == (True, "triton kernel")
     args, scale = _fp8_case(D, D)
     quant = KVQuant(scale, 1 / scale)

@@ -1,4 +1,4 @@
-"""stages.triton_fused against the torch code it replaces (stages/model.py), in bfloat16.
+"""pipemax.stages.triton_fused against the torch code it replaces (stages/model.py), in bfloat16.
 
 On the GPU compiled, where the results must equal the torch ops' (same rounding points; the
 norm's float32 sum, added up in another order, may move a result by one bf16 ulp). Else on
@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.model import RMSNorm
+from pipemax.stages.model import RMSNorm
 from triton_env import load
 
-tf, DEV, WHY = load("stages.triton_fused")
+tf, DEV, WHY = load("pipemax.stages.triton_fused")
 pytestmark = pytest.mark.skipif(WHY is not None, reason=WHY or "")
 BF = torch.bfloat16
 GPU = DEV is not None and DEV.type == "cuda"
@@ -76,7 +76,7 @@ def test_write_kv_into_an_fp8_cache_quantizes_as_torch_does(n):
     """Into an fp8 cache the write quantizes per head (x * inv_scale, clamped, rounded to
     nearest even): the same bytes as stages/kv_quant.py's torch code, saturated values and
     a non-power-of-two scale included."""
-    from stages.kv_quant import FP8, quantize
+    from pipemax.stages.kv_quant import FP8, quantize
     nb, L, bs, KVH, D, layer = 12, 3, 4, 2, 24, 1
     kv = torch.zeros(nb, L, 2, bs, KVH, D, dtype=FP8, device=DEV)
     g = torch.Generator().manual_seed(n)

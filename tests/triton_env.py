@@ -50,8 +50,8 @@ def load(name: str):
         import triton
         triton.knobs.runtime.interpret = True     # stays on in this process after the env goes
         _interpreter_patches()
-        if "stages.triton_import" in sys.modules:      # bound to the triton imported before
-            importlib.reload(sys.modules["stages.triton_import"])
+        if "pipemax.stages.triton_import" in sys.modules:      # bound to the triton imported before
+            importlib.reload(sys.modules["pipemax.stages.triton_import"])
         if name in sys.modules:
             td = importlib.reload(sys.modules[name])
         else:

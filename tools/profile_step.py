@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from pipemax.model_config import BUILTIN_MODELS, apply_overrides
-from stages import triton_decode
-from stages.attention import build_layout
-from stages.decode_graph import DecodeGraphs
-from stages.kv_cache import KVCache
-from stages.loader import build_stage_model
-from stages.sampler import sample
+from pipemax.stages import triton_decode
+from pipemax.stages.attention import build_layout
+from pipemax.stages.decode_graph import DecodeGraphs
+from pipemax.stages.kv_cache import KVCache
+from pipemax.stages.loader import build_stage_model
+from pipemax.stages.sampler import sample
 
 
 def main(argv=None) -> int:

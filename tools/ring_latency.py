@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from ipc import names
-from ipc.ring import Ring
+from pipemax.ipc import names
+from pipemax.ipc.ring import Ring
 from pipemax.pipeline import stage_threads
 
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}

@@ -73,9 +73,9 @@ from pipemax.partition import split_layers
 from pipemax.planner import DeviceFigures, PlanError, StageShape, prompt_seconds, stage_step
 from pipemax.requests import Parser
 from pipemax.scheduler import Scheduler, StepPlan
-from pipemax.timetable import staging_for
+from pipemax.stages.timetable import staging_for
 from pipemax.workload import estimate
-from stages.kv_cache import CUDA_CONTEXT_BYTES, KVCache, device_budget, workspace_bytes
+from pipemax.stages.kv_cache import CUDA_CONTEXT_BYTES, KVCache, device_budget, workspace_bytes
 from tools.pipeline_sim import PipelineSim, StageWork
 from tools.workload import requests
 

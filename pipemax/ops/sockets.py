@@ -10,7 +10,7 @@ import os
 import re
 import stat
 
-from ipc.names import pid_alive
+from pipemax.ipc.names import pid_alive
 
 SERVICE_DIR = "/run/pipemax"        # tools/pipemax.service's RuntimeDirectory
 SERVICE_SOCKET = "pipemax.sock"
