@@ -176,12 +176,18 @@ def _token_ids(v, name: str, vocab_size: int) -> tuple[int, ...]:
     return tuple(v)
 
 
+def _refuse_true(body: dict, name: str, hint: str = "") -> None:
+    """A boolean field pipemax takes only as false."""
+    if _get(body, name) is None:
+        return
+    if not isinstance(body[name], bool):
+        raise _Bad("invalid_parameter", f"{name} must be true or false, got {_show(body[name])}")
+    if body[name]:
+        raise _Bad("unsupported", f"{name}: true is not supported" + (f" {hint}" if hint else ""))
+
+
 def _check_unsupported(body: dict) -> None:
-    if _get(body, "stream") is not None:
-        if not isinstance(body["stream"], bool):
-            raise _Bad("invalid_parameter", f"stream must be true or false, got {_show(body['stream'])}")
-        if body["stream"]:
-            raise _Bad("unsupported", "stream: true is not supported in batch mode (set it false or leave it out)")
+    _refuse_true(body, "stream", "in batch mode (set it false or leave it out)")
     for name in ("n", "best_of"):
         v = _get(body, name)
         if v is None:
@@ -191,11 +197,7 @@ def _check_unsupported(body: dict) -> None:
         if v != 1:
             raise _Bad("unsupported", f"{name}={v} is not supported: pipemax generates one choice per "
                                       f"request (repeat the line with different custom_ids instead)")
-    if _get(body, "echo") is not None:
-        if not isinstance(body["echo"], bool):
-            raise _Bad("invalid_parameter", f"echo must be true or false, got {_show(body['echo'])}")
-        if body["echo"]:
-            raise _Bad("unsupported", "echo: true is not supported")
+    _refuse_true(body, "echo")
     for name in ("presence_penalty", "frequency_penalty"):
         v = _num_field(body, name, 0.0)
         if v != 0.0:
