@@ -85,6 +85,17 @@ def _d_pad(D: int) -> int:
 if _HAVE_TRITON:
 
     @triton.jit
+    def _kv_tile(ptr, mask, Q, QUANT: tl.constexpr, DOT_F32: tl.constexpr):
+        """A [BLOCK, D_PAD] tile of K or V, in the dtype the dot takes (an fp8 cache's bytes
+        converted to the queries' dtype; its scale is applied outside the loop)."""
+        x = tl.load(ptr, mask=mask, other=0.0)
+        if QUANT:
+            x = x.to(Q.dtype.element_ty)
+        if DOT_F32:
+            x = x.to(tl.float32)
+        return x
+
+    @triton.jit
     def _decode_kernel(
         Q, KV, BT, CTX, OUT, LSE, ACC, KV_SCALE,   # KV_SCALE: [L, 2, KVH] float32 (QUANT)
         kv_base,                                   # element offset of kv[0, layer, 0, 0, 0, 0]
@@ -135,11 +146,7 @@ if _HAVE_TRITON:
                 blk = tl.load(bt_row + pos // BS, mask=mask_n, other=0).to(tl.int64)
                 tok = blk * s_blk + (pos % BS) * s_tok                       # [BLOCK] int64
                 kv_mask = mask_n[:, None] & mask_d[None, :]
-                k = tl.load(k_ptr + tok[:, None] + d_off, mask=kv_mask, other=0.0)
-                if QUANT:
-                    k = k.to(Q.dtype.element_ty)
-                if DOT_F32:
-                    k = k.to(tl.float32)
+                k = _kv_tile(k_ptr + tok[:, None] + d_off, kv_mask, Q, QUANT, DOT_F32)
                 if IEEE or DOT_F32:
                     qk = tl.dot(q, tl.trans(k), input_precision="ieee")
                 else:
@@ -149,11 +156,7 @@ if _HAVE_TRITON:
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(qk - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
-                v = tl.load(v_ptr + tok[:, None] + d_off, mask=kv_mask, other=0.0)
-                if QUANT:
-                    v = v.to(Q.dtype.element_ty)
-                if DOT_F32:
-                    v = v.to(tl.float32)
+                v = _kv_tile(v_ptr + tok[:, None] + d_off, kv_mask, Q, QUANT, DOT_F32)
                 if IEEE or DOT_F32:
                     pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
                 else:
