@@ -125,17 +125,22 @@ def stage_reports(cfg: RunConfig, model: ModelConfig, hw: Hardware, max_len: int
     out = []
     for i, (a, b) in enumerate(split_layers(model, cfg.gpus)):
         last = i == cfg.gpus - 1
-        weights = (StageShape.params_read(model, b - a, last)
-                   + (model.embed_params() if i == 0 else 0)) * esize
+        read = StageShape.params_read(model, b - a, last) * esize     # weights a step reads
+        if cfg.quantization == "fp8":                                 # linear weights: 1 byte
+            read -= (b - a) * model.layer_linear_params() * (esize - 1)
+        weights = read + (model.embed_params() * esize if i == 0 else 0)
         spec = SimpleNamespace(model=model, max_tokens_per_step=cfg.max_num_batched_tokens,
                                max_model_len=max_len, max_seqs_per_step=cfg.max_seqs_per_mb,
-                               is_last=last)
+                               is_last=last, quantization=cfg.quantization,
+                               kv_cache_dtype=cfg.kv_cache_dtype)
         used = weights + CUDA_CONTEXT_BYTES
         budget = device_budget(cap, used, total - used, workspace_bytes(spec, dtype, True))
         if cfg.kv_cache_gb:
             budget = min(budget, cfg.kv_cache_gb * GiB)
-        block = KVCache.block_bytes(model, b - a, cfg.block_size, dtype)
+        kv_dtype = torch.float8_e4m3fn if cfg.kv_cache_dtype == "fp8" else dtype
+        block = KVCache.block_bytes(model, b - a, cfg.block_size, kv_dtype)
         out.append({"stage": i, "layers": [a, b], "weight_bytes": weights,
+                    "step_weight_bytes": read,
                     "block_bytes": block,
                     "max_blocks": int(min(max(0, budget) // block, useful)),
                     "figures": hw.figures().as_dict()})
@@ -249,8 +254,8 @@ def simulate(cfg: RunConfig, model: ModelConfig, reports: list[dict], lines: lis
     results = []
     engine = Engine(pipeline=pipe, sched=sched, tokenizer=None,
                     eos_ids=tuple(model.eos_token_ids), max_model_len=max_len,
-                    vocab_size=model.vocab_size, model_name=model.name, seed=cfg.seed,
-                    write=results.append, lines=iter(enumerate(lines)))
+                    model_name=model.name, seed=cfg.seed, write=results.append,
+                    requests=parser().parse_all(enumerate(lines)))
     stats = engine.run()
     t = pipe.now
     shares = pipe.pipe.shares(t)
