@@ -1,0 +1,82 @@
+"""The CPU-resident selection (pipemax/selection.py): its limits on random running sets, and
+that it chooses what the paper says (cheapest first, balanced micro-batches)."""
+from __future__ import annotations
+
+from hypothesis import given, settings, strategies as st
+
+from pipemax.selection import Budget, Candidate, StepModel, _loads, select, step_seconds
+
+MODEL = StepModel(fixed=1.0, per_seq=0.01, per_token=0.001, per_host_token=0.01)
+
+
+def budget(**kw) -> Budget:
+    base = dict(model=MODEL, block_size=4, gpu_room=200, staging_blocks=60, max_seqs=8,
+                num_micro_batches=3)
+    return Budget(**{**base, **kw})
+
+
+cand_lists = st.lists(st.tuples(st.integers(0, 2), st.integers(1, 150), st.booleans(),
+                                st.booleans()), min_size=1, max_size=18)
+
+
+@settings(max_examples=300, deadline=None)
+@given(cand_lists, st.integers(0, 300), st.integers(0, 80), st.integers(0, 50),
+       st.integers(0, 6))
+def test_limits_hold_and_never_worse_than_first_come(raw, room, staging, short, overhead):
+    cands = [Candidate(i, mb, ctx, host, movable) for i, (mb, ctx, host, movable)
+             in enumerate(raw)]
+    b = budget(gpu_room=room, staging_blocks=staging, short=short, overhead_tokens=overhead)
+    first = {c.key: (c.mb, c.on_host) for c in cands}
+    where = select(cands, b)
+    assert sorted(where) == sorted(first), "a sequence lost or made up"
+    for c in cands:
+        if not c.movable:
+            assert where[c.key] == first[c.key]
+    before, after = _loads(cands, first, b), _loads(cands, where, b)
+    limit = b.prefetch_tokens(before)
+    for mb, (x, y) in enumerate(zip(before, after)):
+        went_up = any(where[c.key] == (mb, True) and first[c.key] != (mb, True) for c in cands)
+        if went_up:      # something moved to this micro-batch's host set: within its budget
+            assert y.host_cost <= limit + 1e-9 and y.host_blocks <= staging
+        assert y.n <= max(x.n, b.max_seqs)
+    gpu = lambda w: sum(b.blocks(c.ctx) for c in cands if c.movable and not w[c.key][1])
+    assert gpu(where) <= max(room, gpu(first)), "resident blocks beyond the GPU's room"
+    assert max(step_seconds(cands, where, b)) <= max(step_seconds(cands, first, b)) + 1e-12
+
+
+def test_over_budget_the_longest_comes_back_to_the_gpu():
+    # one micro-batch: prefetch budget = compute / per_host_token; 3 host sequences too many
+    cands = [Candidate(0, 0, 100, True), Candidate(1, 0, 20, True), Candidate(2, 0, 24, True),
+             Candidate(3, 0, 40, False)]
+    b = budget(num_micro_batches=1, gpu_room=1000)
+    limit = b.prefetch_tokens(_loads(cands, {c.key: (0, c.on_host) for c in cands}, b))
+    assert b.cost(100) + b.cost(20) + b.cost(24) > limit >= b.cost(20) + b.cost(24)
+    where = select(cands, b)
+    assert where[0] == (0, False) and where[1] == (0, True) and where[2] == (0, True)
+
+
+def test_short_of_gpu_blocks_the_cheapest_go_to_the_host():
+    cands = [Candidate(i, 0, ctx, False) for i, ctx in enumerate([90, 10, 60, 14, 30])]
+    b = budget(num_micro_batches=1, short=5, staging_blocks=1000)
+    where = select(cands, b)
+    host = sorted(c.ctx for c in cands if where[c.key][1])
+    assert host and host == sorted(c.ctx for c in cands)[:len(host)], "cheapest first"
+    loads = _loads(cands, where, b)
+    assert loads[0].host_cost <= b.prefetch_tokens(loads)
+    # one more would not fit the budget
+    nxt = sorted(c.ctx for c in cands)[len(host)] if len(host) < len(cands) else None
+    assert nxt is None or loads[0].host_cost + b.cost(nxt) > b.prefetch_tokens(loads)
+    assert select(cands, budget(num_micro_batches=1, short=0)) == {c.key: (0, False)
+                                                                  for c in cands}
+
+
+def test_refinement_balances_the_micro_batches():
+    # all six in micro-batch 0, micro-batch 1 empty but for one fixed sequence
+    cands = [Candidate(i, 0, 200, False) for i in range(6)] + [Candidate(9, 1, 10, False,
+                                                                         movable=False)]
+    b = budget(num_micro_batches=2)
+    where = select(cands, b)
+    counts = [sum(where[c.key][0] == m for c in cands) for m in (0, 1)]
+    assert counts in ([4, 3], [3, 4])
+    assert max(step_seconds(cands, where, b)) < max(
+        step_seconds(cands, {c.key: (c.mb, c.on_host) for c in cands}, b))
