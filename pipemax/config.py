@@ -21,6 +21,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 KV_CACHE_DTYPES = ("auto", "fp8")          # auto: the model's --dtype; fp8: e4m3 with scales
 KV_SCALES = ("auto", "checkpoint", "prompt", "one")   # see stages/kv_quant.py
 QUANTIZATIONS = ("none", "fp8")
+OFFLOAD_POLICIES = ("first-come", "selection")
 
 
 class ConfigError(ValueError):
@@ -124,6 +125,13 @@ class RunConfig:
     stats_json: str | None = flag(None, "write the run's figures to this file")
     kv_offload: str = flag("auto", "keep waiting micro-batches' KV in host memory (auto: when "
                                    "it wins)", choices=("auto", "on", "off"))
+    # which running sequences keep their KV in the host pool (pipemax/selection.py)
+    offload_policy: str = flag("first-come", "with KV offload: first-come (a sequence goes to "
+                                             "the host when the GPU cannot hold it) or "
+                                             "selection (the paper's: the cheapest within the "
+                                             "prefetch budget, re-chosen as contexts grow, "
+                                             "micro-batches balanced)",
+                               choices=OFFLOAD_POLICIES)
     # host KV pool size (default: a safe share of the host)
     host_kv_gb: float | None = flag(None, "host KV pool, all stages together (default: half "
                                           "the free memory)", type=float)
@@ -204,6 +212,9 @@ class RunConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if self.kv_offload not in ("auto", "on", "off"):
             raise ConfigError(f"--kv-offload must be auto, on or off, got {self.kv_offload!r}")
+        if self.offload_policy not in OFFLOAD_POLICIES:
+            raise ConfigError(f"--offload-policy must be first-come or selection, got "
+                              f"{self.offload_policy!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"--kv-cache-dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
         if self.kv_scales not in KV_SCALES:

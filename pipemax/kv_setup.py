@@ -7,6 +7,7 @@ from pipemax.model_config import ModelConfig
 from pipemax.pipeline import Pipeline
 from pipemax.planner import CPU_FIGURES, DeviceFigures, Plan, StageShape, Workload, plan
 from pipemax.scheduler import SchedulerConfig
+from pipemax.selection import StepModel
 
 GiB = 1 << 30
 
@@ -38,12 +39,28 @@ def stage_shapes(model: ModelConfig, reports: list[dict]) -> list[StageShape]:
     return out
 
 
+def step_model(cfg: RunConfig, model: ModelConfig, reports: list[dict],
+               h2d_gbs: float | None = None) -> StepModel:
+    """The selection's step model (pipemax/selection.py): the planner's cost terms for the
+    stage with the most layers, at the figures (``h2d_gbs``: the PCIe rate each GPU gets, when
+    the host's bandwidth is shared; default the figures')."""
+    figs = figures(cfg, reports)
+    esize = 4 if cfg.dtype == "float32" else 2
+    s = max(stage_shapes(model, reports), key=lambda s: (s.layers, s.params))
+    k = s.layers * model.kv_bytes_per_token_layer(cfg.kv_esize or esize)
+    wbytes = s.weight_bytes if s.weight_bytes is not None else s.params * esize
+    return StepModel(wbytes / (figs.hbm_gbs * 1e9), 2 * s.params / (figs.decode_rate * 1e12),
+                     k / (figs.hbm_gbs * 1e9), k / ((h2d_gbs or figs.h2d_gbs) * 1e9))
+
+
 def layout(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload,
-           host_bytes: int, max_model_len: int | None = None) -> tuple[Plan, SchedulerConfig]:
+           host_bytes: int, max_model_len: int | None = None,
+           h2d_gbs: float | None = None) -> tuple[Plan, SchedulerConfig]:
     """The plan and the scheduler's settings for the stages' reports and a host pool of at
     most ``host_bytes`` (pure: tools/simulate.py plans with it too). The plan's host_blocks
     are the blocks the pool must hold (0: no pool). ``max_model_len`` bounds the blocks a
-    step's swap copies move (None: no bound).
+    step's swap copies move (None: no bound). ``h2d_gbs``: the PCIe rate the offload
+    selection budgets with (default: the figures').
 
     Raises PlanError (one line with the figures) when memory cannot hold it."""
     shapes = stage_shapes(model, reports)
@@ -57,7 +74,9 @@ def layout(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload
                             cfg.block_size, p.resident_blocks, p.staging_blocks, p.host_blocks,
                             prefix_caching=cfg.prefix_caching,
                             swap_blocks_per_step=p.seqs_per_mb * -(-max_model_len // cfg.block_size)
-                            if max_model_len else None)
+                            if max_model_len else None,
+                            offload_policy=cfg.offload_policy,
+                            step_model=step_model(cfg, model, reports, h2d_gbs))
     return p, sched
 
 

@@ -95,6 +95,8 @@ class Admission:
     alone: bool         # its micro-batch runs nothing yet
     staged: int         # staging blocks in use in its micro-batch
     streamed: int       # streamed sequences in its micro-batch
+    budget_left: float | None = None   # prefetch tokens its micro-batch's budget has left with
+    #                                    it offloaded (pipemax/selection.py; None: first come)
 
 
 def place(a: Admission, room: Room) -> Placement | None:
@@ -105,7 +107,8 @@ def place(a: Admission, room: Room) -> Placement | None:
             and a.extent <= room.resident_blocks):
         return Placement.RESIDENT
     if (room.staging_blocks > 0 and a.staged + a.first + 1 <= room.staging_blocks
-            and a.extent <= room.staging_blocks):
+            and a.extent <= room.staging_blocks
+            and (a.budget_left is None or a.budget_left >= 0 or a.alone)):
         return Placement.HOST
     if room.streams(a.extent) and a.streamed < MAX_STREAMED_PER_MB:
         return Placement.STREAMED

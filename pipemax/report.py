@@ -74,6 +74,8 @@ def figures(stats: Stats, rt, finals: list[dict]) -> dict:
             "kv_scales": rt.cfg.kv_scales if rt.cfg.kv_cache_dtype == "fp8" else None,
             "offloaded_admitted": sched.num_offloaded_admitted,
             "streamed_admitted": sched.num_streamed_admitted,
+            "offload_policy": sched_cfg.offload_policy, "moved_to_host": sched.num_to_host,
+            "moved_to_gpu": sched.num_to_gpu, "moved_between_micro_batches": sched.num_moved,
             "bytes_prefetched": _bytes(finals, "bytes_prefetched"),
             "bytes_offloaded": _bytes(finals, "bytes_offloaded"),
             "finals": finals}

@@ -54,6 +54,7 @@ import numpy as np
 from pipemax.block_manager import BlockManager, ExtentAllocator
 from pipemax.placement import Admission, Placement, Room, place, swaps
 from pipemax.prefix_cache import extend_keys, shareable_blocks
+from pipemax.selection import Budget, Candidate, StepModel, _loads, select
 from pipemax.sequence import Sequence
 
 MAX_WAITING_PASSED = 256     # waiting sequences an admission may pass (they wait for a prefix)
@@ -70,6 +71,8 @@ class SchedulerConfig:
     host_blocks: int = 0
     prefix_caching: bool = False
     swap_blocks_per_step: int | None = None   # most blocks a step's swap copies move each way
+    offload_policy: str = "first-come"        # or "selection" (pipemax/selection.py)
+    step_model: StepModel | None = None       # the selection's cost model (None: nominal)
 
     def __post_init__(self):
         for f in ("num_micro_batches", "max_seqs_per_mb", "max_tokens_per_step", "block_size"):
@@ -124,6 +127,11 @@ class Scheduler:
         self._copies_out: list[tuple[int, int]] = []   # copies for the next step planned
         self._copies_in: list[tuple[int, int]] = []
         self._swapped: dict[int, Sequence] = {}      # swapped out, not yet resumed
+        # the offload selection (pipemax/selection.py): moves of running sequences
+        self.selecting = (cfg.offload_policy == "selection" and self.offload
+                          and self.host is not None)
+        self.num_to_host = self.num_to_gpu = self.num_moved = 0
+        self._budget_left: float | None = None      # the planned micro-batch's, admitting
         # host extents of sequences swapped back in, freed once their step came back
         self._freed_after: list[list[tuple[int, int]]] = [[] for _ in range(cfg.num_micro_batches)]
 
@@ -300,6 +308,8 @@ class Scheduler:
     def schedule(self, mb: int) -> StepPlan | None:
         cfg = self.cfg
         self._free_swapped_in(mb)     # (complete() did, unless its last step was dropped)
+        if self.selecting:
+            self._reselect(mb)
         run = self.running[mb]
         budget = cfg.max_tokens_per_step
         items: list[tuple[Sequence, int]] = []
@@ -329,7 +339,8 @@ class Scheduler:
                 self._extent(s), need,
                 self.blocks.blocks_for(s.num_computed + min(s.remaining, cfg.max_tokens_per_step)),
                 self.blocks.num_free, self.watermark, not run, self.staged[mb],
-                self.streaming[mb]), self.room)
+                self.streaming[mb], None if self._budget_left is None else
+                self._budget_left - self._cost(len(s.token_ids))), self.room)
             # resident: the whole prompt's blocks are taken now, not the first chunk's, so
             # the other micro-batches cannot take them before its prefill is done
             if s.swapped and where is not None:
@@ -339,6 +350,8 @@ class Scheduler:
             elif where is None or not self._admit_to_host(s, mb, where,
                                                           min(s.remaining, budget)):
                 break
+            if where is Placement.HOST and self._budget_left is not None:
+                self._budget_left -= self._cost(len(s.token_ids))
             del self.waiting[w]
             key = self._first_key(s)
             if key is not None and self._group_tail.get(key) is s:
@@ -351,6 +364,96 @@ class Scheduler:
         if not items:
             return None
         return self._plan(mb, items)
+
+    # ---- the offload selection (pipemax/selection.py) -----------------------------------
+    def _budget(self, short: int, room: int) -> Budget:
+        cfg = self.cfg
+        return Budget(cfg.step_model or StepModel(1.0, 0.0, 0.0, 0.0), cfg.block_size, room,
+                      cfg.staging_blocks, cfg.max_seqs_per_mb, cfg.num_micro_batches, short,
+                      overhead_tokens=cfg.block_size)
+
+    def _cost(self, ctx: int) -> float:
+        return self._budget(0, 0).cost(ctx)
+
+    def _reselect(self, mb: int) -> None:
+        """Re-choose where the decoding sequences of ``mb`` (its last step has come back) run
+        next: on the host or the GPU, in ``mb`` or another micro-batch, and carry the moves
+        out (copies on this step, like a swap's). Then note ``mb``'s prefetch budget left
+        for the sequences it admits."""
+        run, P = self.running[mb], Placement
+        cands, seqs = [], {}
+        for m, r in enumerate(self.running):
+            for s in r:
+                movable = (m == mb and s.placement in (P.RESIDENT, P.HOST)
+                           and s.remaining == 1 and s.num_computed > 0)
+                cands.append(Candidate(id(s), m, s.num_computed + 1,
+                                       s.placement is not P.RESIDENT, movable))
+                seqs[id(s)] = s
+        grow = sum(max(0, self.blocks.blocks_for(s.num_computed + 1) - len(s.blocks))
+                   for s in run if s.placement is P.RESIDENT)
+        head = (self.blocks.blocks_for(len(self.waiting[0].token_ids))
+                if self.waiting and len(run) < self.cfg.max_seqs_per_mb else 0)
+        free = self.blocks.num_free - self.watermark
+        held = sum(len(seqs[c.key].blocks) for c in cands if c.movable and not c.on_host)
+        b = self._budget(max(0, grow + head - free), held + free)
+        where = select(cands, b)
+        for c in cands:
+            to_mb, host = where[c.key]
+            s = seqs[c.key]
+            if host != c.on_host:       # (its copies ride on this step: it stays in mb)
+                _ = self._to_host(s) if host else self._to_gpu(s, mb)
+            elif to_mb != mb:
+                self._move(s, to_mb)
+        loads = _loads(cands, {id(s): (s.mb, s.placement is not P.RESIDENT)
+                               for r in self.running for s in r}, b)
+        self._budget_left = b.prefetch_tokens(loads) - loads[mb].host_cost
+
+    def _to_host(self, s: Sequence) -> bool:
+        """Running resident ``s`` keeps its KV in the host pool from this step on: its
+        computed blocks copied to a new host extent before the step's prefetch reads them."""
+        computed = self.blocks.blocks_for(s.num_computed)
+        cap = self.cfg.swap_blocks_per_step
+        if cap is not None and len(self._copies_out) + computed > cap:
+            return False
+        start = self._host_alloc(self._extent(s))
+        if start is None:
+            return False
+        self._copies_out.extend(zip(s.blocks[:computed], range(start, start + computed)))
+        if self.caching:
+            for k in s.block_keys[s.num_registered:]:
+                if self.computing.get(k) is s:
+                    del self.computing[k]
+            s.num_registered = 0
+        self.blocks.release(s.blocks)
+        s.blocks = list(range(start, start + self._extent(s)))
+        s.placement = Placement.HOST
+        s.staged_blocks = 0
+        self.num_to_host += 1
+        return True
+
+    def _to_gpu(self, s: Sequence, mb: int) -> bool:
+        """Running offloaded ``s`` comes back to GPU blocks (copied from its extent, freed
+        once this step of ``mb`` has come back), if they are free beyond the watermark."""
+        if self.blocks.blocks_for(len(s.token_ids)) + self.watermark > self.blocks.num_free:
+            return False
+        self.staged[s.mb] -= s.staged_blocks
+        s.staged_blocks = 0
+        self._swap_in(s, mb)
+        self.num_to_gpu += 1
+        return True
+
+    def _move(self, s: Sequence, mb: int) -> None:
+        """``s`` runs in micro-batch ``mb`` from now on (nothing is copied), if that one's
+        staging buffer has room for it."""
+        if s.placement is Placement.HOST:
+            if self.staged[mb] + s.staged_blocks + 1 > self.cfg.staging_blocks:
+                return
+            self.staged[s.mb] -= s.staged_blocks
+            self.staged[mb] += s.staged_blocks
+        self.running[s.mb].remove(s)
+        self.running[mb].append(s)
+        s.mb = mb
+        self.num_moved += 1
 
     def _admit_resident(self, s: Sequence, hit: list[int]) -> None:
         """Give ``s`` its blocks: the cached ones of ``hit`` shared, the rest of its tokens'

@@ -80,3 +80,25 @@ def test_refinement_balances_the_micro_batches():
     assert counts in ([4, 3], [3, 4])
     assert max(step_seconds(cands, where, b)) < max(
         step_seconds(cands, {c.key: (c.mb, c.on_host) for c in cands}, b))
+
+
+# ---- carried out by the scheduler, against a model of the KV memory (tests/test_swap.py) ----
+def test_the_scheduler_moves_sequences_and_keeps_every_context():
+    """Selection on: running sequences go to the host and back and change micro-batches;
+    every step's copies (in the stages' order) leave every context holding its own tokens,
+    no block is given twice, none leaks, and every sequence finishes."""
+    import numpy as np
+
+    from test_swap import drive
+    from pipemax.scheduler import SchedulerConfig
+
+    got = {"to_host": 0, "to_gpu": 0, "moved": 0}
+    for seed in range(6):
+        cfg = SchedulerConfig(3, 4, 16, 4, 30, staging_blocks=14, host_blocks=160,
+                              offload_policy="selection",
+                              step_model=StepModel(1e-3, 1e-5, 2e-6, 2e-5))
+        sch = drive(cfg, np.random.default_rng(seed))
+        got["to_host"] += sch.num_to_host
+        got["to_gpu"] += sch.num_to_gpu
+        got["moved"] += sch.num_moved
+    assert all(got.values()), got

@@ -269,3 +269,16 @@ def test_offload_off_recomputes(tmp_path, model_dir, work):
     assert st["preemptions"] > 0 and st["swapped_out"] == 0 and st["tokens_recomputed"] > 0
     assert st["bytes_swapped_out"] == 0 and "swapped to the host pool" not in log
     assert f"{st['preemptions']} preemptions: {st['tokens_recomputed']} tokens recomputed" in log
+
+
+@pytest.mark.parametrize("stages,overlap", [(1, "on"), (2, "off"), (3, "on")])
+def test_the_offload_selection_gives_transformers_tokens(tmp_path, model_dir, work, stages,
+                                                         overlap):
+    """--offload-policy selection with a tiny KV budget: running sequences move between the
+    GPU, the host pool and micro-batches, and the greedy tokens stay transformers'."""
+    ids, ref = work
+    toks, st, _ = run(tmp_path, model_dir, ids, "--gpus", str(stages), "--kv-offload", "on",
+                      "--offload-overlap", overlap, "--offload-policy", "selection")
+    assert toks == ref
+    assert st["offload_policy"] == "selection"
+    assert st["moved_to_host"] + st["moved_to_gpu"] + st["moved_between_micro_batches"] > 0, st

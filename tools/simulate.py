@@ -243,7 +243,8 @@ def simulate(cfg: RunConfig, model: ModelConfig, reports: list[dict], lines: lis
     parser = lambda: Parser(None, max_model_len=max_len, vocab_size=model.vocab_size)
     wl = estimate(enumerate(lines), parser(), max_len,
                   block_size=cfg.block_size if cfg.prefix_caching else 0)
-    plan, sched_cfg = kv_setup.layout(cfg, model, reports, wl, host_bytes, max_len)
+    plan, sched_cfg = kv_setup.layout(cfg, model, reports, wl, host_bytes, max_len,
+                                      h2d_gbs=min(hw.h2d_gbs, hw.host_gbs / cfg.gpus))
     shapes = kv_setup.stage_shapes(model, reports)
     figs = kv_setup.figures(cfg, reports)
     esize = 4 if cfg.dtype == "float32" else 2
@@ -268,6 +269,9 @@ def simulate(cfg: RunConfig, model: ModelConfig, reports: list[dict], lines: lis
             "steps": stats.steps, "preemptions": sched.num_preemptions,
             "offloaded_admitted": sched.num_offloaded_admitted,
             "streamed_admitted": sched.num_streamed_admitted,
+            "swapped_out": sched.num_swapped_out, "tokens_recomputed": sched.tokens_recomputed,
+            "moved_to_host": sched.num_to_host, "moved_to_gpu": sched.num_to_gpu,
+            "moved_between_micro_batches": sched.num_moved,
             "host_seqs_mean": pipe.host_seq_s / t if t > 0 else 0.0,
             "bubble_share": [s["bubble"] for s in shares],
             "stall_share": [s["stall"] for s in shares],
@@ -357,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-gb", type=float, default=None)
     p.add_argument("--kv-cache-gb", type=float, default=None)
     p.add_argument("--kv-offload", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--offload-policy", choices=("first-come", "selection"),
+                   default=RunConfig.offload_policy)
     p.add_argument("--host-kv-gb", type=float, default=None,
                    help="default: half the preset's host memory")
     p.add_argument("--micro-batches", type=int, default=None)
@@ -411,7 +417,10 @@ def report(r: dict, a, hw: Hardware) -> str:
         f"{pct(r['pcie_d2h_share'])}; {r['bytes_prefetched'] / 1e9:.1f} GB prefetched, "
         f"{r['bytes_streamed'] / 1e9:.1f} GB streamed",
         f"sequences on the host: mean {r['host_seqs_mean']:.1f} ({r['offloaded_admitted']} "
-        f"offloaded, {r['streamed_admitted']} streamed admissions)"])
+        f"offloaded, {r['streamed_admitted']} streamed admissions); --offload-policy "
+        f"{a.offload_policy}: {r['moved_to_host']} moved to the host, {r['moved_to_gpu']} "
+        f"back to the GPU, {r['moved_between_micro_batches']} between micro-batches; "
+        f"{r['swapped_out']} preemptions swapped, {r['tokens_recomputed']} tokens recomputed"])
 
 
 def main(argv=None) -> int:
@@ -434,6 +443,7 @@ def main(argv=None) -> int:
                         max_num_seqs=a.max_num_seqs, micro_batches=a.micro_batches,
                         max_num_batched_tokens=a.max_num_batched_tokens, seed=a.seed,
                         kv_offload=a.kv_offload, host_kv_gb=a.host_kv_gb,
+                        offload_policy=a.offload_policy,
                         prefix_caching=a.prefix_caching == "on")
         max_len = min(model.max_position_embeddings, a.max_model_len or 1 << 62)
         lines = [json.dumps(r, separators=(",", ":")).encode()
