@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 WINDOW = 4          # steps of a micro-batch the budget looks ahead
 MAX_ROUNDS = 64     # refinement moves tried at most (each lowers the objective)
+GAIN = 0.01         # the least share a refinement move lowers the objective by
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,11 @@ def _objective(loads: list[Load], m: StepModel) -> tuple[float, float]:
     return max(steps, default=0.0), sum(t * t for t in steps)
 
 
+def _better(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Is objective ``a`` clearly lower than ``b`` (by ``GAIN``: no moves for crumbs)?"""
+    return a[0] < b[0] * (1 - GAIN) or (a[0] <= b[0] and a[1] < b[1] * (1 - 2 * GAIN))
+
+
 def select(cands: list[Candidate], b: Budget) -> dict[int, tuple[int, bool]]:
     """Where each candidate runs next: key -> (micro-batch, on the host). Candidates that are
     not movable stay where they are; they count in their micro-batches' loads."""
@@ -207,7 +213,7 @@ def select(cands: list[Candidate], b: Budget) -> dict[int, tuple[int, bool]]:
                     move(x, m, h)
                 else:
                     obj = _objective(loads, b.model)
-                    if obj < best:
+                    if _better(obj, best):
                         found, best = moves, obj
                 for x, m, h in reversed(undo):
                     move(x, m, h)
