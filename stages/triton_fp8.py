@@ -47,37 +47,49 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, Kp, stride_x, tiny,
-                              BLOCK: tl.constexpr):
+                              BLOCK: tl.constexpr, ONE: tl.constexpr):
         row = tl.program_id(0)
         live = row < M
         src = x_ptr + row.to(tl.int64) * stride_x
-        cols = tl.arange(0, BLOCK)
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            c = k0 + cols
-            v = tl.load(src + c, mask=(c < K) & live, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(v))
-        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), tiny), 448.0)
-        tl.store(s_ptr + row, scale)
         dst = q_ptr + row.to(tl.int64) * Kp
-        for k0 in range(0, Kp, BLOCK):
-            c = k0 + cols
-            v = tl.load(src + c, mask=(c < K) & live, other=0.0).to(tl.float32)
+        cols = tl.arange(0, BLOCK)
+        if ONE:                       # the whole row in one block: x read once
+            v = tl.load(src + cols, mask=(cols < K) & live, other=0.0).to(tl.float32)
+            amax = tl.max(tl.abs(v), axis=0)
+            scale = tl.math.div_rn(tl.maximum(amax, tiny), 448.0)
             v = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -448.0), 448.0)
-            tl.store(dst + c, _e4m3_bits(v).to(tl.uint8), mask=c < Kp)
+            tl.store(dst + cols, _e4m3_bits(v).to(tl.uint8), mask=cols < Kp)
+        else:                         # long rows: the amax, then x again (from L2)
+            amax = tl.zeros([BLOCK], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK):
+                c = k0 + cols
+                v = tl.load(src + c, mask=(c < K) & live, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(v))
+            scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), tiny), 448.0)
+            for k0 in range(0, Kp, BLOCK):
+                c = k0 + cols
+                v = tl.load(src + c, mask=(c < K) & live, other=0.0).to(tl.float32)
+                v = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -448.0), 448.0)
+                tl.store(dst + c, _e4m3_bits(v).to(tl.uint8), mask=c < Kp)
+        tl.store(s_ptr + row, scale)
 
 
-def quantize_rows_padded(x: torch.Tensor, Kp: int, Mp: int, tiny: float
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_padded(x: torch.Tensor, Kp: int, Mp: int, tiny: float,
+                         max_block: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
     """(q [Mp, Kp] float8_e4m3fn, scale [Mp, 1] float32) of x [M, K] (M <= Mp, K <= Kp), its
-    rows quantized as ``fp8.quantize_rows`` does, the padding zero. One launch."""
+    rows quantized as ``fp8.quantize_rows`` does, the padding zero. One launch; a row of at
+    most ``max_block`` columns is one block (read once), a longer one goes in blocks of at
+    most 1024."""
     M, K = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
     q = torch.empty(Mp, Kp, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(Mp, 1, dtype=torch.float32, device=x.device)
     if Mp:
-        block = min(_BLOCK, triton.next_power_of_2(max(Kp, 16)))
+        whole = triton.next_power_of_2(max(Kp, 16))
+        one = whole <= max_block
+        block = whole if one else min(_BLOCK, max_block)
+        warps = 4 if block <= 4096 else 8 if block <= 8192 else 16
         _quantize_rows_kernel[(Mp,)](x, q.view(torch.uint8), s, M, K, Kp, x.stride(0), tiny,
-                                     BLOCK=block, num_warps=4)
+                                     BLOCK=block, ONE=one, num_warps=warps)
     return q, s
