@@ -47,10 +47,11 @@ def _equal(got, want):
                                rq.view(torch.uint8)[tuple(diff[0])])
 
 
-@pytest.mark.parametrize("max_block", [16384, 128])      # a row in one block; in blocks
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("M,K", [(1, 40), (5, 100), (16, 64), (33, 1100)])
-def test_quantize_equals_torch_bit_for_bit(M, K, dtype, max_block):
+@pytest.mark.parametrize("M,K,max_block", [(1, 40, 16384), (5, 100, 16384), (16, 64, 16384),
+                                           (33, 1100, 16384),       # each row in one block
+                                           (5, 100, 64), (9, 400, 128)])   # rows in blocks
+def test_quantize_equals_torch_bit_for_bit(M, K, max_block, dtype):
     x = _x(M, K, dtype, seed=M + K)
     Mp, Kp = -(-M // 16) * 16, -(-K // 16) * 16
     got = tq.quantize_rows_padded(x, Kp, Mp, _TINY, max_block)
