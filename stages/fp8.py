@@ -7,9 +7,11 @@
 On CUDA (compute capability 8.9 or more) the GEMM is one ``torch._scaled_mm`` with rowwise
 scales (compute capability 9.0 or more; on 8.9 it runs unscaled into float32 and the scales
 are applied after); it wants M, K and N multiples of 16, so K and N are padded at load (zero
-columns and rows, sliced off the output) and M at run time. The activation quantization is plain
-tensor ops without a host sync, so a CUDA graph captures it. On the CPU the same math runs
-in plain torch: both operands dequantized to float32, multiplied, rounded to the dtype.
+columns and rows, sliced off the output; nothing when N and K already are) and M at run time.
+The activation quantization (padding included) is one Triton kernel (stages/triton_fp8.py;
+plain torch ops without Triton, the same bytes), without a host sync, so a CUDA graph
+captures it. On the CPU the same math runs in plain torch: both operands dequantized to
+float32, multiplied, rounded to the dtype.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import functools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from pipemax.stages import triton_fp8
 
 FP8 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(FP8).max)      # 448
@@ -99,10 +103,11 @@ class Fp8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x.is_cuda:
-            y = scaled_mm(x2, self.weight, self.weight_scale, rowwise=_rowwise(x.device))
+            y = scaled_mm(x2, self.weight, self.weight_scale, x.dtype, rowwise=_rowwise(x.device))
         else:
-            y = plain_mm(x2, self.weight, self.weight_scale)
-        y = y[:, :self.out_features].to(x.dtype)
+            y = plain_mm(x2, self.weight, self.weight_scale).to(x.dtype)
+        if y.shape[1] != self.out_features:      # N padded at load (N % 16 != 0 only)
+            y = y[:, :self.out_features]
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -126,23 +131,35 @@ def _rowwise(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
+def quantize_padded(x: torch.Tensor, Kp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xq [round16(M), Kp] fp8, xs [round16(M), 1] float32): x [M, K] zero-padded to those
+    sizes and quantized per row. One Triton kernel on CUDA (stages/triton_fp8.py, the same
+    bytes), else the padding copy and ``quantize_rows`` in torch."""
+    M, K = x.shape
+    Mp = _round_up(M)
+    if triton_fp8.available(x):
+        return triton_fp8.quantize_rows_padded(x, Kp, Mp, _TINY)
+    if Mp != M or Kp != K:
+        x = F.pad(x, (0, Kp - K, 0, Mp - M))
+    return quantize_rows(x)
+
+
 def scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
               out_dtype: torch.dtype = torch.bfloat16, rowwise: bool = True) -> torch.Tensor:
     """The same GEMM through ``torch._scaled_mm`` with rowwise scales (scale_a [M, 1], scale_b
     [1, N], both float32; the weight row-major [N, K], passed transposed: column-major). M and
-    K are padded to multiples of 16. Returns [M, Np] in ``out_dtype``. ``rowwise=False``: the
-    product unscaled in float32, then the scales (for GPUs without rowwise scaling)."""
-    M, K = x.shape
-    Kp = weight.shape[1]
-    Mp = _round_up(M)
-    if Mp != M or Kp != K:
-        x = F.pad(x, (0, Kp - K, 0, Mp - M))
-    xq, xs = quantize_rows(x)
+    K are padded to multiples of 16 (``quantize_padded``). Returns [M, Np] in ``out_dtype``
+    (rowwise scaling writes bfloat16, converted when ``out_dtype`` is another). ``rowwise=False``:
+    the product unscaled in float32, then the scales (for GPUs without rowwise scaling)."""
+    M = x.shape[0]
+    xq, xs = quantize_padded(x, weight.shape[1])
     if rowwise:
         y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.view(1, -1),
-                             out_dtype=out_dtype)
+                             out_dtype=torch.bfloat16)
+        if out_dtype != torch.bfloat16:
+            y = y.to(out_dtype)
     else:
         one = torch.ones((), dtype=torch.float32, device=x.device)
         y = torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
         y = (y * xs * scale.view(1, -1)).to(out_dtype)
-    return y[:M] if Mp != M else y
+    return y[:M] if xq.shape[0] != M else y          # rows: a view, no copy

@@ -140,7 +140,7 @@ class Stage:
         budget = kv_budget_bytes(s, self.device, self.weight_bytes, self.dtype,
                                  self.decode_kernel, self.free_at_start)
         figures = (measure(self.device, self.dtype, self.model.layers[0].linears(),
-                           s.max_tokens_per_step, s.max_seqs_per_step)
+                           s.max_tokens_per_step, s.max_seqs_per_step, s.decode_graphs)
                    if self.device.type == "cuda" else None)
         return {"stage": s.index, "layers": [s.layer_start, s.layer_end],
                 "weight_bytes": self.weight_bytes, "block_bytes": block_bytes,

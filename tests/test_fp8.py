@@ -79,20 +79,40 @@ def test_fp8_linear_against_float_reference():
     torch.testing.assert_close(y, same, rtol=1e-5, atol=1e-5)
 
 
+def _cpu_rowwise_refusal() -> str | None:
+    """Why this torch's CPU backend refuses torch._scaled_mm with rowwise scales (torch 2.11:
+    "only supports per-tensor scaling for CPU backend"; 2.13 takes them), or None."""
+    a = torch.zeros(16, 16).to(FP8)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16),
+                         out_dtype=torch.float32)
+    except RuntimeError as e:
+        if "per-tensor" in str(e):
+            return str(e).splitlines()[0]
+        raise
+    return None
+
+
+@pytest.mark.parametrize("rowwise", [True, False])
 @pytest.mark.parametrize("M,K,N", [(5, 40, 24), (16, 64, 48), (33, 80, 100)])
-def test_scaled_mm_call_equals_plain_math_on_cpu(M, K, N):
-    """The CUDA path's torch._scaled_mm call (rowwise scales, the weight column-major, M/K/N
-    padded to 16) gives the plain path's numbers; torch runs it on the CPU too."""
+def test_scaled_mm_call_equals_plain_math_on_cpu(M, K, N, rowwise):
+    """The CUDA path's torch._scaled_mm call (the weight column-major, M/K/N padded to 16)
+    gives the plain path's numbers on the CPU: per-tensor (unit scales, then the rowwise ones
+    applied in float32) with every torch; with rowwise scales where torch's CPU backend takes
+    them (a probe call says; it refuses nothing else)."""
+    if rowwise and (why := _cpu_rowwise_refusal()) is not None:
+        pytest.skip(f"this torch's CPU _scaled_mm: {why}")
     m = Fp8Linear(K, N, bias=False, dtype=torch.float32)
     m.set_weight(_weight(N, K, seed=M))
     assert m.weight.shape == (-(-N // 16) * 16, -(-K // 16) * 16)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(3))
     want = plain_mm(x, m.weight, m.weight_scale)
-    for rowwise in (True, False):
-        got = scaled_mm(x, m.weight, m.weight_scale, torch.float32, rowwise=rowwise)
-        assert got.shape == want.shape == (M, m.weight.shape[0])
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-        assert torch.all(got[:, N:] == 0)                  # padded rows: zero weights
+    got = scaled_mm(x, m.weight, m.weight_scale, torch.float32, rowwise=rowwise)
+    assert got.shape == want.shape == (M, m.weight.shape[0])
+    # rowwise: bfloat16 out (what rowwise scaling writes), so within bfloat16's rounding
+    tol = dict(rtol=2 ** -8, atol=1e-3) if rowwise else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got, want, **tol)
+    assert torch.all(got[:, N:] == 0)                  # padded rows: zero weights
 
 
 def test_set_quantized_takes_per_tensor_and_per_channel_scales():
@@ -123,7 +143,9 @@ def test_cuda_fp8_linear_against_bf16(M):
     ref = F.linear(x, w)
     rel = float((y.float() - ref.float()).norm() / ref.float().norm())
     assert rel < 0.05, rel
-    same = plain_mm(x, m.weight, m.weight_scale)          # the CPU's math, on the GPU
+    # the CPU's math (on the CPU: its scales are the kernel's; torch on CUDA divides by 448
+    # as a multiplication by the inverse, an element's rounding apart now and then)
+    same = plain_mm(x.cpu(), m.weight.cpu(), m.weight_scale.cpu()).to(x.device)
     torch.testing.assert_close(y.float(), same.to(torch.bfloat16).float(), rtol=2e-2, atol=2e-2)
     unscaled = scaled_mm(x, m.weight, m.weight_scale, rowwise=False)   # compute capability 8.9
     torch.testing.assert_close(unscaled.float(), same.to(torch.bfloat16).float(), rtol=2e-2,
