@@ -77,6 +77,7 @@ def figures(stats: Stats, rt, finals: list[dict]) -> dict:
             "blocks_swapped_out": sched.blocks_swapped_out,
             "blocks_swapped_in": sched.blocks_swapped_in,
             "tokens_recomputed": sched.tokens_recomputed,
+            # the stages' swap copies: preempted sequences' and the host tier's blocks
             "bytes_swapped_out": _bytes(finals, "bytes_swapped_out"),
             "bytes_swapped_in": _bytes(finals, "bytes_swapped_in"),
             "micro_batches": sched_cfg.num_micro_batches,
