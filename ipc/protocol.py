@@ -24,4 +24,5 @@ OP_ERROR = 5
 
 # tensors every stage forwards unchanged with a STEP
 STEP_META_TENSORS = ("q_lens", "ctx_lens", "block_tables", "offloaded", "streamed", "swap_out",
-                     "swap_in", "sample_rows", "temperature", "top_p", "top_k", "u")
+                     "swap_in", "gpu_prefix", "sample_rows", "temperature", "top_p", "top_k",
+                     "u")

@@ -14,7 +14,8 @@ class BlockManager:
     block goes back to the free list, or, if it is cached, stays cached and idle until a
     new block is needed and no free one is left (the least recently used goes first)."""
 
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False,
+                 keep_evicted: bool = False):
         if num_blocks < 0:
             raise ValueError("a negative number of KV blocks")
         self.num_blocks = num_blocks
@@ -22,6 +23,10 @@ class BlockManager:
         self._free = list(range(num_blocks - 1, -1, -1))   # pop() hands out low ids first
         self.refs = [0] * num_blocks
         self.cache = PrefixCache() if prefix_caching else None
+        # (block, key) of the cached blocks evicted since the owner last took them (only
+        # with ``keep_evicted``: the scheduler copies them to the host tier)
+        self.keep_evicted = keep_evicted
+        self.evicted: list[tuple[int, bytes]] = []
 
     @property
     def num_free(self) -> int:
@@ -43,7 +48,12 @@ class BlockManager:
         if need > self.num_free:
             return False
         for _ in range(need):
-            b = self._free.pop() if self._free else self.cache.evict()
+            if self._free:
+                b = self._free.pop()
+            else:
+                b, key = self.cache.evict()
+                if self.keep_evicted:
+                    self.evicted.append((b, key))
             self.refs[b] = 1
             blocks.append(b)
         return True

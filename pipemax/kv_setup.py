@@ -76,8 +76,17 @@ def layout(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload
                             swap_blocks_per_step=p.seqs_per_mb * -(-max_model_len // cfg.block_size)
                             if max_model_len else None,
                             offload_policy=cfg.offload_policy,
-                            step_model=step_model(cfg, model, reports, h2d_gbs))
+                            step_model=step_model(cfg, model, reports, h2d_gbs),
+                            host_cache_blocks=host_cache_blocks(cfg, p, host_avail))
     return p, sched
+
+
+def host_cache_blocks(cfg: RunConfig, p: Plan, host_avail: int) -> int:
+    """Slots of the prefix cache's host tier, after the plan's host blocks: with caching, the
+    tier and KV offload on, twice the GPU's resident blocks, within what the host has spare."""
+    if not (cfg.prefix_caching and cfg.prefix_cache_host and p.staging_blocks > 0):
+        return 0
+    return max(0, min(2 * p.resident_blocks, host_avail - p.host_blocks))
 
 
 def setup(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload,
@@ -90,7 +99,7 @@ def setup(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload,
     host_bytes = int(cfg.host_kv_gb * GiB) if cfg.host_kv_gb else default_host_bytes(pinned)
     p, sched = layout(cfg, model, reports, wl, host_bytes, pipeline.max_model_len)
     pool = None
-    H = p.host_blocks                       # the plan sizes the host pool
+    H = p.host_blocks + sched.host_cache_blocks   # the plan sizes the host pool, + the tier
     if H:
         shapes = stage_shapes(model, reports)
         check_host_memory(H * sum(s.block_bytes for s in shapes), pinned)

@@ -38,7 +38,7 @@ def ring_capacity(cfg: RunConfig, model: ModelConfig, max_model_len: int) -> int
     tokens = cfg.max_num_batched_tokens * 8
     seqs = cfg.max_seqs_per_mb
     tables = seqs * (-(-max_model_len // cfg.block_size)) * 4
-    per_seq = seqs * (4 * 4 + 8 * 3 + 2 * 20 * 8)
+    per_seq = seqs * (5 * 4 + 8 * 3 + 2 * 20 * 8)
     swaps = 4 * tables   # a step's swap copies: int32 (from, to) pairs out and in, each at
     # most a micro-batch's block tables (SchedulerConfig.swap_blocks_per_step)
     one = hidden + tokens + tables + swaps + per_seq + (64 << 10)
@@ -180,6 +180,7 @@ class Pipeline:
             "streamed": torch.from_numpy(plan.streamed),
             "swap_out": torch.from_numpy(plan.swap_out),
             "swap_in": torch.from_numpy(plan.swap_in),
+            "gpu_prefix": torch.from_numpy(plan.gpu_prefix),
             "sample_rows": torch.from_numpy(plan.sample_rows),
             **{k: torch.from_numpy(v) for k, v in sampling.items()},
             "tokens": torch.from_numpy(plan.tokens),

@@ -10,6 +10,13 @@ the least recently released goes first.
 
 Pure bookkeeping, no I/O: the block manager (pipemax/block_manager.py) owns the block ids and
 their reference counts; the scheduler decides when a block is full.
+
+With KV offload on, the host pool is the cache's second tier (``HostTier``): an idle cached
+GPU block evicted for room is copied, with its key, into a slot of the host pool's own region
+for the tier (least recently used slots go first when it is full), and a later sequence whose
+prompt reaches that key gets a new GPU block filled by a host -> GPU copy instead of
+computing it. A key brought back stays in the tier too (its slot still holds the tokens), so
+the next eviction of the same prefix copies nothing.
 """
 from __future__ import annotations
 
@@ -77,12 +84,82 @@ class PrefixCache:
         """Idle cached ``block`` gets a holder again."""
         del self.idle[block]
 
-    def evict(self) -> int:
-        """Forget the least recently used idle block and hand it out."""
+    def evict(self) -> tuple[int, bytes]:
+        """Forget the least recently used idle block and hand it out, with the key it had."""
         block, _ = self.idle.popitem(last=False)
-        del self.block_of[self.key_of.pop(block)]
+        key = self.key_of.pop(block)
+        del self.block_of[key]
         self.evictions += 1
-        return block
+        return block, key
+
+
+class HostTier:
+    """The second tier: keys of evicted GPU blocks and the host slots holding their tokens.
+
+    Slots are host block ids ``base .. base + num_slots - 1``. A slot a step is reading
+    (``pin``, for a copy back to the GPU) is not reused until that step is done (``unpin``);
+    the others are kept least recently used first and the first of them goes when a new key
+    needs a slot and none is free."""
+
+    def __init__(self, base: int, num_slots: int):
+        self.base, self.num_slots = base, num_slots
+        self.slot_of: dict[bytes, int] = {}
+        self.key_of: dict[int, bytes] = {}
+        self.lru: OrderedDict[int, None] = OrderedDict()   # held, not pinned: LRU first
+        self.pins: dict[int, int] = {}                      # slot -> steps reading it
+        self._free = list(range(base + num_slots - 1, base - 1, -1))
+        self.stored = 0          # keys copied in
+        self.dropped = 0         # keys forgotten for room
+
+    def __len__(self) -> int:
+        return len(self.key_of)
+
+    def lookup(self, keys: Iterable[bytes]) -> list[int]:
+        """The slots of the longest run of ``keys`` (from the first) that the tier holds."""
+        out = []
+        for k in keys:
+            s = self.slot_of.get(k)
+            if s is None:
+                break
+            out.append(s)
+        return out
+
+    def put(self, key: bytes) -> int | None:
+        """A slot to copy the block of ``key`` into (the tier holds it from now on); None if
+        the tier holds the key already (nothing to copy) or every slot is pinned."""
+        if key in self.slot_of:
+            self.touch(self.slot_of[key])
+            return None
+        if self._free:
+            slot = self._free.pop()
+        elif self.lru:
+            slot, _ = self.lru.popitem(last=False)
+            del self.slot_of[self.key_of.pop(slot)]
+            self.dropped += 1
+        else:
+            return None
+        self.slot_of[key] = slot
+        self.key_of[slot] = key
+        self.lru[slot] = None
+        self.stored += 1
+        return slot
+
+    def touch(self, slot: int) -> None:
+        if slot in self.lru:
+            self.lru.move_to_end(slot)
+
+    def pin(self, slot: int) -> None:
+        """A step reads ``slot``: it stays until ``unpin``."""
+        self.pins[slot] = self.pins.get(slot, 0) + 1
+        self.lru.pop(slot, None)
+
+    def unpin(self, slot: int) -> None:
+        n = self.pins[slot] - 1
+        if n:
+            self.pins[slot] = n
+        else:
+            del self.pins[slot]
+            self.lru[slot] = None          # the most recently used
 
 
 def cached_tokens(prompts: Iterable[Sequence[int]], block_size: int) -> tuple[int, int]:

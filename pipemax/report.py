@@ -54,6 +54,18 @@ def preemption_summary(finals: list[dict], sched: Scheduler) -> str:
             "tokens recomputed")
 
 
+def host_tier_summary(sched: Scheduler) -> str:
+    """The prefix cache with offload: offloaded sequences that mapped a cached prefix, and
+    the host tier's blocks (copied in when evicted from the GPU, brought back)."""
+    parts = []
+    if sched.num_offloaded_cached:
+        parts.append(f"{sched.num_offloaded_cached} offloaded sequences mapped a cached prefix")
+    if sched.tier is not None:
+        parts.append(f"host tier of the prefix cache: {sched.tier_blocks_out} blocks kept, "
+                     f"{sched.tier_blocks_in} brought back instead of recomputed")
+    return "".join("; " + p for p in parts)
+
+
 def figures(stats: Stats, rt, finals: list[dict]) -> dict:
     """The ``--stats-json`` figures of a run."""
     sched, sched_cfg = rt.sched, rt.sched_cfg
@@ -65,6 +77,7 @@ def figures(stats: Stats, rt, finals: list[dict]) -> dict:
             "blocks_swapped_out": sched.blocks_swapped_out,
             "blocks_swapped_in": sched.blocks_swapped_in,
             "tokens_recomputed": sched.tokens_recomputed,
+            # the stages' swap copies: preempted sequences' and the host tier's blocks
             "bytes_swapped_out": _bytes(finals, "bytes_swapped_out"),
             "bytes_swapped_in": _bytes(finals, "bytes_swapped_in"),
             "micro_batches": sched_cfg.num_micro_batches,
@@ -78,6 +91,10 @@ def figures(stats: Stats, rt, finals: list[dict]) -> dict:
             "moved_to_gpu": sched.num_to_gpu, "moved_between_micro_batches": sched.num_moved,
             "bytes_prefetched": _bytes(finals, "bytes_prefetched"),
             "bytes_offloaded": _bytes(finals, "bytes_offloaded"),
+            "offloaded_cached": sched.num_offloaded_cached,
+            "host_cache_blocks": sched_cfg.host_cache_blocks,
+            "host_cache_blocks_out": sched.tier_blocks_out,
+            "host_cache_hits": sched.tier_blocks_in,
             "finals": finals}
 
 
@@ -92,7 +109,8 @@ def measured_line(rt, stats: Stats, finals: list[dict]) -> str:
                  if rt.cfg.device == "cuda" and plan.predicted_tok_s > 0 else
                  f"measured {measured:.0f}")
     return (f"weights {weights_name(rt.cfg)}; {predicted} output tok/s over the whole run"
-            + offload_summary(finals, rt.sched) + preemption_summary(finals, rt.sched)
+            + offload_summary(finals, rt.sched) + host_tier_summary(rt.sched)
+            + preemption_summary(finals, rt.sched)
             + handoff_summary(finals))
 
 

@@ -39,10 +39,26 @@ least its last token, whose step samples. Its blocks are offered to the cache as
 A sequence whose next block is being computed right now by another running sequence waits
 (the queue's later sequences may go first), so a common prefix is computed once before its
 sharers are admitted; and a new sequence joins the queue behind the last waiting one that
-begins with the same block, so sharers run together. Offloaded and streamed sequences (KV in
-host extents) neither use nor fill the cache. A released block stays cached until its room
+begins with the same block, so sharers run together. A released block stays cached until its room
 is needed (least recently used first), so a preempted or finished sequence's blocks remain
 for whoever comes next with the same tokens, the preempted sequence itself included.
+
+An offloaded sequence uses the cache too: its block table begins with the cached GPU blocks
+of its prompt (``Sequence.gpu_prefix`` of them, shared like a resident sequence's, never
+staged nor copied: stages/timetable.py keeps them) and goes on with its host extent, which
+covers only the rest. So the offloaded sharers of a micro-batch move their common prefix over
+PCIe not once per sequence but never. It takes idle cached blocks only above the watermark.
+(It does not fill the cache: what it computes lives in its extent. Streamed sequences
+neither use nor fill it.)
+
+With KV offload on, the host pool is the cache's second tier (``host_cache_blocks`` slots
+after the extents' blocks, pipemax/prefix_cache.py ``HostTier``): an idle cached block
+evicted for room is copied to a slot with its key (the step's ``swap_out`` copies, before it
+computes, so the block is reused at once), and a later admission whose prompt goes on past
+the GPU's cached blocks into the tier's keys gets new GPU blocks filled from those slots by
+the step's ``swap_in`` copies (before it computes) instead of computing them; they are
+cached on the GPU again at once. A slot being read is not reused until its step has come
+back.
 """
 from __future__ import annotations
 
@@ -53,7 +69,7 @@ import numpy as np
 
 from pipemax.block_manager import BlockManager, ExtentAllocator
 from pipemax.placement import Admission, Placement, Room, place, swaps
-from pipemax.prefix_cache import extend_keys, shareable_blocks
+from pipemax.prefix_cache import HostTier, extend_keys, shareable_blocks
 from pipemax.selection import Budget, Candidate, StepModel, _loads, select
 from pipemax.sequence import Sequence
 
@@ -73,6 +89,7 @@ class SchedulerConfig:
     swap_blocks_per_step: int | None = None   # most blocks a step's swap copies move each way
     offload_policy: str = "first-come"        # or "selection" (pipemax/selection.py)
     step_model: StepModel | None = None       # the selection's cost model (None: nominal)
+    host_cache_blocks: int = 0    # host tier of the prefix cache: host ids after host_blocks
 
     def __post_init__(self):
         for f in ("num_micro_batches", "max_seqs_per_mb", "max_tokens_per_step", "block_size"):
@@ -95,6 +112,7 @@ class StepPlan:
     streamed: np.ndarray      # [B] bool, rows whose KV stays in the host pool (host ids too)
     swap_out: np.ndarray = None   # [n, 2] int32 (GPU block, host block) copied before compute
     swap_in: np.ndarray = None    # [n, 2] int32 (host block, GPU block) copied before compute
+    gpu_prefix: np.ndarray = None  # [B] int32, offloaded rows: leading GPU blocks (cached), kept
 
     @property
     def num_tokens(self) -> int:
@@ -104,8 +122,12 @@ class StepPlan:
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig):
         self.cfg = cfg
-        self.blocks = BlockManager(cfg.num_blocks, cfg.block_size, cfg.prefix_caching)
         self.caching = cfg.prefix_caching
+        self.tier = (HostTier(cfg.host_blocks, cfg.host_cache_blocks)
+                     if self.caching and cfg.host_cache_blocks > 0 and cfg.staging_blocks > 0
+                     else None)
+        self.blocks = BlockManager(cfg.num_blocks, cfg.block_size, cfg.prefix_caching,
+                                   keep_evicted=self.tier is not None)
         self.computing: dict[bytes, Sequence] = {}  # block keys being computed, and by whom
         self._group_tail: dict[bytes, Sequence] = {}  # first block key -> last such queued
         self.waiting: deque[Sequence] = deque()
@@ -134,6 +156,12 @@ class Scheduler:
         self._budget_left: float | None = None      # the planned micro-batch's, admitting
         # host extents of sequences swapped back in, freed once their step came back
         self._freed_after: list[list[tuple[int, int]]] = [[] for _ in range(cfg.num_micro_batches)]
+        # prefix caching with offload: offloaded admissions that mapped cached GPU blocks; the
+        # host tier's blocks copied in (evicted GPU blocks) and brought back (not computed)
+        self.num_offloaded_cached = 0
+        self.tier_blocks_out = 0
+        self.tier_blocks_in = 0
+        self._unpin_after: list[list[int]] = [[] for _ in range(cfg.num_micro_batches)]
 
     def max_tokens_servable(self) -> int:
         """The longest sequence that can ever run (alone): streamed, what the host pool holds."""
@@ -205,13 +233,18 @@ class Scheduler:
         b, host = self.blocks, self.host
         return {"block_size": self.cfg.block_size, "gpu_total": b.num_blocks,
                 "gpu_used": b.num_blocks - b.num_free, "gpu_cached_idle": b.num_idle_cached,
+                "host_cached": len(self.tier) if self.tier is not None else None,
                 "host_total": host.num_blocks if host is not None else None,
                 "host_used": host.used if host is not None else None}
 
     def _release(self, seq: Sequence) -> None:
         self.running[seq.mb].remove(seq)
         if seq.placement.on_host:
-            self.host.free(seq.blocks[0], len(seq.blocks))
+            h = seq.gpu_prefix
+            self.host.free(seq.blocks[h], len(seq.blocks) - h)
+            if h:
+                self.blocks.release(seq.blocks[:h])
+                seq.gpu_prefix = 0
             self.staged[seq.mb] -= seq.staged_blocks
             if seq.placement is Placement.STREAMED:
                 self.streaming[seq.mb] -= 1
@@ -286,11 +319,15 @@ class Scheduler:
         s.num_registered = 0                    # (its full blocks are offered as it runs)
 
     def _free_swapped_in(self, mb: int) -> None:
-        """Free the host extents of the sequences that ``mb``'s last step swapped back in
-        (that step has come back: every stage's copy out of them is done)."""
+        """Free the host extents of the sequences that ``mb``'s last step swapped back in, and
+        the host tier's slots it read (that step has come back: every stage's copy out of
+        them is done)."""
         for start, n in self._freed_after[mb]:
             self.host.free(start, n)
         self._freed_after[mb].clear()
+        for slot in self._unpin_after[mb]:
+            self.tier.unpin(slot)
+        self._unpin_after[mb].clear()
 
     def _resume(self, s: Sequence, mb: int, where: Placement, n: int) -> None:
         """Swapped ``s`` comes back at ``where`` (resident or offloaded), nothing recomputed."""
@@ -326,19 +363,25 @@ class Scheduler:
         while (w < len(self.waiting) and w < MAX_WAITING_PASSED
                and len(run) < cfg.max_seqs_per_mb and budget > 0):
             s = self.waiting[w]
-            hit = []
+            hit, fetch = [], []     # cached GPU blocks, host tier slots, of its prompt
             if self.caching and not s.swapped:
                 keys = self._shareable_keys(s)
                 hit = self.blocks.match(keys)
-                if len(hit) < len(keys) and self.computing.get(keys[len(hit)], s) is not s:
+                if self.tier is not None and len(hit) < len(keys):
+                    fetch = self.tier.lookup(keys[len(hit):])[:self._fetch_room()]
+                nxt = len(hit) + len(fetch)
+                if nxt < len(keys) and self.computing.get(keys[nxt], s) is not s:
                     w += 1          # its next block is being computed: take it from the cache
                     continue
             need = (self.blocks.blocks_for(len(s.token_ids)) - len(hit)
                     + self.blocks.idle_among(hit))           # free room taking it uses
+            hh, hf = self._host_prefix(hit, fetch)      # what it maps if offloaded
+            h = len(hh) + len(hf)
+            c0 = s.num_computed + h * cfg.block_size
             where = place(Admission(
                 self._extent(s), need,
-                self.blocks.blocks_for(s.num_computed + min(s.remaining, cfg.max_tokens_per_step)),
-                self.blocks.num_free, self.watermark, not run, self.staged[mb],
+                self.blocks.blocks_for(c0 + min(len(s.token_ids) - c0, cfg.max_tokens_per_step))
+                - h, self.blocks.num_free, self.watermark, not run, self.staged[mb],
                 self.streaming[mb], None if self._budget_left is None else
                 self._budget_left - self._cost(len(s.token_ids))), self.room)
             # resident: the whole prompt's blocks are taken now, not the first chunk's, so
@@ -346,9 +389,9 @@ class Scheduler:
             if s.swapped and where is not None:
                 self._resume(s, mb, where, min(s.remaining, budget))
             elif where is Placement.RESIDENT:
-                self._admit_resident(s, hit)
-            elif where is None or not self._admit_to_host(s, mb, where,
-                                                          min(s.remaining, budget)):
+                self._admit_resident(s, hit, fetch, mb)
+            elif where is None or not self._admit_to_host(
+                    s, mb, where, budget, *((hh, hf) if where is Placement.HOST else ([], []))):
                 break
             if where is Placement.HOST and self._budget_left is not None:
                 self._budget_left -= self._cost(len(s.token_ids))
@@ -385,7 +428,8 @@ class Scheduler:
         for m, r in enumerate(self.running):
             for s in r:
                 movable = (m == mb and s.placement in (P.RESIDENT, P.HOST)
-                           and s.remaining == 1 and s.num_computed > 0)
+                           and s.remaining == 1 and s.num_computed > 0
+                           and not s.gpu_prefix)    # (mapping a cached GPU prefix: stays)
                 cands.append(Candidate(id(s), m, s.num_computed + 1,
                                        s.placement is not P.RESIDENT, movable))
                 seqs[id(s)] = s
@@ -455,18 +499,50 @@ class Scheduler:
         s.mb = mb
         self.num_moved += 1
 
-    def _admit_resident(self, s: Sequence, hit: list[int]) -> None:
+    def _admit_resident(self, s: Sequence, hit: list[int], fetch: list[int], mb: int) -> None:
         """Give ``s`` its blocks: the cached ones of ``hit`` shared, the rest of its tokens'
-        new; its computation starts after the cached tokens."""
+        new, the first of those filled from the host tier's ``fetch``; its computation
+        starts after the cached tokens."""
         self.blocks.share(s.blocks, hit)
         grown = self.blocks.grow(s.blocks, len(s.token_ids))
         assert grown, "room was checked"
-        s.num_computed = s.num_cached = len(hit) * self.cfg.block_size
-        s.num_registered = len(hit)
+        self._fetch(s, len(hit), fetch, mb)
+        h = len(hit) + len(fetch)
+        s.num_computed = s.num_cached = h * self.cfg.block_size
+        s.num_registered = h
         if self.caching:
-            for k in s.block_keys[len(hit):shareable_blocks(len(s.token_ids),
-                                                           self.cfg.block_size)]:
+            for k in s.block_keys[h:shareable_blocks(len(s.token_ids), self.cfg.block_size)]:
                 self.computing.setdefault(k, s)
+
+    def _fetch(self, s: Sequence, start: int, fetch: list[int], mb: int) -> None:
+        """Fill blocks ``start ..`` of ``s`` (new, its own) from the host tier's slots
+        ``fetch`` (copied in before the step computes) and cache them on the GPU again."""
+        for i, slot in enumerate(fetch):
+            b = s.blocks[start + i]
+            self._copies_in.append((slot, b))
+            self.tier.pin(slot)
+            self._unpin_after[mb].append(slot)
+            self.blocks.register(s.block_keys[start + i], b)
+        self.tier_blocks_in += len(fetch)
+
+    def _fetch_room(self) -> int:
+        """Blocks the host tier may still bring back in the step being planned."""
+        cap = self.cfg.swap_blocks_per_step
+        return len(self.tier) if cap is None else max(0, cap - len(self._copies_in))
+
+    def _host_prefix(self, hit: list[int], fetch: list[int]) -> tuple[list[int], list[int]]:
+        """The part of a prompt's cached prefix (GPU ``hit``, host tier ``fetch``) that an
+        offloaded admission maps: the GPU blocks it takes from the free room (idle cached
+        ones, new ones for the fetched) stay within the room above the watermark."""
+        room = self.blocks.num_free - self.watermark
+        i = 0
+        for b in hit:
+            if self.blocks.refs[b] == 0:
+                if room <= 0:
+                    return hit[:i], []
+                room -= 1
+            i += 1
+        return hit, fetch[:max(0, room)]
 
     def _register(self, s: Sequence) -> None:
         """Offer the blocks ``s`` has filled to the cache."""
@@ -497,24 +573,39 @@ class Scheduler:
 
     def _grow_staged(self, s: Sequence, n: int) -> bool:
         """Room in its micro-batch's staging buffer for ``s`` with ``n`` more tokens?"""
-        need = self.blocks.blocks_for(s.num_computed + n) - s.staged_blocks
+        need = self.blocks.blocks_for(s.num_computed + n) - s.gpu_prefix - s.staged_blocks
         if self.staged[s.mb] + need > self.cfg.staging_blocks:
             return False
         self.staged[s.mb] += need
         s.staged_blocks += need
         return True
 
-    def _admit_to_host(self, s: Sequence, mb: int, where: Placement, n: int) -> bool:
-        """Admit ``s`` into ``mb`` at ``where`` (offloaded or streamed), taking ``n`` tokens
-        now, if the host has a free extent for its whole length; True if it did."""
-        whole = self._extent(s)
+    def _admit_to_host(self, s: Sequence, mb: int, where: Placement, budget: int,
+                       hit: list[int], fetch: list[int]) -> bool:
+        """Admit ``s`` into ``mb`` at ``where`` (offloaded or streamed), taking up to
+        ``budget`` tokens now, if the host has a free extent for its whole length past the
+        cached prefix it maps (offloaded only: GPU ``hit``, host tier ``fetch``); True if it
+        did."""
+        h = len(hit) + len(fetch)
+        whole = self._extent(s) - h
         start = self._host_alloc(whole)
         if start is None:
             return False
-        s.blocks = list(range(start, start + whole))
+        prefix: list[int] = []
+        if h:
+            self.blocks.share(prefix, hit)
+            grown = self.blocks.grow(prefix, h * self.cfg.block_size)
+            assert grown, "room was checked"
+            s.blocks = prefix
+            self._fetch(s, len(hit), fetch, mb)
+            self.num_offloaded_cached += 1
+        s.blocks = prefix + list(range(start, start + whole))
+        s.gpu_prefix = h
         s.mb = mb
         s.placement = where
-        s.num_cached = 0
+        s.num_computed = s.num_cached = h * self.cfg.block_size
+        s.num_registered = h
+        n = min(s.remaining, budget)
         if where is Placement.HOST:
             grown = self._grow_staged(s, n)
             assert grown, "place() found room for the first chunk"
@@ -545,12 +636,30 @@ class Scheduler:
                            count=B)
         streamed = np.fromiter((s.placement is Placement.STREAMED for s, _ in items),
                                dtype=bool, count=B)
+        prefix = np.fromiter((s.gpu_prefix if s.placement is Placement.HOST else 0
+                              for s, _ in items), dtype=np.int32, count=B)
+        self._to_tier()
         pairs = lambda xs: np.asarray(xs, dtype=np.int32).reshape(-1, 2)
         plan = StepPlan(mb, [s for s, _ in items], q_lens, ctx, bt,
                         np.asarray(toks, dtype=np.int64), np.asarray(rows, dtype=np.int64), offl,
-                        streamed, pairs(self._copies_out), pairs(self._copies_in))
+                        streamed, pairs(self._copies_out), pairs(self._copies_in), prefix)
         self._copies_out, self._copies_in = [], []
         return plan
+
+    def _to_tier(self) -> None:
+        """The cached GPU blocks evicted while planning go to the host tier: copied out before
+        the step computes (their new holders write them only in it or later)."""
+        if self.tier is None or not self.blocks.evicted:
+            return
+        cap = self.cfg.swap_blocks_per_step
+        for b, key in self.blocks.evicted:
+            if cap is not None and len(self._copies_out) >= cap:
+                break
+            slot = self.tier.put(key)
+            if slot is not None:
+                self._copies_out.append((b, slot))
+                self.tier_blocks_out += 1
+        self.blocks.evicted.clear()
 
     def complete(self, plan: StepPlan, new_tokens: list[int]) -> list[Sequence]:
         """Account for a finished step; returns the sequences that got a new token."""

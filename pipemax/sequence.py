@@ -21,6 +21,7 @@ class Sequence:
         self.blocks: list[int] = []    # GPU block ids, or its host extent (placement.on_host)
         self.placement = Placement.RESIDENT   # where its KV lives (pipemax/placement.py)
         self.staged_blocks = 0         # staging blocks its context takes (offloaded only)
+        self.gpu_prefix = 0            # offloaded: its first blocks are cached GPU blocks
         self.swapped = False           # preempted, waiting: its computed KV is in its host extent
         self.mb = -1                   # micro-batch it runs in; -1 while waiting
         self.rng = np.random.Generator(np.random.Philox(int(seed) % SEED_MODULUS))

@@ -10,7 +10,10 @@ An offloaded sequence's KV lives in the host pool (host block ids, one contiguou
 sequence). Step k of the stage (the k-th micro-batch message it handles) uses staging buffer
 k % 2: before it computes, the context of its offloaded sequences is *prefetched* host->GPU
 into that buffer; after it computes, the blocks holding the tokens written in the step are
-*offloaded* GPU->host. ``staging_for`` says which blocks move where in one step.
+*offloaded* GPU->host. ``staging_for`` says which blocks move where in one step. An
+offloaded row may begin with GPU blocks (``gpu_prefix``: cached prompt blocks it shares,
+pipemax/scheduler.py): they are kept as they are, neither staged nor copied, and only the
+rest of its row (host ids) is staged.
 
 ``Timetable`` says what each copy and compute must wait for, so that the overlapped schedule
 (prefetch of step k+1 during compute of step k) is exactly as correct as the plain one:
@@ -90,9 +93,10 @@ def _runs(src: np.ndarray, dst: np.ndarray) -> list[Run]:
 
 def staging_for(q_lens: np.ndarray, ctx_lens: np.ndarray, block_tables: np.ndarray,
                 offloaded: np.ndarray, block_size: int, resident_blocks: int,
-                staging_blocks: int, buffer: int) -> Staging:
+                staging_blocks: int, buffer: int, gpu_prefix: np.ndarray | None = None) -> Staging:
     """Where the blocks of one step go. Resident rows of ``block_tables`` hold GPU ids and are
-    kept; offloaded rows hold host ids and are remapped into staging buffer ``buffer``.
+    kept; offloaded rows hold host ids and are remapped into staging buffer ``buffer``, but
+    for their first ``gpu_prefix[b]`` blocks (GPU ids, kept; the step never writes them).
     Streamed rows (not ``offloaded``) keep their host ids: attention reads them in the host
     pool, and nothing of theirs is copied."""
     table = np.array(block_tables, dtype=np.int64, copy=True)
@@ -103,18 +107,21 @@ def staging_for(q_lens: np.ndarray, ctx_lens: np.ndarray, block_tables: np.ndarr
     pre_src, pre_dst, off_src, off_dst = [], [], [], []
     for b in np.flatnonzero(offloaded):
         ctx, q = int(ctx_lens[b]), int(q_lens[b])
+        g = int(gpu_prefix[b]) if gpu_prefix is not None else 0
         nblk = -(-ctx // block_size)
         old = -(-(ctx - q) // block_size)             # blocks holding context from before
         first_dirty = (ctx - q) // block_size         # first block the step writes into
-        host = table[b, :nblk].copy()
-        gpu = np.arange(base + cursor, base + cursor + nblk)
-        table[b, :nblk] = gpu
+        if first_dirty < g:
+            raise ValueError(f"row {b} writes into its GPU prefix ({g} blocks)")
+        host = table[b, g:nblk].copy()
+        gpu = np.arange(base + cursor, base + cursor + nblk - g)
+        table[b, g:nblk] = gpu
         table[b, nblk:] = 0        # the rest of its extent is not read (masked) but must be a GPU id
-        pre_src.append(host[:old])
-        pre_dst.append(gpu[:old])
-        off_src.append(gpu[first_dirty:])
-        off_dst.append(host[first_dirty:])
-        cursor += nblk
+        pre_src.append(host[:old - g])
+        pre_dst.append(gpu[:old - g])
+        off_src.append(gpu[first_dirty - g:])
+        off_dst.append(host[first_dirty - g:])
+        cursor += nblk - g
     if cursor > staging_blocks:
         raise ValueError(f"step needs {cursor} staging blocks, the buffer holds {staging_blocks}")
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)

@@ -213,7 +213,8 @@ class Stage:
         if st is None:
             st = staging_for(t["q_lens"].numpy(), t["ctx_lens"].numpy(),
                              t["block_tables"].numpy(), t["offloaded"].numpy(),
-                             self.spec.block_size, self.resident, self.staging_blocks, k % 2)
+                             self.spec.block_size, self.resident, self.staging_blocks, k % 2,
+                             t["gpu_prefix"].numpy() if "gpu_prefix" in t else None)
             st.swap_out = swap_runs(t["swap_out"].numpy())
             st.swap_in = swap_runs(t["swap_in"].numpy())
             self._staged[k] = st

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from pipemax.block_manager import BlockManager
-from pipemax.prefix_cache import PrefixCache, cached_tokens, extend_keys, shareable_blocks
+from pipemax.prefix_cache import (HostTier, PrefixCache, cached_tokens, extend_keys,
+                                   shareable_blocks)
 from pipemax.requests import Request, SamplingParams
 from pipemax.scheduler import Scheduler, SchedulerConfig
 from pipemax.sequence import Sequence
+from pipemax.stages.timetable import staging_for
 
 
 # ---- keys and the cache ---------------------------------------------------------------------
@@ -54,6 +56,60 @@ def test_a_key_cached_twice_keeps_the_first_block():
     assert c.insert(b"k", 3) and not c.insert(b"k", 5) and c.lookup([b"k", b"j"]) == [3]
 
 
+def test_host_tier_room_pins_and_lru():
+    """Random puts, pins and unpins: never more keys than slots, one key per slot, a pinned
+    slot is never handed to another key, the least recently used unpinned slot goes first."""
+    rng = np.random.default_rng(0)
+    t = HostTier(100, 5)
+    pinned: dict[int, bytes] = {}
+    for _ in range(2000):
+        op = rng.integers(3)
+        if op == 0:
+            key = bytes([int(rng.integers(12))])
+            lru_first = next(iter(t.lru), None)
+            had = key in t.slot_of
+            slot = t.put(key)
+            if slot is not None:
+                assert not had and 100 <= slot < 105 and t.slot_of[key] == slot
+                if len(t) == 5 and lru_first is not None and lru_first == slot:
+                    pass                                  # reused the LRU one
+            else:
+                assert had or not t.lru and len(t) == 5
+        elif op == 1 and len(t):
+            slot = int(rng.choice(list(t.key_of)))
+            t.pin(slot)
+            pinned.setdefault(slot, t.key_of[slot])
+        elif op == 2 and t.pins:
+            slot = int(rng.choice(list(t.pins)))
+            t.unpin(slot)
+            if slot not in t.pins:
+                del pinned[slot]
+        assert len(t) <= 5 and len(t.slot_of) == len(t.key_of)
+        assert all(t.slot_of[k] == sl for sl, k in t.key_of.items())
+        assert all(t.key_of.get(sl) == k for sl, k in pinned.items())   # pinned: kept
+        assert set(t.lru).isdisjoint(t.pins) and set(t.lru) | set(t.pins) == set(t.key_of)
+        assert len(t._free) + len(t) == 5
+    t2 = HostTier(0, 2)
+    a, b = t2.put(b"a"), t2.put(b"b")
+    t2.touch(a)                                   # b is now the least recently used
+    assert t2.put(b"c") == b and t2.lookup([b"a", b"c", b"b"]) == [a, b]
+
+
+def test_staging_keeps_an_offloaded_rows_gpu_prefix():
+    bs = 4
+    # row 0: 2 cached GPU blocks (5, 6), then its host extent 100..; 13 tokens, 1 new
+    bt = np.array([[5, 6, 100, 101, 102]])
+    st = staging_for(np.array([1]), np.array([13]), bt, np.array([True]), bs, 10, 6, 0,
+                     np.array([2]))
+    assert st.table[0].tolist() == [5, 6, 10, 11, 0]
+    assert [(r.src, r.dst, r.n) for r in st.prefetch] == [(100, 10, 1)]
+    assert [(r.src, r.dst, r.n) for r in st.offload] == [(11, 101, 1)]
+    assert st.blocks_used == 2
+    with pytest.raises(ValueError, match="GPU prefix"):     # a write into the prefix
+        staging_for(np.array([6]), np.array([13]), bt, np.array([True]), bs, 10, 6, 0,
+                    np.array([2]))
+
+
 def test_cached_tokens_counts_what_sharers_reuse():
     p = list(range(100, 120))
     prompts = [p + [i, i + 1, i + 2] for i in range(5)]
@@ -79,15 +135,18 @@ def shared_seqs(rng, n, prefixes=3, bs=4):
 
 
 def check(sch: Scheduler):
-    """Every resident block's count is the number of running sequences that hold it; idle
-    cached blocks and free blocks are disjoint from held ones."""
+    """Every GPU block's count is the number of running sequences that hold it (resident
+    ones, and offloaded ones' cached prefix); idle cached blocks and free blocks are disjoint
+    from held ones; the host tier's slots lie after the extents, one key each, within its
+    room, pinned exactly while a step reading them is out."""
     bm = sch.blocks
     held: dict[int, int] = {}
     for run in sch.running:
         for s in run:
-            if not s.placement.on_host:
-                for b in s.blocks:
-                    held[b] = held.get(b, 0) + 1
+            for b in (s.blocks[:s.gpu_prefix] if s.placement.on_host else s.blocks):
+                held[b] = held.get(b, 0) + 1
+            if s.placement.on_host:
+                assert all(b < sch.cfg.host_blocks for b in s.blocks[s.gpu_prefix:])
     assert all(bm.refs[b] == c for b, c in held.items())
     assert all(bm.refs[b] == 0 for b in range(bm.num_blocks) if b not in held)
     idle = set(bm.cache.idle)
@@ -95,6 +154,55 @@ def check(sch: Scheduler):
     assert not idle & free and not idle & held.keys() and not free & held.keys()
     assert len(idle) + len(free) + len(held) == bm.num_blocks
     assert all(b in bm.cache.key_of for b in idle)
+    assert len(set(bm.cache.block_of.values())) == len(bm.cache.block_of)   # a key per block
+    t = sch.tier
+    if t is not None:
+        assert len(t) <= t.num_slots and len(set(t.slot_of.values())) == len(t)
+        assert all(sch.cfg.host_blocks <= x < sch.cfg.host_blocks + t.num_slots
+                   for x in t.key_of)
+        pins: dict[int, int] = {}
+        for xs in sch._unpin_after:
+            for x in xs:
+                pins[x] = pins.get(x, 0) + 1
+        assert pins == t.pins
+
+
+class KVModel:
+    """What the GPU and host blocks hold, token by token, as the stages would: a step's swap
+    copies out, then in, then the staging prefetch, then its writes (every row's reads
+    checked against its tokens), then the staging offload."""
+
+    def __init__(self, sch: Scheduler):
+        self.sch, self.bs = sch, sch.cfg.block_size
+        self.gpu: dict[int, list] = {}
+        self.host: dict[int, list] = {}
+        self.k = 0
+
+    def step(self, plan):
+        cfg, bs = self.sch.cfg, self.bs
+        cp = lambda a, x: list(a.get(x, [None] * bs))
+        for g, h in plan.swap_out:
+            self.host[int(h)] = cp(self.gpu, int(g))
+        for h, g in plan.swap_in:
+            self.gpu[int(g)] = cp(self.host, int(h))
+        st = staging_for(plan.q_lens, plan.ctx_lens, plan.block_tables, plan.offloaded, bs,
+                         cfg.num_blocks, cfg.staging_blocks, self.k % 2, plan.gpu_prefix)
+        self.k += 1
+        for r in st.prefetch:
+            for i in range(r.n):
+                self.gpu[r.dst + i] = cp(self.host, r.src + i)
+        for row, s in enumerate(plan.seqs):
+            mem = self.host if plan.streamed[row] else self.gpu
+            ctx, q = int(plan.ctx_lens[row]), int(plan.q_lens[row])
+            for pos in range(ctx - q, ctx):
+                mem.setdefault(int(st.table[row, pos // bs]), [None] * bs)[pos % bs] = \
+                    s.token_ids[pos]
+            got = [mem.get(int(st.table[row, pos // bs]), [None] * bs)[pos % bs]
+                   for pos in range(ctx)]
+            assert got == s.token_ids[:ctx], f"row {row} reads other tokens"
+        for r in st.offload:
+            for i in range(r.n):
+                self.host[r.dst + i] = cp(self.gpu, r.src + i)
 
 
 def writes_go_to_own_blocks(sch: Scheduler, plan):
@@ -113,15 +221,25 @@ def writes_go_to_own_blocks(sch: Scheduler, plan):
 @pytest.mark.parametrize("seed", range(10))
 @pytest.mark.parametrize("offload", [False, True])
 def test_random_admit_finish_preempt(seed, offload):
+    """Random admissions, finishes, cancellations and preemptions; with offload, offloaded
+    sequences beside resident ones, swaps, and the host tier: the blocks' counts and the
+    tokens every step reads (KVModel) stay right."""
+    random_run(seed, offload)
+
+
+def random_run(seed, offload) -> Scheduler:
     rng = np.random.default_rng(seed)
     cfg = SchedulerConfig(3, 4, 24, 4, 40, staging_blocks=16 if offload else 0,
-                          host_blocks=200 if offload else 0, prefix_caching=True)
+                          host_blocks=200 if offload else 0, prefix_caching=True,
+                          swap_blocks_per_step=40, host_cache_blocks=80 if offload else 0)
     sch = Scheduler(cfg)
-    todo = shared_seqs(rng, 50)
-    for s in todo:
-        sch.add(s)
+    kv = KVModel(sch)
+    todo = shared_seqs(rng, 50, prefixes=8 if offload else 3)
+    queue = list(todo)          # taken in as the engine does: a few waiting at a time
     done = 0
     for _ in range(5000):
+        while queue and len(sch.waiting) < 3:
+            sch.add(queue.pop(0))
         progressed = False
         for mb in rng.permutation(cfg.num_micro_batches):
             plan = sch.schedule(int(mb))
@@ -130,7 +248,8 @@ def test_random_admit_finish_preempt(seed, offload):
             progressed = True
             check(sch)
             writes_go_to_own_blocks(sch, plan)
-            for s in sch.complete(plan, [7] * len(plan.sample_rows)):
+            kv.step(plan)
+            for s in sch.complete(plan, rng.integers(3, 50, len(plan.sample_rows)).tolist()):
                 if s.num_output >= s.params.max_tokens or rng.random() < 0.05:
                     sch.finish(s)             # finished, or cancelled early
                     done += 1
@@ -138,13 +257,25 @@ def test_random_admit_finish_preempt(seed, offload):
             if sch.running[int(mb)] and rng.random() < 0.1:   # a preemption from outside
                 sch._preempt(sch.running[int(mb)][-1])
                 check(sch)
-        if not sch.has_work():
+        if not sch.has_work() and not queue:
             break
         assert progressed, "stalled with work left"
     assert done == len(todo)
     assert sch.blocks.refs == [0] * cfg.num_blocks and sch.blocks.num_free == cfg.num_blocks
     assert not sch.computing
     assert sum(s.num_cached for s in todo) > 0
+    if offload:
+        assert not sch.tier.pins
+    return sch
+
+
+def test_the_random_runs_use_the_host_tier_and_offloaded_prefixes():
+    """The random runs with offload exercise what they check: offloaded sequences mapped
+    cached prefixes, the host tier kept evicted blocks and brought some back."""
+    runs = [random_run(seed, True) for seed in range(4)]
+    got = [(r.num_offloaded_cached, r.tier_blocks_out, r.tier_blocks_in) for r in runs]
+    print(got)
+    assert all(sum(x[i] for x in got) > 0 for i in range(3)), got
 
 
 def test_a_shared_prefix_is_computed_once_before_its_sharers():
@@ -204,6 +335,7 @@ def test_a_preempted_sequence_finds_its_own_blocks_cached():
 MAX_NEW = 40
 BS = ["--block-size", "4"]
 TINY_KV = ["--kv-cache-gb", "0.00012"]     # 41 blocks of 4: preemptions, offload
+OFFLOAD = ["--kv-cache-gb", "0.0006", "--kv-offload", "on"]
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +384,8 @@ def reference(model_dir):
 @pytest.mark.parametrize("stages,flags", [
     (1, []), (2, []), (3, []),
     (2, TINY_KV + ["--kv-offload", "off"]),     # preemptions forced
-    (2, ["--kv-cache-gb", "0.0006", "--kv-offload", "on"]),   # offloaded ones beside cached
+    # offloaded ones beside resident ones, mapping cached prefixes; preemptions; the host tier
+    (1, OFFLOAD), (2, OFFLOAD),
 ])
 def test_caching_on_matches_transformers(tmp_path, model_dir, reference, stages, flags):
     ids, ref = reference
@@ -267,8 +400,13 @@ def test_caching_on_matches_transformers(tmp_path, model_dir, reference, stages,
     assert "from the prefix cache" in p.stdout
     if "--kv-offload" in flags and "off" in flags:
         assert st["preemptions"] > 0
-    if "--kv-offload" in flags and "on" in flags:
-        assert st["offloaded_admitted"] > 0
+    if flags is OFFLOAD:
+        assert st["offloaded_admitted"] > 0 and st["preemptions"] > 0
+        assert st["offloaded_cached"] > 0          # offloaded sequences mapped a prefix
+        assert st["host_cache_blocks_out"] > 0     # evicted blocks kept in the host tier
+        assert "brought back instead of recomputed" in p.stdout + p.stderr
+        if stages == 1:
+            assert st["host_cache_hits"] > 0       # ... and brought back, not recomputed
 
 
 def test_caching_off_computes_every_prompt_token(tmp_path, model_dir, reference):

@@ -255,8 +255,10 @@ def test_swapped_sequences_give_transformers_tokens(tmp_path, model_dir, work, s
     assert toks == ref
     assert st["swapped_out"] > 0 and st["blocks_swapped_out"] > 0
     per_block = sum(r["block_bytes"] for r in st["stages"])      # one block id, every stage
-    assert st["bytes_swapped_out"] == st["blocks_swapped_out"] * per_block
-    assert st["bytes_swapped_in"] == st["blocks_swapped_in"] * per_block
+    # the stages' swap copies: the preempted sequences' and the prefix cache's host tier's
+    assert st["bytes_swapped_out"] == (st["blocks_swapped_out"]
+                                       + st["host_cache_blocks_out"]) * per_block
+    assert st["bytes_swapped_in"] == (st["blocks_swapped_in"] + st["host_cache_hits"]) * per_block
     assert st["preemptions"] >= st["swapped_out"]
     assert f"{st['swapped_out']} swapped to the host pool" in log
     assert f"{st['tokens_recomputed']} tokens recomputed" in log

@@ -185,7 +185,8 @@ class StepCost:
         pre = off = 0
         if plan.offloaded.any():
             st = staging_for(q, ctx, plan.block_tables, plan.offloaded, self.sc.block_size,
-                             self.sc.num_blocks, self.sc.staging_blocks, step_no % 2)
+                             self.sc.num_blocks, self.sc.staging_blocks, step_no % 2,
+                             plan.gpu_prefix)
             pre = st.prefetch_blocks * self.sc.block_size
             off = st.offload_blocks * self.sc.block_size
         ratio = self.cal.get(kind, 1.0)

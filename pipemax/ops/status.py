@@ -136,6 +136,8 @@ def describe(s: dict) -> str:
     if kv:
         host = (f", host {kv.get('host_used')}/{kv.get('host_total')}"
                 if kv.get("host_total") is not None else "")
+        if kv.get("host_cached"):
+            host += f" (+{kv['host_cached']} cached in the host tier)"
         idle = (f" (+{kv['gpu_cached_idle']} cached, idle)" if kv.get("gpu_cached_idle")
                 else "")
         lines.append(f"KV blocks  GPU {kv.get('gpu_used')}/{kv.get('gpu_total')}{idle}{host} "
