@@ -23,8 +23,9 @@ class BlockManager:
         self._free = list(range(num_blocks - 1, -1, -1))   # pop() hands out low ids first
         self.refs = [0] * num_blocks
         self.cache = PrefixCache() if prefix_caching else None
-        # (block, key) of the cached blocks evicted since the owner last took them (only
-        # with ``keep_evicted``: the scheduler copies them to the host tier)
+        # (block, key) of the cached blocks evicted since the owner last took them that were
+        # hits while cached (only with ``keep_evicted``: the scheduler copies them to the host
+        # tier)
         self.keep_evicted = keep_evicted
         self.evicted: list[tuple[int, bytes]] = []
 
@@ -51,8 +52,8 @@ class BlockManager:
             if self._free:
                 b = self._free.pop()
             else:
-                b, key = self.cache.evict()
-                if self.keep_evicted:
+                b, key, reused = self.cache.evict()
+                if self.keep_evicted and reused:
                     self.evicted.append((b, key))
             self.refs[b] = 1
             blocks.append(b)
@@ -72,6 +73,7 @@ class BlockManager:
         for b in hit:
             if self.refs[b] == 0:
                 self.cache.take(b)
+            self.cache.mark_reused(b)
             self.refs[b] += 1
             blocks.append(b)
 

@@ -12,7 +12,8 @@ Pure bookkeeping, no I/O: the block manager (pipemax/block_manager.py) owns the 
 their reference counts; the scheduler decides when a block is full.
 
 With KV offload on, the host pool is the cache's second tier (``HostTier``): an idle cached
-GPU block evicted for room is copied, with its key, into a slot of the host pool's own region
+GPU block evicted for room that was a hit while cached (mapped by a sequence other than the
+one that computed it: a shared prefix, not a request's unique part) is copied, with its key, into a slot of the host pool's own region
 for the tier (least recently used slots go first when it is full), and a later sequence whose
 prompt reaches that key gets a new GPU block filled by a host -> GPU copy instead of
 computing it. A key brought back stays in the tier too (its slot still holds the tokens), so
@@ -52,6 +53,7 @@ class PrefixCache:
         self.block_of: dict[bytes, int] = {}     # key -> block holding those tokens
         self.key_of: dict[int, bytes] = {}       # block -> its key
         self.idle: OrderedDict[int, None] = OrderedDict()   # cached, no holder: LRU first
+        self.reused: set[int] = set()            # cached blocks a later sequence has mapped
         self.evictions = 0
 
     def __len__(self) -> int:
@@ -74,7 +76,12 @@ class PrefixCache:
             return False
         self.block_of[key] = block
         self.key_of[block] = key
+        self.reused.discard(block)
         return True
+
+    def mark_reused(self, block: int) -> None:
+        """A sequence other than the one that computed it maps cached ``block`` (a hit)."""
+        self.reused.add(block)
 
     def park(self, block: int) -> None:
         """The last holder of cached ``block`` let it go: idle, the most recently used."""
@@ -84,13 +91,17 @@ class PrefixCache:
         """Idle cached ``block`` gets a holder again."""
         del self.idle[block]
 
-    def evict(self) -> tuple[int, bytes]:
-        """Forget the least recently used idle block and hand it out, with the key it had."""
+    def evict(self) -> tuple[int, bytes, bool]:
+        """Forget the least recently used idle block and hand it out, with the key it had and
+        whether it was ever a hit (only those are worth keeping in a second tier: a block no
+        later prompt mapped while it was cached, a request's unique part, is rarely wanted)."""
         block, _ = self.idle.popitem(last=False)
         key = self.key_of.pop(block)
         del self.block_of[key]
+        reused = block in self.reused
+        self.reused.discard(block)
         self.evictions += 1
-        return block, key
+        return block, key, reused
 
 
 class HostTier:

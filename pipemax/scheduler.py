@@ -53,7 +53,7 @@ neither use nor fill it.)
 
 With KV offload on, the host pool is the cache's second tier (``host_cache_blocks`` slots
 after the extents' blocks, pipemax/prefix_cache.py ``HostTier``): an idle cached block
-evicted for room is copied to a slot with its key (the step's ``swap_out`` copies, before it
+evicted for room, if it was a hit while cached, is copied to a slot with its key (the step's ``swap_out`` copies, before it
 computes, so the block is reused at once), and a later admission whose prompt goes on past
 the GPU's cached blocks into the tier's keys gets new GPU blocks filled from those slots by
 the step's ``swap_in`` copies (before it computes) instead of computing them; they are
