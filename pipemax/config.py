@@ -149,10 +149,11 @@ class RunConfig:
     prefix_caching: bool = flag(True, "share the KV blocks of common prompt prefixes, computed "
                                       "once", choices=("on", "off"), default="on", convert=_on)
     # the host pool as the prefix cache's second tier (with KV offload on)
-    prefix_cache_host: bool = flag(True, "with KV offload on, keep cached blocks evicted from "
-                                         "the GPU in the host pool and copy them back instead "
-                                         "of recomputing them", choices=("on", "off"),
-                                   default="on", convert=_on)
+    prefix_cache_host: bool = flag(False, "with KV offload on, keep cached blocks evicted from "
+                                          "the GPU in the host pool and copy them back instead "
+                                          "of recomputing them (off by default: it has not "
+                                          "paid in a measured case yet)", choices=("on", "off"),
+                                   default="off", convert=_on)
     kv_cache_dtype: str = flag(         # "auto" (the model's dtype) | "fp8" (e4m3)
         "auto", "auto: the model's --dtype; fp8: e4m3 with a scale per layer and KV head, half "
                 "the bytes on the GPU, in the host pool and over PCIe (CUDA: compute "

@@ -370,7 +370,7 @@ def test_a_preempted_sequence_finds_its_own_blocks_cached():
 MAX_NEW = 40
 BS = ["--block-size", "4"]
 TINY_KV = ["--kv-cache-gb", "0.00012"]     # 41 blocks of 4: preemptions, offload
-OFFLOAD = ["--kv-cache-gb", "0.0006", "--kv-offload", "on"]
+OFFLOAD = ["--kv-cache-gb", "0.0006", "--kv-offload", "on", "--prefix-cache-host", "on"]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ Systems:
     pipemax-1gpu     one stage with --kv-offload on (FlexGen's setting)
     pipemax-cache    the same as pipemax with --prefix-caching on (the default)
     pipemax-nocache  the same with --prefix-caching off (every prompt token computed)
-    pipemax-nohostcache  the same with --prefix-cache-host off (no host tier of the cache)
+    pipemax-hostcache  the same with --prefix-cache-host on (the host tier of the cache)
     pipemax-kv16     the same as pipemax with --kv-cache-dtype auto (KV in the model's dtype)
     pipemax-fp8kv    the same with --kv-cache-dtype fp8 (e4m3: half the KV bytes)
     pipemax-bf16     the same with --quantization none (16-bit weights: the default)
@@ -92,7 +92,7 @@ PIPEMAX_SYSTEMS = {"pipemax": (None, []), "pipemax-offload": (None, ["--kv-offlo
                    "pipemax-1gpu": (1, ["--kv-offload", "on"]),
                    "pipemax-cache": (None, ["--prefix-caching", "on"]),
                    "pipemax-nocache": (None, ["--prefix-caching", "off"]),
-                   "pipemax-nohostcache": (None, ["--prefix-cache-host", "off"]),
+                   "pipemax-hostcache": (None, ["--prefix-cache-host", "on"]),
                    "pipemax-kv16": (None, ["--kv-cache-dtype", "auto"]),
                    "pipemax-fp8kv": (None, ["--kv-cache-dtype", "fp8"]),
                    "pipemax-bf16": (None, ["--quantization", "none"]),
