@@ -24,12 +24,9 @@ host block ids, their k/v are written there and attention reads it in place (on 
 the pool's device mapping, over PCIe). They form the layout's ``host`` part, with its own
 groups; every other sequence's KV is in the stage's cache.
 
-With an fp8 cache (stages/kv_quant.py: ``KVQuant``, one scale per layer, K|V and KV head, and
-one mean per layer, K|V, KV head and channel) the writes subtract the mean and quantize, the
-decode paths read fp8 and dequantize (the Triton kernel in registers), and prompt chunks attend
-over the dequantized values, their own new K/V included. K's mean is never added back (softmax
-does not see a shift common to all of a query's scores); every attention path adds V's mean to
-its output.
+With an fp8 cache (stages/kv_quant.py: ``KVQuant``, one scale per layer, K|V and KV head) the
+writes quantize, the decode paths read fp8 and dequantize (the Triton kernel in registers), and
+prompt chunks attend over the dequantized values, their own new K/V included.
 """
 from __future__ import annotations
 
@@ -41,7 +38,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from pipemax.stages import triton_decode, triton_fused
-from pipemax.stages.kv_quant import FP8, KVQuant, add_mean, dequantize, quantize
+from pipemax.stages.kv_quant import FP8, KVQuant, dequantize, quantize
 from pipemax.stages.transfer import to_device
 
 
@@ -164,13 +161,13 @@ def paged_decode(q: torch.Tensor, kv: torch.Tensor, layer: int, table: torch.Ten
 
     The Triton kernel when ``kernel`` (see ``decode_path``); else the same function in torch
     (gather, then SDPA). Rows with ctx 0 (padding) give zeros. All inputs are device tensors:
-    capturable in a graph. An fp8 ``kv`` comes with its ``quant`` scales and means.
+    capturable in a graph. An fp8 ``kv`` comes with its ``quant`` scales.
     """
-    fp8 = {"kv_scale": quant.scale, "kv_mean": quant.mean} if quant is not None else {}
+    kv_scale = quant.scale if quant is not None else None
     if kernel:
         return triton_decode.paged_decode(q, kv, layer, table, ctx, scale, max_ctx=max_ctx,
-                                          **fp8)
-    return paged_decode_torch(q, kv, layer, table, ctx, scale, max_ctx, **fp8)
+                                          kv_scale=kv_scale)
+    return paged_decode_torch(q, kv, layer, table, ctx, scale, max_ctx, kv_scale)
 
 
 def decode_path(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
@@ -197,10 +194,9 @@ def _probe(H: int, KVH: int, D: int, bs: int, dtype: torch.dtype,
     g = torch.Generator(device="cpu").manual_seed(0)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     quant = None
-    if kv_dtype == FP8:     # scales unlike 1 and unlike each other, and means, as a run's are
-        quant = KVQuant.make(1, KVH, D, device, 2.0 ** torch.randint(-6, -2, (1, 2, KVH),
-                                                                      generator=g))
-        quant.mean.copy_(torch.randn(1, 2, KVH, D, generator=g))
+    if kv_dtype == FP8:     # scales unlike 1 and unlike each other, as a run's are
+        quant = KVQuant.make(1, KVH, device, 2.0 ** torch.randint(-6, -2, (1, 2, KVH),
+                                                                   generator=g))
     for ctx_lens in ((5, 37), (300, 700)):          # one chunk (direct), several (combined)
         width = -(-max(ctx_lens) // bs)
         nb = len(ctx_lens) * width + 1
@@ -210,7 +206,7 @@ def _probe(H: int, KVH: int, D: int, bs: int, dtype: torch.dtype,
                  .view(len(ctx_lens), width).to(torch.int32).to(device))
         ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=device)
         q = torch.randn(len(ctx_lens), H, D, generator=g).to(dtype).to(device)
-        fp8 = {"kv_scale": quant.scale, "kv_mean": quant.mean} if quant is not None else {}
+        fp8 = {"kv_scale": quant.scale} if quant is not None else {}
         want = paged_decode_torch(q, kv, 0, table, ctx, D ** -0.5, max(ctx_lens), **fp8).float()
         try:
             got = triton_decode.paged_decode(q, kv, 0, table, ctx, D ** -0.5,
@@ -225,11 +221,9 @@ def _probe(H: int, KVH: int, D: int, bs: int, dtype: torch.dtype,
 
 def paged_decode_torch(q: torch.Tensor, kv: torch.Tensor, layer: int, table: torch.Tensor,
                        ctx: torch.Tensor, scale: float, max_ctx: int,
-                       kv_scale: torch.Tensor | None = None,
-                       kv_mean: torch.Tensor | None = None) -> torch.Tensor:
+                       kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """paged_decode in torch: gather each sequence's context, then SDPA. An fp8 ``kv`` is
-    dequantized after the gather with ``kv_scale`` [L, 2, KVH], and V's mean (``kv_mean``
-    [L, 2, KVH, D], None: zero) added to the output."""
+    dequantized after the gather with ``kv_scale`` [L, 2, KVH]."""
     B, H, D = q.shape
     bs, KVH = kv.shape[3], kv.shape[4]
     c = torch.arange(max_ctx, device=q.device)
@@ -244,10 +238,7 @@ def paged_decode_torch(q: torch.Tensor, kv: torch.Tensor, layer: int, table: tor
     mask[:, 0] |= ctx == 0              # padding rows: attend to something, zeroed below
     o = F.scaled_dot_product_attention(q.view(B, KVH, H // KVH, D), K, V,
                                        attn_mask=mask[:, None, None, :], scale=scale)
-    o = o.reshape(B, H * D)
-    if kv_mean is not None:
-        o = add_mean(o, kv_mean[layer, 1])
-    return torch.where((ctx > 0)[:, None], o, 0)
+    return torch.where((ctx > 0)[:, None], o.reshape(B, H * D), 0)
 
 
 def _prefill(q, k, v, kv: torch.Tensor, layer: int, g: Group, scale: float,
@@ -256,8 +247,7 @@ def _prefill(q, k, v, kv: torch.Tensor, layer: int, g: Group, scale: float,
     end of the context (a chunk's queries see all earlier context). A chunk with no earlier
     context attends over its own k/v; one with earlier context over the cache, where its own
     k/v were just written. K/V heads are expanded to the query heads, so the fused (flash)
-    kernels apply. With fp8, ``k``/``v`` are already the round trip of the cache's values (less
-    their means: V's is added to the output)."""
+    kernels apply. With fp8, ``k``/``v`` are already the round trip of the cache's values."""
     n, H, D = q.shape
     KVH = k.shape[1]
     kc, vc = kv[:, layer, 0], kv[:, layer, 1]     # [nb, bs, KVH, D] views
@@ -281,7 +271,7 @@ def _prefill(q, k, v, kv: torch.Tensor, layer: int, g: Group, scale: float,
         o = F.scaled_dot_product_attention(q[sl].transpose(0, 1)[None], K, V, attn_mask=mask,
                                            is_causal=mask is None, scale=scale)
         out[sl] = o[0].transpose(0, 1).reshape(m, H * D)
-    return out if quant is None else add_mean(out, quant.mean[layer, 1])
+    return out
 
 
 def _prefill_varlen(q, k, v, kv: torch.Tensor, layer: int, g: Group,
@@ -301,8 +291,8 @@ def _prefill_varlen(q, k, v, kv: torch.Tensor, layer: int, g: Group,
     n, H, D = q.shape
     out = torch.ops.aten._flash_attention_forward(
         q.contiguous(), K.contiguous(), V.contiguous(), g.cu_q, g.cu_k, g.max_q, g.max_ctx,
-        0.0, True, False, scale=scale)[0].reshape(n, H * D)
-    return out if quant is None else add_mean(out, quant.mean[layer, 1])
+        0.0, True, False, scale=scale)[0]
+    return out.reshape(n, H * D)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, layer: int,
@@ -324,7 +314,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch
     """Write the step's k/v into the cache (the streamed sequences' into the host pool), then
     attend. q [N, H, D]; k, v [N, KVH, D]. Returns [N, H*D]. Batched over sequences: no
     Python loop over them. ``quant``: the scales of an fp8 cache (None: the cache holds the
-    model's dtype); when calibrating, this step's k/v fix the layer's scales and means first."""
+    model's dtype); when calibrating, this step's k/v fix the layer's scales first."""
     N, H, D = q.shape
     if quant is not None and quant.calibrate:
         quant.observe(layer, k, v)
@@ -352,11 +342,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch
 def _write(kv: torch.Tensor, layer: int, blocks: torch.Tensor, offsets: torch.Tensor,
            k: torch.Tensor, v: torch.Tensor, quant: KVQuant | None = None) -> None:
     inv = quant.inv[layer] if quant is not None else None
-    mean = quant.mean[layer] if quant is not None else None
     if triton_fused.available(k) and kv.is_contiguous():
-        triton_fused.write_kv(kv, layer, blocks, offsets, k, v, inv, mean)
+        triton_fused.write_kv(kv, layer, blocks, offsets, k, v, inv)
         return
     if inv is not None:
-        k, v = quantize(k, inv[0], mean[0]), quantize(v, inv[1], mean[1])
+        k, v = quantize(k, inv[0]), quantize(v, inv[1])
     kv[:, layer, 0][blocks, offsets] = k      # [nb, bs, KVH, D] views
     kv[:, layer, 1][blocks, offsets] = v

@@ -56,31 +56,16 @@ def fp8_unsupported(device: int, capability: tuple[int, int], name: str) -> str 
             "--kv-cache-dtype auto")
 
 
-def quantize(x: torch.Tensor, inv_scale: torch.Tensor,
-             mean: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., KVH, D] (any float dtype) -> fp8 of (x - mean) * inv_scale; ``inv_scale``
-    [KVH] float32, ``mean`` [KVH, D] float32 (None: zero)."""
-    y = x.to(torch.float32)
-    if mean is not None:
-        y = y - mean
-    y = y * inv_scale[:, None]
+def quantize(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
+    """x [..., KVH, D] (any float dtype) -> fp8; ``inv_scale`` [KVH] float32."""
+    y = x.to(torch.float32) * inv_scale[:, None]
     return y.clamp_(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def dequantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp8 x [..., KVH, D] -> ``dtype``; ``scale`` [KVH] float32 (or broadcastable). What
-    comes back is x - mean (the mean is not added back: see the module docstring)."""
+    """fp8 x [..., KVH, D] -> ``dtype``; ``scale`` [KVH] float32 (or broadcastable)."""
     s = scale[:, None] if scale.dim() == 1 else scale
     return (x.to(torch.float32) * s).to(dtype)
-
-
-def add_mean(o: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """Attention output o [n, H*D] over smoothed V, plus V's mean [KVH, D] (each query head
-    takes its KV head's): the output over the values themselves (softmax weights sum to 1).
-    One rounding to o's dtype."""
-    n, KVH, D = o.shape[0], mean.shape[0], mean.shape[1]
-    y = o.view(n, KVH, -1, D).to(torch.float32) + mean[:, None, :]
-    return y.to(o.dtype).view(n, -1)
 
 
 def prompt_scale(amax: torch.Tensor) -> torch.Tensor:
@@ -92,48 +77,33 @@ def prompt_scale(amax: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class KVQuant:
-    """One stage's fp8 scales and means: ``scale`` [L_stage, 2, KVH] float32 on the stage's
-    device, ``inv`` its reciprocal (what quantizing multiplies by) and ``mean`` [L_stage, 2,
-    KVH, D] float32 (subtracted before quantizing; zeros: no smoothing). All are updated in
-    place, so a captured CUDA graph reads the current values. ``calibrate``: the next step
-    sets each layer's scales (and, with ``smooth``, its means) from its own K/V before writing
-    them (``prompt`` scales)."""
+    """One stage's fp8 scales: ``scale`` [L_stage, 2, KVH] float32 on the stage's device and
+    ``inv`` its reciprocal (what quantizing multiplies by). Both are updated in place, so a
+    captured CUDA graph reads the current values. ``calibrate``: the next step sets each
+    layer's scales from its own K/V before writing them (``prompt`` scales)."""
     scale: torch.Tensor
     inv: torch.Tensor
-    mean: torch.Tensor
     calibrate: bool = False
-    smooth: bool = True
 
     @staticmethod
-    def make(num_layers: int, num_kv_heads: int, head_dim: int, device: torch.device,
-             values: torch.Tensor | None = None, calibrate: bool = False,
-             smooth: bool = True) -> "KVQuant":
+    def make(num_layers: int, num_kv_heads: int, device: torch.device,
+             values: torch.Tensor | None = None, calibrate: bool = False) -> "KVQuant":
         s = torch.ones(num_layers, 2, num_kv_heads, dtype=torch.float32)
         if values is not None:
             s.copy_(values)
         s = s.to(device)
-        mean = torch.zeros(num_layers, 2, num_kv_heads, head_dim, dtype=torch.float32,
-                           device=device)
-        return KVQuant(s, 1.0 / s, mean, calibrate, smooth)
+        return KVQuant(s, 1.0 / s, calibrate)
 
     def observe(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Fix ``layer``'s means (with ``smooth``) and scales from this step's k, v [n, KVH, D]
-        (no host sync): the mean over the step's tokens of each (head, channel), and the scale
-        from the absolute maximum of what is then quantized."""
-        x = torch.stack([k.detach(), v.detach()]).to(torch.float32)    # [2, n, KVH, D]
-        if self.smooth:
-            m = x.mean(dim=1)
-            self.mean[layer].copy_(m)
-            x = x - m[:, None]
-        s = prompt_scale(x.abs().amax(dim=(1, 3)))
+        """Fix ``layer``'s scales from this step's k, v [n, KVH, D] (no host sync)."""
+        amax = torch.stack([k.detach().abs().amax(dim=(0, 2)), v.detach().abs().amax(dim=(0, 2))])
+        s = prompt_scale(amax.float())
         self.scale[layer].copy_(s)
         self.inv[layer].copy_(1.0 / s)
 
     def roundtrip(self, x: torch.Tensor, layer: int, kv: int) -> torch.Tensor:
-        """What the cache gives back for x [n, KVH, D]: dequantize(quantize(x)), in x's dtype
-        (x - mean, rounded)."""
-        return dequantize(quantize(x, self.inv[layer, kv], self.mean[layer, kv]),
-                          self.scale[layer, kv], x.dtype)
+        """What the cache gives back for x [n, KVH, D]: dequantize(quantize(x)), in x's dtype."""
+        return dequantize(quantize(x, self.inv[layer, kv]), self.scale[layer, kv], x.dtype)
 
 
 def checkpoint_scale_names(layer: int) -> tuple[str, str]:

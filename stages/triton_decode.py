@@ -18,10 +18,7 @@ merges the chunks of each (sequence, head). Chunks past a sequence's end return 
 An fp8 cache (stages/kv_quant.py) is read as bytes and converted in registers to the query's
 dtype (exact: e4m3 values fit in 16 bits); its per-(layer, K|V, head) scales are constant in a
 program, so the K scale is folded into the softmax scale and the V scale into the output, and
-V's mean (the cache holds V less a per-(layer, head, channel) mean; K's is never added back,
-softmax does not see it) is added to the output; scales and means are read from device tensors
-(updated in place: graphs see the current ones). A split context adds the mean to each chunk's
-normalised output: the merge is a weighted average, so the sum holds it once.
+the scales are read from a device tensor (updated in place: graphs see the current ones).
 
 The chunk count is picked on the host from (B, KVH, max_ctx, number of SMs) only: no device
 value is read, so a launch is CUDA-graph capturable for fixed shapes and fixed max_ctx.
@@ -100,8 +97,7 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _decode_kernel(
-        Q, KV, BT, CTX, OUT, LSE, ACC, KV_SCALE,   # KV_SCALE: [2, KVH] float32 (QUANT)
-        KV_MEAN,                                   # [2, KVH, D] float32 (QUANT)
+        Q, KV, BT, CTX, OUT, LSE, ACC, KV_SCALE,   # KV_SCALE: [L, 2, KVH] float32 (QUANT)
         kv_base,                                   # element offset of kv[0, layer, 0, 0, 0, 0]
         s_blk, s_kv, s_tok, s_head, s_d,           # kv strides (elements)
         s_bt,                                      # block_tables row stride
@@ -169,9 +165,7 @@ if _HAVE_TRITON:
                 m_i = m_new
             acc = acc / l_i[:, None]
             if QUANT:
-                v_m = tl.load(KV_MEAN + (tl.num_programs(1) + kvh) * D + offs_d, mask=mask_d,
-                              other=0.0)
-                acc = acc * v_s + v_m[None, :]
+                acc = acc * v_s
             omask = mask_g[:, None] & mask_d[None, :]
             if DIRECT:
                 o_ptr = OUT + (b * (G * tl.num_programs(1)) + heads)[:, None] * D + offs_d[None, :]
@@ -247,13 +241,11 @@ def plan_splits(B: int, KVH: int, max_ctx: int, num_sms: int) -> tuple[int, int]
 def paged_decode(q: torch.Tensor, kv: torch.Tensor, layer: int, block_tables: torch.Tensor,
                  ctx_lens: torch.Tensor, scale: float, max_ctx: int | None = None, *,
                  out: torch.Tensor | None = None, splits: int | None = None,
-                 kv_scale: torch.Tensor | None = None,
-                 kv_mean: torch.Tensor | None = None) -> torch.Tensor:
+                 kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention over the paged cache: q [B, H, D] -> [B, H*D] (q's dtype).
 
     kv: the stage's cache [nb, L, 2, bs, KVH, D] (q's dtype, or float8_e4m3fn with
-    ``kv_scale`` [L, 2, KVH] float32 on the device: value = fp8 * scale + mean, and
-    ``kv_mean`` [L, 2, KVH, D] float32, None: zero; only V's is read); block_tables
+    ``kv_scale`` [L, 2, KVH] float32 on the device: value = fp8 * scale); block_tables
     [B, max_blocks] int32/int64 (entries past a sequence's blocks are never read);
     ctx_lens [B] int32/int64, each in [0, max_ctx] (0: a padding row, output zeros).
     ``max_ctx``: host-known upper bound of ctx_lens (default max_blocks * bs); it sizes the
@@ -270,10 +262,6 @@ def paged_decode(q: torch.Tensor, kv: torch.Tensor, layer: int, block_tables: to
     if quant:
         assert kv_scale.shape == (L, 2, KVH) and kv_scale.dtype == torch.float32, kv_scale.shape
         kv_scale = kv_scale.contiguous()
-        if kv_mean is None:
-            kv_mean = torch.zeros(L, 2, KVH, D, dtype=torch.float32, device=kv.device)
-        assert kv_mean.shape == (L, 2, KVH, D) and kv_mean.dtype == torch.float32, kv_mean.shape
-        kv_mean = kv_mean.contiguous()
     assert bs & (bs - 1) == 0, "block_size must be a power of two"
     G = H // KVH
     if q.stride(-1) != 1:
@@ -306,7 +294,7 @@ def paged_decode(q: torch.Tensor, kv: torch.Tensor, layer: int, block_tables: to
     s = kv.stride()
     _decode_kernel[(B, KVH, n_split)](
         q, kv, block_tables, ctx_lens, out, lse, acc,
-        kv_scale[layer] if quant else ctx_lens, kv_mean[layer] if quant else ctx_lens,
+        kv_scale[layer] if quant else ctx_lens,
         layer * s[1], s[0], s[2], s[3], s[4], s[5],
         block_tables.stride(0), q.stride(0), q.stride(1),
         chunk, scale * math.log2(math.e), n_split,

@@ -11,8 +11,8 @@ written out plainly:
     silu_mul      silu(gate) * up, gate and up the halves of one [N, 2I] tensor
     write_kv      a step's k and v into their cache slots (one program per token; a copy,
                   so exact), in place of two indexed writes per layer; into an fp8 cache it
-                  quantizes as stages/kv_quant.py does ((x - mean) * inv_scale, clamped to
-                  +-448, rounded to nearest even: the same bits)
+                  quantizes as stages/kv_quant.py does (x * inv_scale, clamped to +-448,
+                  rounded to nearest even: the same bits)
 
 (A fused rotary embedding was tried and left out: on the H100 it rounded about 7% of its
 outputs one bfloat16 unit away from the torch code, for a reason not found.)
@@ -68,8 +68,7 @@ if _HAVE_TRITON:
 
 
     @triton.jit
-    def _write_kv_kernel(k_ptr, v_ptr, kv_ptr, blocks_ptr, offsets_ptr, inv_ptr, mean_ptr,
-                         layer_off,
+    def _write_kv_kernel(k_ptr, v_ptr, kv_ptr, blocks_ptr, offsets_ptr, inv_ptr, layer_off,
                          stride_block, stride_slot, v_off, ROW: tl.constexpr,
                          BLOCK: tl.constexpr, D: tl.constexpr, KVH: tl.constexpr,
                          QUANT: tl.constexpr):
@@ -81,12 +80,10 @@ if _HAVE_TRITON:
         m = cols < ROW
         k = tl.load(k_ptr + n * ROW + cols, mask=m)
         v = tl.load(v_ptr + n * ROW + cols, mask=m)
-        if QUANT:      # inv_ptr: [2, KVH] float32, one scale per head; mean_ptr: [2, KVH, D]
+        if QUANT:                     # inv_ptr: [2, KVH] float32, one scale per head
             head = cols // D
-            k = k.to(tl.float32) - tl.load(mean_ptr + cols, mask=m, other=0.0)
-            v = v.to(tl.float32) - tl.load(mean_ptr + ROW + cols, mask=m, other=0.0)
-            k = k * tl.load(inv_ptr + head, mask=m, other=1.0)
-            v = v * tl.load(inv_ptr + KVH + head, mask=m, other=1.0)
+            k = k.to(tl.float32) * tl.load(inv_ptr + head, mask=m, other=1.0)
+            v = v.to(tl.float32) * tl.load(inv_ptr + KVH + head, mask=m, other=1.0)
             k = tl.minimum(tl.maximum(k, -448.0), 448.0)
             v = tl.minimum(tl.maximum(v, -448.0), 448.0)
             k = k.to(kv_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
@@ -96,12 +93,10 @@ if _HAVE_TRITON:
 
 
 def write_kv(kv: torch.Tensor, layer: int, blocks: torch.Tensor, offsets: torch.Tensor,
-             k: torch.Tensor, v: torch.Tensor, inv_scale: torch.Tensor | None = None,
-             mean: torch.Tensor | None = None) -> None:
+             k: torch.Tensor, v: torch.Tensor, inv_scale: torch.Tensor | None = None) -> None:
     """kv[blocks[i], layer, 0, offsets[i]] = k[i] (and v into slot 1) for every token i.
     kv [nb, L, 2, bs, KVH, D] contiguous; k, v [n, KVH, D]. An fp8 ``kv`` takes
-    ``inv_scale`` [2, KVH] float32 (the layer's K and V scales, inverted) and ``mean``
-    [2, KVH, D] float32 (subtracted first; None: zero)."""
+    ``inv_scale`` [2, KVH] float32 (the layer's K and V scales, inverted)."""
     n = k.shape[0]
     if n == 0:
         return
@@ -109,11 +104,8 @@ def write_kv(kv: torch.Tensor, layer: int, blocks: torch.Tensor, offsets: torch.
     row = KVH * D
     quant = kv.dtype == torch.float8_e4m3fn
     assert quant == (inv_scale is not None), (kv.dtype, inv_scale is None)
-    if quant and mean is None:
-        mean = torch.zeros(2, KVH, D, dtype=torch.float32, device=kv.device)
     _write_kv_kernel[(n,)](k.contiguous(), v.contiguous(), kv, blocks, offsets,
                            inv_scale.contiguous() if quant else blocks,
-                           mean.contiguous() if quant else blocks,
                            layer * 2 * bs * row, L * 2 * bs * row, row, bs * row, ROW=row,
                            BLOCK=triton.next_power_of_2(row), D=D, KVH=KVH, QUANT=quant,
                            num_warps=4)

@@ -96,12 +96,12 @@ class Stage:
             spec.model, spec.layer_start, spec.layer_end, spec.is_first, spec.is_last,
             folder=Path(spec.folder) if spec.folder else None, dtype=self.dtype,
             device=self.device, seed=spec.seed, quantization=spec.quantization)
-        self.quant: KVQuant | None = None      # an fp8 cache's scales, means (stages/kv_quant.py)
+        self.quant: KVQuant | None = None      # an fp8 cache's scales (stages/kv_quant.py)
         if self.kv_dtype != self.dtype:
             values = (load_kv_scales(Path(spec.folder), m, spec.layer_start, spec.layer_end)
                       if spec.kv_scales == "checkpoint" else None)
             self.quant = KVQuant.make(spec.layer_end - spec.layer_start, m.num_kv_heads,
-                                      m.head_dim, self.device, values,
+                                      self.device, values,
                                       calibrate=spec.kv_scales == "prompt")
         self.kv: KVCache | None = None
         self.host: HostPool | None = None

@@ -48,38 +48,28 @@ def test_prompt_scales_are_powers_of_two_with_headroom():
     assert s[-1] > 0 and torch.isfinite(1 / s[-1])
 
 
-@pytest.mark.parametrize("smooth", [False, True])
-def test_observe_fixes_each_layer_and_head_from_its_own_values(smooth):
-    q = KVQuant.make(3, 2, 8, torch.device("cpu"), calibrate=True, smooth=smooth)
+def test_observe_fixes_each_layer_and_head_from_its_own_values():
+    q = KVQuant.make(3, 2, torch.device("cpu"), calibrate=True)
     k = torch.zeros(5, 2, 8)
     v = torch.zeros(5, 2, 8)
     k[3, 0, 1], k[0, 1, 7], v[1, 0, 0], v[4, 1, 2] = 100.0, -2.0, 0.5, 7.0
-    k[:, 1, 3] += 40.0 if smooth else 0.0       # a constant channel: all mean, nothing left
     q.observe(1, k, v)
-    # smoothed, the maxima are 80, 1.6, 0.4, 5.6 (the values less their channel's mean)
     assert q.scale[1].tolist() == [[2.0, 2.0 ** -5], [2.0 ** -7, 2.0 ** -3]]
     assert torch.equal(q.inv[1], 1 / q.scale[1])
     assert q.scale[0].tolist() == q.scale[2].tolist() == [[1.0, 1.0], [1.0, 1.0]]
-    want = torch.stack([k.mean(0), v.mean(0)]) if smooth else torch.zeros(2, 2, 8)
-    assert torch.equal(q.mean[1], want)
-    assert not q.mean[0].any() and not q.mean[2].any()
 
 
-def _quant(seed, L=2, KVH=2, D=8):
-    """Scales and (nonzero) means, as a calibrated stage has them."""
+def _quant(seed, L=2, KVH=2):
     g = torch.Generator().manual_seed(seed)
-    q = KVQuant.make(L, KVH, D, torch.device("cpu"),
-                     2.0 ** torch.randint(-4, 0, (L, 2, KVH), generator=g).float())
-    q.mean.copy_(torch.randn(L, 2, KVH, D, generator=g))
-    return q
+    return KVQuant.make(L, KVH, torch.device("cpu"),
+                        2.0 ** torch.randint(-4, 0, (L, 2, KVH), generator=g).float())
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_fp8_step_attends_over_what_the_cache_holds(seed):
     """A step mixing decode tokens, fresh prompts and continued chunks, over an fp8 cache:
-    the step's k/v are stored quantized (less their means), and every row (its own new k/v
-    included) attends over the dequantized values, means added back: dense attention over
-    them."""
+    the step's k/v are stored quantized, and every row (its own new k/v included) attends
+    over the dequantized values: dense attention over them."""
     q_lens, ctx_lens, bt, bs, kv, q, k, v, _ = make_step(seed)
     quant = _quant(seed)
     kv8 = quantize(kv.flatten(0, 1).transpose(1, 2).flatten(0, 1), quant.inv[0, 0])  # any bytes
@@ -95,13 +85,12 @@ def test_fp8_step_attends_over_what_the_cache_holds(seed):
         K8 = kv8[blocks, layer, 0].flatten(0, 1)[:c]
         V8 = kv8[blocks, layer, 1].flatten(0, 1)[:c]
         sl = slice(int(cu[b]), int(cu[b + 1]))
-        mk, mv = quant.mean[layer]
         assert torch.equal(K8[c - m:].view(torch.uint8),
-                           quantize(k[sl], quant.inv[layer, 0], mk).view(torch.uint8))
+                           quantize(k[sl], quant.inv[layer, 0]).view(torch.uint8))
         assert torch.equal(V8[c - m:].view(torch.uint8),
-                           quantize(v[sl], quant.inv[layer, 1], mv).view(torch.uint8))
-        K = dequantize(K8, quant.scale[layer, 0], torch.float32) + mk
-        V = dequantize(V8, quant.scale[layer, 1], torch.float32) + mv
+                           quantize(v[sl], quant.inv[layer, 1]).view(torch.uint8))
+        K = dequantize(K8, quant.scale[layer, 0], torch.float32)
+        V = dequantize(V8, quant.scale[layer, 1], torch.float32)
         torch.testing.assert_close(out[sl], dense(q[sl], K, V, scale), atol=1e-5, rtol=1e-5)
 
 
@@ -143,92 +132,6 @@ def test_torch_decode_reads_fp8_with_per_head_scales():
         K = dequantize(kv8[rows, 0, 0].flatten(0, 1)[:c], scale[0, 0], torch.float32)
         V = dequantize(kv8[rows, 0, 1].flatten(0, 1)[:c], scale[0, 1], torch.float32)
         torch.testing.assert_close(out[b], dense(q[b:b + 1], K, V, D ** -0.5)[0],
-                                   atol=1e-5, rtol=1e-5)
-
-
-def _offset_kv(seed, n=48, KVH=2, D=16):
-    """k, v [n, KVH, D] with large constant channel offsets (as K's outlier channels)."""
-    g = torch.Generator().manual_seed(seed)
-    off = torch.zeros(KVH, D)
-    off[:, :3] = torch.tensor([30.0, -20.0, 12.0])
-    off[1] = off[1].roll(5)
-    k = torch.randn(n, KVH, D, generator=g) + off
-    v = torch.randn(n, KVH, D, generator=g) * 0.5 + off / 4
-    return k, v
-
-
-def _calibrated(k, v, smooth):
-    q = KVQuant.make(1, k.shape[1], k.shape[2], torch.device("cpu"), calibrate=True,
-                     smooth=smooth)
-    q.observe(0, k, v)
-    return q
-
-
-def test_smoothing_shrinks_the_round_trip_error_of_offset_channels():
-    """Less each channel's mean, what e4m3 rounds is small where K's offsets are large: the
-    round trip (mean added back) is several times closer to K, and each element within half
-    a mantissa unit of what was quantized (x - mean)."""
-    k, v = _offset_kv(0)
-    err = {}
-    for smooth in (False, True):
-        q = _calibrated(k, v, smooth)
-        for j, x in enumerate((k, v)):
-            back = q.roundtrip(x, 0, j) + q.mean[0, j]
-            bound = ((x - q.mean[0, j]).abs() * 2.0 ** -4
-                     + q.scale[0, j][:, None] * 2.0 ** -10) * (1 + 1e-6)
-            assert bool(((back - x).abs() <= bound).all())
-            err[smooth, j] = ((back - x).norm() / x.norm()).item()
-    assert err[True, 0] < err[False, 0] / 4, err
-    assert err[True, 1] < err[False, 1] / 2, err
-    assert err[False, 0] > 1e-3             # the offsets are what costs precision unsmoothed
-
-
-def test_smoothed_fp8_attention_is_float_attention_within_e4m3_error():
-    """A prompt (fresh, its own k/v's round trip) and then a decode token (read from the
-    cache), over smoothed and unsmoothed fp8 caches calibrated on the prompt: both within
-    e4m3's error of float attention over the unrounded values, the smoothed one several
-    times closer."""
-    H, KVH, D, bs, n = 4, 2, 16, 4, 48
-    k, v = _offset_kv(1, n + 1, KVH, D)
-    g = torch.Generator().manual_seed(5)
-    q = torch.randn(n + 1, H, D, generator=g) * 0.3
-    bt = np.arange(-(-(n + 1) // bs))[None]
-    cpu = torch.device("cpu")
-    want = dense(q, k, v, D ** -0.5)                           # every position, float
-    err = {}
-    for smooth in (False, True):
-        quant = KVQuant.make(1, KVH, D, cpu, calibrate=True, smooth=smooth)
-        kv8 = torch.zeros(bt.shape[1], 1, 2, bs, KVH, D, dtype=FP8)
-        lay = build_layout(np.array([n]), np.array([n]), bt, bs, cpu, decode_kernel=False)
-        pre = paged_attention(q[:n], k[:n], v[:n], kv8, 0, lay, D ** -0.5, quant)
-        quant.calibrate = False
-        lay = build_layout(np.array([1]), np.array([n + 1]), bt, bs, cpu, decode_kernel=False)
-        dec = paged_attention(q[n:], k[n:], v[n:], kv8, 0, lay, D ** -0.5, quant)
-        got = torch.cat([pre, dec])
-        err[smooth] = ((got - want).norm() / want.norm()).item()
-        assert err[smooth] < 2.0 ** -4, err
-    assert bool(quant.mean.any())
-    assert err[True] < err[False] / 3, err
-
-
-def test_torch_decode_adds_v_means():
-    """A smoothed cache: the torch decode path adds V's mean to the output (K's changes
-    nothing), padding rows still zeros."""
-    g = torch.Generator().manual_seed(4)
-    B, H, KVH, D, bs, L = 2, 4, 2, 8, 4, 1
-    ctx = torch.tensor([7, 0], dtype=torch.int32)
-    table = torch.tensor([[0, 1], [2, 2]], dtype=torch.int32)
-    kv8 = (torch.randn(3, L, 2, bs, KVH, D, generator=g) * 40).to(FP8)
-    scale = torch.full((L, 2, KVH), 0.125)
-    mean = torch.randn(L, 2, KVH, D, generator=g) * 10
-    q = torch.randn(B, H, D, generator=g)
-    out = paged_decode_torch(q, kv8, 0, table, ctx, D ** -0.5, 8, scale, mean)
-    assert torch.equal(out[1], torch.zeros(H * D))
-    rows = table[0].long()
-    K = dequantize(kv8[rows, 0, 0].flatten(0, 1)[:7], scale[0, 0], torch.float32)
-    V = dequantize(kv8[rows, 0, 1].flatten(0, 1)[:7], scale[0, 1], torch.float32)
-    for km in (0.0, mean[0, 0]):             # K's mean, added or not: the same output
-        torch.testing.assert_close(out[0], dense(q[:1], K + km, V + mean[0, 1], D ** -0.5)[0],
                                    atol=1e-5, rtol=1e-5)
 
 
@@ -358,7 +261,7 @@ def test_fp8_step_on_cuda_matches_the_cpu_torch_path(seed):
     layer, scale = 1, q.shape[-1] ** -0.5
     want = paged_attention(q, k, v, kv8, layer, lay, scale, quant).float()
     dev = torch.device("cuda")
-    cq = KVQuant(quant.scale.to(dev), quant.inv.to(dev), quant.mean.to(dev))
+    cq = KVQuant(quant.scale.to(dev), quant.inv.to(dev))
     kv8g = torch.zeros(kv.shape, dtype=FP8, device=dev)
     lay = build_layout(q_lens, ctx_lens, bt, bs, dev,
                        decode_kernel=triton_decode.available(dev))

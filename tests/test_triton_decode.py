@@ -62,43 +62,35 @@ def _reference(q, ks, vs, scale):
     return torch.stack(out)
 
 
-def _fp8(kv, ks, vs, layer, seed, smooth=False):
-    """The case's cache in fp8, with per-(layer, k|v, head) power-of-two scales and, with
-    ``smooth``, per-(layer, k|v, head, channel) means subtracted: (cache, scales, means, what
-    the kernel must attend over of each sequence's k and v: the round trip, means added back
-    (K's shifts every score of a query alike: softmax does not see it))."""
+def _fp8(kv, ks, vs, layer, seed):
+    """The case's cache in fp8, with per-(layer, k|v, head) power-of-two scales: (cache,
+    scales, what the kernel must see of each sequence's k and v)."""
     from pipemax.stages.kv_quant import dequantize, quantize
-    L, KVH, D = kv.shape[1], kv.shape[4], kv.shape[5]
+    L, KVH = kv.shape[1], kv.shape[4]
     g = torch.Generator().manual_seed(seed + 1000)
     scale = 2.0 ** torch.randint(-6, -1, (L, 2, KVH), generator=g).float()
-    mean = torch.zeros(L, 2, KVH, D)
-    if smooth:            # large channel offsets, as K's outlier channels have
-        mean = torch.randn(L, 2, KVH, D, generator=g) * 4
-        kv = kv + mean.to(kv.dtype)[None, :, :, None]
-        ks = [k + mean[layer, 0].double() for k in ks]
-        vs = [v + mean[layer, 1].double() for v in vs]
     # quantize wants [..., KVH, D]: the cache is [nb, L, 2, bs, KVH, D]
     kv8 = torch.stack([torch.stack([quantize(kv[:, l, j].float().nan_to_num(0.0),
-                                             1 / scale[l, j], mean[l, j]) for j in range(2)], 1)
+                                             1 / scale[l, j]) for j in range(2)], 1)
                        for l in range(L)], 1)
-    back = lambda x, j: (dequantize(quantize(x.float(), 1 / scale[layer, j], mean[layer, j]),
-                                    scale[layer, j], torch.float64) + mean[layer, j].double())
-    return kv8, scale, mean, [back(k, 0) for k in ks], [back(v, 1) for v in vs]
+    back = lambda x, j: dequantize(quantize(x.float(), 1 / scale[layer, j]), scale[layer, j],
+                                   torch.float64)
+    return kv8, scale, [back(k, 0) for k in ks], [back(v, 1) for v in vs]
 
 
 def _check(B, H, KVH, D, bs, ctx_lens, dtype, seed=0, splits=None, bt_dtype=torch.int32,
-           max_ctx="exact", layer=1, fp8=False, smooth=False):
+           max_ctx="exact", layer=1, fp8=False):
     q, kv, bt, cl, ks, vs = _case(B, H, KVH, D, bs, ctx_lens, dtype, seed, layer=layer)
-    fp8_args = {}
+    kv_scale = None
     if fp8:
-        kv, kv_scale, kv_mean, ks, vs = _fp8(kv.double() * 8, [k * 8 for k in ks],
-                                             [v * 8 for v in vs], layer, seed, smooth)
-        fp8_args = {"kv_scale": kv_scale.to(DEV), "kv_mean": kv_mean.to(DEV)}
+        kv, kv_scale, ks, vs = _fp8(kv.double() * 8, [k * 8 for k in ks], [v * 8 for v in vs],
+                                    layer, seed)
+        kv_scale = kv_scale.to(DEV)
     scale = D ** -0.5
     ref = _reference(q, ks, vs, scale)
     mc = max(ctx_lens) if max_ctx == "exact" else max_ctx
     out = td.paged_decode(q.to(DEV), kv.to(DEV), layer, bt.to(bt_dtype).to(DEV), cl.to(DEV), scale,
-                          mc, splits=splits, **fp8_args)
+                          mc, splits=splits, kv_scale=kv_scale)
     assert out.shape == (B, H * D) and out.dtype == dtype
     out = out.cpu().double()
     assert torch.isfinite(out).all(), "NaN/inf: read outside the context?"
@@ -261,35 +253,12 @@ def test_fp8_cache(case, dtype, splits):
     _check(B, H, KVH, D, bs, [c * 4 for c in ctx], dtype, seed=7, splits=splits, fp8=True)
 
 
-@pytest.mark.parametrize("case", CASES[1:3], ids=lambda c: f"B{c[0]}H{c[1]}KV{c[2]}D{c[3]}bs{c[4]}")
-@pytest.mark.parametrize("splits", [1, 3])
-def test_fp8_cache_with_means(case, splits):
-    """A smoothed fp8 cache (each value stored less its channel's mean): the kernel adds V's
-    mean to the output (once, also over a split context) and leaves K's out; the reference
-    attends over the values themselves."""
-    B, H, KVH, D, bs, ctx = case
-    _check(B, H, KVH, D, bs, [c * 4 for c in ctx], torch.bfloat16, seed=9, splits=splits,
-           fp8=True, smooth=True)
-
-
-def test_fp8_torch_decode_with_means_equals_the_kernel():
-    """The stage's torch decode path reads a smoothed fp8 cache as the kernel does."""
-    from pipemax.stages.attention import paged_decode_torch
-    q, kv, bt, cl, ks, vs = _case(3, 8, 2, 64, 8, [23, 5, 40], torch.float32, 11)
-    kv8, scale, mean, _, _ = _fp8(kv.double().nan_to_num(0.0) * 8, ks, vs, 1, 11, smooth=True)
-    args = (q, kv8, 1, bt.clamp(min=0).to(torch.int32), cl, 64 ** -0.5, 40)
-    want = paged_decode_torch(*args, kv_scale=scale, kv_mean=mean).double()
-    got = td.paged_decode(*(a.to(DEV) if torch.is_tensor(a) else a for a in args),
-                          kv_scale=scale.to(DEV), kv_mean=mean.to(DEV)).cpu().double()
-    assert (got - want).norm() / want.norm() < 1e-4
-
-
 def _fp8_case(D, seed):
     q, kv, bt, cl, ks, vs = _case(6, 12, 3, D, 16, [1, 40, 333, 17, 700, 64], torch.bfloat16,
                                   seed)
-    kv8, scale, mean, _, _ = _fp8(kv.double() * 8, ks, vs, 1, seed, smooth=True)
+    kv8, scale, _, _ = _fp8(kv.double() * 8, ks, vs, 1, seed)
     return (q.to(DEV), kv8.to(DEV), 1, bt.clamp(min=0).to(torch.int32).to(DEV), cl.to(DEV),
-            D ** -0.5, 700), scale.to(DEV), mean.to(DEV)
+            D ** -0.5, 700), scale.to(DEV)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
@@ -300,8 +269,8 @@ def test_fp8_kernel_equals_torch_fp8_path_on_gpu(D):
     from pipemax.stages.attention import decode_path, paged_decode
     from pipemax.stages.kv_quant import FP8, KVQuant
     assert decode_path(12, 3, D, 16, torch.bfloat16, DEV, FP8) == (True, "triton kernel")
-    args, scale, mean = _fp8_case(D, D)
-    quant = KVQuant(scale, 1 / scale, mean)
+    args, scale = _fp8_case(D, D)
+    quant = KVQuant(scale, 1 / scale)
     a = paged_decode(*args, kernel=True, quant=quant).double()
     b = paged_decode(*args, kernel=False, quant=quant).double()
     assert (a - b).norm() / b.norm() < 1e-2
@@ -314,7 +283,6 @@ def test_fp8_kernel_equals_torch_fp8_path_on_gpu(D):
     with torch.cuda.graph(graph):
         out = paged_decode(*args, kernel=True, quant=quant)
     scale.mul_(2.0)                              # new scales, in place: the replay reads them
-    mean.mul_(-1.0)                              # and new means
     graph.replay()
     torch.cuda.synchronize()
     want = paged_decode(*args, kernel=False, quant=quant).double()

@@ -1,17 +1,18 @@
-"""How far ways of rounding the KV cache move greedy continuations, on the CPU.
+"""How far ways of rounding the KV cache move greedy continuations.
 
-    python -m tools.kv_variants --model DIR --num-prompts 128 --max-tokens 64 --first 32 \
-        --variants bf16,fp8,fp8-ks,fp8-ks-vs
+    python -m tools.kv_variants --model DIR --num-prompts 64 --max-tokens 40 --first 32 \
+        --variants bf16,fp8,fp8-ks,fp8-ks-vs [--device cuda --dtype bfloat16]
 
-Runs the stage model (all layers, float32 by default) in this process over the same text
+Runs the stage model (all layers, float32 on the CPU by default) in this process over the same text
 prompts as ``tools/compare_kv.py``: a first step of prompts (up to ``--first-step`` tokens,
 as the engine's first micro-batch), the other prompts, then greedy decode steps of all of
 them. Each variant rounds every K and V the attention writes (the step's own included) as its
-cache would hold them, and the cache keeps the rounded values in float32, so every attention
-path reads exactly what the variant's cache would give back:
+cache would hold them, and the cache keeps the rounded values in the model's dtype, so every
+attention path reads what the variant's cache would give back (exactly in float32; in
+bfloat16 too for e4m3 with power-of-two scales):
 
-- ``f32``: unrounded (the reference every variant is compared against);
-- ``bf16``: rounded to bfloat16 (the noise floor of a 16-bit cache);
+- ``f32``: unrounded (the reference every variant is compared against: the model's dtype);
+- ``bf16``: rounded to bfloat16 (the noise floor of a 16-bit cache, for a float32 model);
 - ``fp8``: e4m3 with the power-of-two scale per (layer, K|V, KV head) of stages/kv_quant.py,
   fixed from the first step;
 - suffixes: ``-ks``: K smoothed (the first step's per-(layer, head, channel) mean subtracted
@@ -19,9 +20,11 @@ path reads exactly what the variant's cache would give back:
   scores); ``-vs``: V smoothed (its mean added back after the rounding, as to the attention
   output); ``-tok``: one exact scale per (token, head) (amax / 448) instead of the per-head one;
   ``-k16`` / ``-v16``: K / V left in bfloat16 (which of the two costs the tokens);
-- ``int8``: for comparison, symmetric int8 with one exact scale per (token, head).
+- ``int8``: for comparison, symmetric int8 with one exact scale per (token, head) (stored
+  beside the bytes); ``int8-chan``: one fixed scale per (layer, K|V, head, channel) from the
+  first step's maximum with 1.5x headroom (nothing stored per token).
 
-Prints one line per variant: continuations identical to ``f32`` over the first ``--first``
+Prints one line per variant: continuations identical to the reference over the first ``--first``
 tokens, and the chosen-token logprob |diff| (mean, max) while the tokens agree.
 """
 from __future__ import annotations
@@ -62,8 +65,12 @@ class Rounding:
         if layer not in self.cal:
             mk = k32.mean(0) if "ks" in self.flags else torch.zeros_like(k32[0])
             mv = v32.mean(0) if "vs" in self.flags else torch.zeros_like(v32[0])
-            sk = prompt_scale((k32 - mk).abs().amax(dim=(0, 2)))
-            sv = prompt_scale((v32 - mv).abs().amax(dim=(0, 2)))
+            if self.base == "int8" and "chan" in self.flags:
+                sk = ((k32 - mk).abs().amax(dim=0) * 1.5 / 127).clamp(min=2.0 ** -30)
+                sv = ((v32 - mv).abs().amax(dim=0) * 1.5 / 127).clamp(min=2.0 ** -30)
+            else:
+                sk = prompt_scale((k32 - mk).abs().amax(dim=(0, 2)))[:, None]
+                sv = prompt_scale((v32 - mv).abs().amax(dim=(0, 2)))[:, None]
             self.cal[layer] = (mk, mv, sk, sv)
         mk, mv, sk, sv = self.cal[layer]
         ko = self._round(k32 - mk, sk, "k16" in self.flags)
@@ -73,13 +80,16 @@ class Rounding:
     def _round(self, x: torch.Tensor, s: torch.Tensor, keep16: bool) -> torch.Tensor:
         if keep16:
             return x.bfloat16().float()
-        if self.base == "int8":            # symmetric, one exact scale per (token, head)
-            t = (x.abs().amax(dim=2, keepdim=True) / 127.0).clamp(min=2.0 ** -30)
+        if self.base == "int8":
+            if "chan" in self.flags:       # a fixed scale per (head, channel), 1.5x headroom
+                t = s
+            else:                          # symmetric, one exact scale per (token, head)
+                t = (x.abs().amax(dim=2, keepdim=True) / 127.0).clamp(min=2.0 ** -30)
             return torch.round(x / t).clamp(-127, 127) * t
         if "tok" in self.flags:
             t = (x.abs().amax(dim=2, keepdim=True) / 448.0).clamp(min=2.0 ** -30)
             return e4m3(x / t) * t
-        return e4m3(x / s[:, None]) * s[:, None]
+        return e4m3(x / s) * s
 
 
 def generate(model, cfg, prompts, max_new: int, first_step: int, rounding: Rounding,
@@ -90,8 +100,9 @@ def generate(model, cfg, prompts, max_new: int, first_step: int, rounding: Round
     n = len(prompts)
     width = max(-(-(len(p) + max_new) // block_size) for p in prompts)
     table = np.arange(n * width, dtype=np.int64).reshape(n, width)
-    kv = torch.zeros(n * width, cfg.num_layers, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
-    dev = torch.device("cpu")
+    dev = model.inv_freq.device
+    kv = torch.zeros(n * width, cfg.num_layers, 2, block_size, cfg.num_kv_heads, cfg.head_dim,
+                     dtype=model.lm_head.weight.dtype, device=dev)
 
     def attn(q, k, v, kv, layer, lay, scale, quant=None):
         k, v = rounding(layer, k, v)
@@ -122,14 +133,15 @@ def generate(model, cfg, prompts, max_new: int, first_step: int, rounding: Round
             for rows in groups:
                 ql = np.array([len(prompts[r]) for r in rows])
                 lay = build_layout(ql, ql, table[rows], block_size, dev, decode_kernel=False)
-                x = torch.tensor([t for r in rows for t in prompts[r]], dtype=torch.long)
+                x = torch.tensor([t for r in rows for t in prompts[r]], dtype=torch.long,
+                                 device=dev)
                 take(rows, model.logits(model(x, lay, kv)))
             rows = list(range(n))
             for step in range(1, max_new):
                 ctx = np.array([len(prompts[r]) + step for r in rows])
                 lay = build_layout(np.ones(n, dtype=np.int64), ctx, table, block_size, dev,
                                    decode_kernel=False)
-                x = torch.tensor([toks[r][-1] for r in rows], dtype=torch.long)
+                x = torch.tensor([toks[r][-1] for r in rows], dtype=torch.long, device=dev)
                 take(rows, model.logits(model(x, lay, kv)))
     finally:
         model_mod.paged_attention = saved
@@ -140,7 +152,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF folder with a tokenizer")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32",
+                   help="the model's (and the reference cache's) dtype")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--num-prompts", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--first", type=int, default=32)
@@ -160,7 +174,7 @@ def main(argv=None) -> int:
     from tools.compare_kv import compare
     cfg = ModelConfig.from_dir(a.model)
     model = build_stage_model(cfg, 0, cfg.num_layers, True, True, folder=Path(a.model),
-                              dtype=getattr(torch, a.dtype), device=torch.device("cpu"))
+                              dtype=getattr(torch, a.dtype), device=torch.device(a.device))
     prompts = text_prompts(a.model, a.num_prompts, np.random.default_rng(0))
     t0 = time.time()
     ref = Path(a.reference) if a.reference else None
@@ -170,8 +184,8 @@ def main(argv=None) -> int:
         base = generate(model, cfg, prompts, a.max_tokens, a.first_step, Rounding("f32"))
         if ref is not None:
             ref.write_text(json.dumps(base))
-    print(f"kv_variants: {a.num_prompts} prompts x {a.max_tokens} tokens, {a.dtype} model, "
-          f"reference f32 KV in {time.time() - t0:.0f} s", flush=True)
+    print(f"kv_variants: {a.num_prompts} prompts x {a.max_tokens} tokens, {a.dtype} model on "
+          f"{a.device}, reference ({a.dtype} KV) in {time.time() - t0:.0f} s", flush=True)
     rows = {}
     for name in a.variants.split(","):
         t0 = time.time()
