@@ -22,7 +22,8 @@ bfloat16 too for e4m3 with power-of-two scales):
   ``-k16`` / ``-v16``: K / V left in bfloat16 (which of the two costs the tokens);
 - ``int8``: for comparison, symmetric int8 with one exact scale per (token, head) (stored
   beside the bytes); ``int8-chan``: one fixed scale per (layer, K|V, head, channel) from the
-  first step's maximum with 1.5x headroom (nothing stored per token).
+  first step's maximum with 1.5x headroom (nothing stored per token); ``-vfp8``: V in e4m3
+  as ``fp8`` (K alone in int8).
 
 Prints one line per variant: continuations identical to the reference over the first ``--first``
 tokens, and the chosen-token logprob |diff| (mean, max) while the tokens agree.
@@ -71,10 +72,13 @@ class Rounding:
             else:
                 sk = prompt_scale((k32 - mk).abs().amax(dim=(0, 2)))[:, None]
                 sv = prompt_scale((v32 - mv).abs().amax(dim=(0, 2)))[:, None]
+            if "vfp8" in self.flags:
+                sv = prompt_scale((v32 - mv).abs().amax(dim=(0, 2)))[:, None]
             self.cal[layer] = (mk, mv, sk, sv)
         mk, mv, sk, sv = self.cal[layer]
         ko = self._round(k32 - mk, sk, "k16" in self.flags)
-        vo = self._round(v32 - mv, sv, "v16" in self.flags) + mv
+        vo = (e4m3((v32 - mv) / sv) * sv if "vfp8" in self.flags
+              else self._round(v32 - mv, sv, "v16" in self.flags)) + mv
         return ko.to(k.dtype), vo.to(v.dtype)
 
     def _round(self, x: torch.Tensor, s: torch.Tensor, keep16: bool) -> torch.Tensor:
