@@ -8,7 +8,8 @@
 #     greedy tokens in bfloat16, fp8 KV against bfloat16 KV: the share identical over the first
 #     32 tokens (target >= 90%) and the chosen tokens' logprob |diff| (target mean < 0.02).
 #  d. with SMOLLM2_DIR: ways of rounding the KV cache (tools/kv_variants.py: e4m3 as now, with
-#     K/V smoothing, K or V left 16-bit, int8 with per-token or per-channel scales), each
+#     K/V smoothing, K or V left 16-bit, int8 with per-token or per-channel scales, K int8 with
+#     V e4m3), each
 #     against bfloat16 KV on the same 128 prompts x 64 tokens, the model in bfloat16.
 #  c. llama3-8b dummy, fixed:1024/1024 at --gpu-memory-gb 24: fp8 KV beside 16-bit KV in one
 #     bench run (target >= 1.5x output tok/s).
@@ -23,7 +24,7 @@ variants() {
     echo "== d. KV rounding variants, SmolLM2 in bfloat16, against bfloat16 KV"
     timeout 300 python3 -m tools.kv_variants --model "$1" --device cuda --dtype bfloat16 \
         --num-prompts 128 --max-tokens 64 --first 32 \
-        --variants fp8,fp8-ks,fp8-ks-vs,fp8-k16,fp8-v16,int8-ks-vs,int8-ks-vs-chan,int8-ks-chan \
+        --variants fp8,fp8-ks,fp8-ks-vs,fp8-k16,fp8-v16,int8-ks-vs,int8-ks-chan,int8-ks-chan-vfp8 \
         --json "$OUT/kv_variants.json" > "$OUT/kv_variants.log" 2>&1
     echo "variants: exit $?"
     grep -E '^kv_variants|^  ' "$OUT/kv_variants.log" || tail -5 "$OUT/kv_variants.log"
