@@ -9,8 +9,8 @@
 #     32 tokens (target >= 90%) and the chosen tokens' logprob |diff| (target mean < 0.02).
 #  d. with SMOLLM2_DIR: ways of rounding the KV cache (tools/kv_variants.py: e4m3 as now, with
 #     K/V smoothing, K or V left 16-bit, int8 with per-token or per-channel scales, K int8 with
-#     V e4m3), each
-#     against bfloat16 KV on the same 128 prompts x 64 tokens, the model in bfloat16.
+#     V e4m3), each against bfloat16 KV on the same 128 prompts x 64 tokens, the model in
+#     bfloat16.
 #  c. llama3-8b dummy, fixed:1024/1024 at --gpu-memory-gb 24: fp8 KV beside 16-bit KV in one
 #     bench run (target >= 1.5x output tok/s).
 # Under 10 minutes; "no-bench": a, b and d (about 6); "variants": d only (about 2). Run from
