@@ -313,6 +313,76 @@ def test_the_random_runs_use_the_host_tier_and_offloaded_prefixes():
     assert all(sum(x[i] for x in got) > 0 for i in range(3)), got
 
 
+def lockstep_plans(tier: bool, seed: int, steps: int = 3000):
+    """The plans of a deterministic run (fixed micro-batch order, seeded tokens) with the
+    host tier on or off, each with the tier's counters at that step."""
+    rng = np.random.default_rng(seed)
+    cfg = SchedulerConfig(2, 4, 24, 4, 40, staging_blocks=16, host_blocks=200,
+                          prefix_caching=True, swap_blocks_per_step=40,
+                          host_cache_blocks=80 if tier else 0)
+    sch = Scheduler(cfg)
+    todo = shared_seqs(rng, 40, prefixes=8)
+    toks = np.random.default_rng(seed + 1)
+    out = []
+    for _ in range(steps):
+        while todo and len(sch.waiting) < 3:
+            sch.add(todo.pop(0))
+        for mb in range(cfg.num_micro_batches):
+            plan = sch.schedule(mb)
+            if plan is None:
+                continue
+            out.append((plan, sch.tier_blocks_out, sch.tier_blocks_in))
+            for s in sch.complete(plan, toks.integers(3, 50, len(plan.sample_rows)).tolist()):
+                if s.num_output >= s.params.max_tokens:
+                    sch.finish(s)
+        if not sch.has_work() and not todo:
+            break
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_host_tier_changes_no_plan_until_it_has_a_hit(seed):
+    """Until the tier brings a block back, a run with it plans every step as one without it
+    (the same sequences, tokens, contexts and block tables) but for the tier's copies out:
+    its bookkeeping costs the stages nothing else (measured at the few-shot mix, 24 GB,
+    offload on: 2,470 steps alike, 7 blocks copied to the tier, 0 hits)."""
+    off, on = lockstep_plans(False, seed), lockstep_plans(True, seed)
+    compared = copied = 0
+    for (a, _, _), (b, out_, in_) in zip(off, on):
+        if in_:
+            break                       # a hit: from here on the tier saves computation
+        assert [s.req.custom_id for s in a.seqs] == [s.req.custom_id for s in b.seqs]
+        for f in ("q_lens", "ctx_lens", "block_tables", "tokens", "sample_rows", "offloaded",
+                  "streamed", "gpu_prefix", "swap_in"):
+            assert np.array_equal(getattr(a, f), getattr(b, f)), f
+        extra = {tuple(x) for x in b.swap_out.tolist()} - {tuple(x) for x in a.swap_out.tolist()}
+        assert all(h >= 200 for _, h in extra), "a copy out other than into the tier's slots"
+        compared += 1
+        copied = out_
+    assert compared >= 15 and copied > 0, (compared, copied)
+
+
+def test_host_tier_slots_are_sized_by_the_shared_prefixes():
+    """The tier only ever holds blocks that were hits, so it gets twice the shared prefixes'
+    blocks of the workload, not twice the GPU's blocks (pinned host memory for the whole
+    run: 11.5 GiB where 250 blocks are shared); none without sharing, the caching or the
+    tier; never more than twice the resident blocks nor than the host has spare."""
+    from types import SimpleNamespace
+    from pipemax.config import RunConfig
+    from pipemax.kv_setup import host_cache_blocks
+    from pipemax.planner import Workload
+    on = RunConfig(prefix_caching=True, prefix_cache_host=True)
+    p = SimpleNamespace(resident_blocks=2933, staging_blocks=163, host_blocks=326)
+    wl = lambda shared: Workload(1200.0, 170.0, 4000, cached_blocks=shared)
+    assert host_cache_blocks(on, p, 30000, wl(248)) == 496
+    assert host_cache_blocks(on, p, 30000, wl(0)) == 0
+    assert host_cache_blocks(on, p, 30000, wl(5000)) == 2 * 2933
+    assert host_cache_blocks(on, p, 326 + 100, wl(248)) == 100
+    assert host_cache_blocks(RunConfig(prefix_caching=True), p, 30000, wl(248)) == 0
+    assert host_cache_blocks(on, SimpleNamespace(resident_blocks=2933, staging_blocks=0,
+                                                 host_blocks=0), 30000, wl(248)) == 0
+
+
 def test_a_shared_prefix_is_computed_once_before_its_sharers():
     """32 requests with a 64-token prefix: the first computes it, the others wait for it and
     then compute only their own 8 tokens (and their outputs)."""

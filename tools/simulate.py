@@ -273,6 +273,8 @@ def simulate(cfg: RunConfig, model: ModelConfig, reports: list[dict], lines: lis
             "swapped_out": sched.num_swapped_out, "tokens_recomputed": sched.tokens_recomputed,
             "moved_to_host": sched.num_to_host, "moved_to_gpu": sched.num_to_gpu,
             "moved_between_micro_batches": sched.num_moved,
+            "host_cache_blocks": sched_cfg.host_cache_blocks,
+            "tier_blocks_out": sched.tier_blocks_out, "tier_blocks_in": sched.tier_blocks_in,
             "host_seqs_mean": pipe.host_seq_s / t if t > 0 else 0.0,
             "bubble_share": [s["bubble"] for s in shares],
             "stall_share": [s["stall"] for s in shares],
@@ -372,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--prefix-caching", choices=("on", "off"), default="on")
+    p.add_argument("--prefix-cache-host", choices=("on", "off"), default="off",
+                   help="the host pool as the prefix cache's second tier (with KV offload)")
     p.add_argument("--workload", default="fixed:512/256")
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -445,7 +449,8 @@ def main(argv=None) -> int:
                         max_num_batched_tokens=a.max_num_batched_tokens, seed=a.seed,
                         kv_offload=a.kv_offload, host_kv_gb=a.host_kv_gb,
                         offload_policy=a.offload_policy,
-                        prefix_caching=a.prefix_caching == "on")
+                        prefix_caching=a.prefix_caching == "on",
+                        prefix_cache_host=a.prefix_cache_host == "on")
         max_len = min(model.max_position_embeddings, a.max_model_len or 1 << 62)
         lines = [json.dumps(r, separators=(",", ":")).encode()
                  for r in requests(a.workload, a.num_requests, model.vocab_size, a.seed)]
