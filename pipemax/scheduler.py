@@ -74,6 +74,7 @@ from pipemax.selection import Budget, Candidate, StepModel, _loads, select
 from pipemax.sequence import Sequence
 
 MAX_WAITING_PASSED = 256     # waiting sequences an admission may pass (they wait for a prefix)
+SETTLE_STEPS = 8             # steps of its own a sequence the selection moved stays put
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,8 @@ class Scheduler:
                           and self.host is not None)
         self.num_to_host = self.num_to_gpu = self.num_moved = 0
         self._budget_left: float | None = None      # the planned micro-batch's, admitting
+        self._tick = 0                              # schedule() calls
+        self._moved_at: dict[int, int] = {}         # id(seq) -> tick the selection moved it
         # host extents of sequences swapped back in, freed once their step came back
         self._freed_after: list[list[tuple[int, int]]] = [[] for _ in range(cfg.num_micro_batches)]
         # prefix caching with offload: offloaded admissions that mapped cached GPU blocks; the
@@ -424,6 +427,9 @@ class Scheduler:
         out (copies on this step, like a swap's). Then note ``mb``'s prefetch budget left
         for the sequences it admits."""
         run, P = self.running[mb], Placement
+        self._tick += 1
+        settle = SETTLE_STEPS * self.cfg.num_micro_batches
+        self._moved_at = {k: t for k, t in self._moved_at.items() if self._tick - t < settle}
         cands, seqs = [], {}
         for m, r in enumerate(self.running):
             for s in r:
@@ -431,7 +437,8 @@ class Scheduler:
                            and s.remaining == 1 and s.num_computed > 0
                            and not s.gpu_prefix)    # (mapping a cached GPU prefix: stays)
                 cands.append(Candidate(id(s), m, s.num_computed + 1,
-                                       s.placement is not P.RESIDENT, movable))
+                                       s.placement is not P.RESIDENT, movable,
+                                       recent=id(s) in self._moved_at))
                 seqs[id(s)] = s
         grow = sum(max(0, self.blocks.blocks_for(s.num_computed + 1) - len(s.blocks))
                    for s in run if s.placement is P.RESIDENT)
@@ -444,13 +451,16 @@ class Scheduler:
         for c in cands:
             to_mb, host = where[c.key]
             s = seqs[c.key]
+            done = False
             if host != c.on_host:       # (its copies ride on this step: it stays in mb)
-                _ = self._to_host(s) if host else self._to_gpu(s, mb)
-            elif to_mb != mb:
-                self._move(s, to_mb)
+                done = self._to_host(s) if host else self._to_gpu(s, mb)
+            elif to_mb != c.mb:         # (not the others: a move to its own list reorders it)
+                done = self._move(s, to_mb)
+            if done:
+                self._moved_at[c.key] = self._tick
         loads = _loads(cands, {id(s): (s.mb, s.placement is not P.RESIDENT)
                                for r in self.running for s in r}, b)
-        self._budget_left = b.prefetch_tokens(loads) - loads[mb].host_cost
+        self._budget_left = b.admission_tokens(loads, mb) - loads[mb].host_cost
 
     def _to_host(self, s: Sequence) -> bool:
         """Running resident ``s`` keeps its KV in the host pool from this step on: its
@@ -486,18 +496,19 @@ class Scheduler:
         self.num_to_gpu += 1
         return True
 
-    def _move(self, s: Sequence, mb: int) -> None:
+    def _move(self, s: Sequence, mb: int) -> bool:
         """``s`` runs in micro-batch ``mb`` from now on (nothing is copied), if that one's
         staging buffer has room for it."""
         if s.placement is Placement.HOST:
             if self.staged[mb] + s.staged_blocks + 1 > self.cfg.staging_blocks:
-                return
+                return False
             self.staged[s.mb] -= s.staged_blocks
             self.staged[mb] += s.staged_blocks
         self.running[s.mb].remove(s)
         self.running[mb].append(s)
         s.mb = mb
         self.num_moved += 1
+        return True
 
     def _admit_resident(self, s: Sequence, hit: list[int], fetch: list[int], mb: int) -> None:
         """Give ``s`` its blocks: the cached ones of ``hit`` shared, the rest of its tokens'

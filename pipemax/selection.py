@@ -26,10 +26,30 @@ The choice, as the paper describes it:
   time (``step_seconds``; the pipeline runs at its slowest stage-step), ties broken by the
   sum of squares (evener is better).
 
+Against churn (every move delays the sequence or copies its KV, so it must pay for more
+than a step or two):
+
+- a sequence moved in the last few steps (``Candidate.recent``, the scheduler keeps the
+  count) stays where it is;
+- a refinement move must lower the objective by ``MOVE_GAIN`` (not crumbs);
+- a host sequence comes back to the GPU only when its micro-batch's host cost is over the
+  budget by ``HYSTERESIS``: the budget a move to the host (and an admission,
+  ``admission_tokens``) keeps is below that, so a sequence that grows a little past the
+  budget stays, and none goes back and forth between host and GPU;
+- at most ``MAX_MOVES`` sequences change place or micro-batch per call.
+
+Admission: an offloaded sequence adds a sequence to its micro-batch's step, so a step may
+take a prefetch longer than its compute while the step time per sequence still falls:
+``admission_tokens`` is the budget scaled by (n + 1) / n for a micro-batch of n sequences,
+and no bound for a micro-batch's first host sequence (as first come: only the staging buffer
+decides). Without it, a sequence longer than one step's prefetch (a preempted 1024/1024 one)
+waits while the GPU is full, and fewer sequences run than with first come.
+
 Guarantees (tests/test_selection.py): the prefetch budget of a micro-batch is never exceeded
 by a move to the host; the GPU blocks of the resident sequences fit the room given; every
-sequence comes back exactly once; and the slowest step time of the choice is never above the
-one of the sequences left where they are (first come).
+sequence comes back exactly once; the slowest step time of the choice is never above the
+one of the sequences left where they are (first come); a second call with nothing changed
+moves nothing; at most ``MAX_MOVES`` sequences move per call.
 """
 from __future__ import annotations
 
@@ -38,6 +58,9 @@ from dataclasses import dataclass
 WINDOW = 4          # steps of a micro-batch the budget looks ahead
 MAX_ROUNDS = 64     # refinement moves tried at most (each lowers the objective)
 GAIN = 0.01         # the least share a refinement move lowers the objective by
+MOVE_GAIN = 0.03    # ... when it moves a sequence (to another micro-batch or place)
+HYSTERESIS = 0.05   # over the budget by this share before host sequences come back
+MAX_MOVES = 4       # sequences that change place or micro-batch in one call at most
 
 
 @dataclass(frozen=True)
@@ -47,6 +70,7 @@ class Candidate:
     ctx: int            # context tokens at its next step
     on_host: bool       # its KV is in the host pool now
     movable: bool = True    # may change micro-batch or place (False: a step of it is in flight)
+    recent: bool = False    # moved in the last few steps: stays put (no churn)
 
 
 @dataclass(frozen=True)
@@ -90,6 +114,15 @@ class Budget:
             return float("inf")
         return sum(busy) / len(busy) / self.model.per_host_token
 
+    def admission_tokens(self, loads: list["Load"], mb: int) -> float:
+        """Host tokens micro-batch ``mb`` may hold when it admits one more sequence to the
+        host: the prefetch budget times (n + 1) / n (its step may grow by as much as the
+        sequence adds to it, per sequence no slower); unbounded for its first."""
+        n = loads[mb].n
+        if loads[mb].host_cost <= 0:        # its first: as first come, the staging decides
+            return float("inf")
+        return self.prefetch_tokens(loads) * ((n + 1) / n if n else 1.0)
+
 
 @dataclass
 class Load:
@@ -131,16 +164,16 @@ def _objective(loads: list[Load], m: StepModel) -> tuple[float, float]:
     return max(steps, default=0.0), sum(t * t for t in steps)
 
 
-def _better(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    """Is objective ``a`` clearly lower than ``b`` (by ``GAIN``: no moves for crumbs)?"""
-    return a[0] < b[0] * (1 - GAIN) or (a[0] <= b[0] and a[1] < b[1] * (1 - 2 * GAIN))
+def _better(a: tuple[float, float], b: tuple[float, float], gain: float = MOVE_GAIN) -> bool:
+    """Is objective ``a`` clearly lower than ``b`` (by ``gain``: no moves for crumbs)?"""
+    return a[0] < b[0] * (1 - gain) or (a[0] <= b[0] and a[1] < b[1] * (1 - 2 * gain))
 
 
 def select(cands: list[Candidate], b: Budget) -> dict[int, tuple[int, bool]]:
     """Where each candidate runs next: key -> (micro-batch, on the host). Candidates that are
     not movable stay where they are; they count in their micro-batches' loads."""
     first = {c.key: (c.mb, c.on_host) for c in cands}
-    movable = [c for c in cands if c.movable]
+    movable = [c for c in cands if c.movable and not c.recent]
     if not movable or b.staging_blocks <= 0:
         return first
     where = dict(first)
@@ -148,6 +181,13 @@ def select(cands: list[Candidate], b: Budget) -> dict[int, tuple[int, bool]]:
     budget = b.prefetch_tokens(loads)
     gpu_used = sum(b.blocks(c.ctx) for c in movable if not c.on_host)
     gpu_limit = max(b.gpu_room, gpu_used)      # never more than now when already over
+
+    def moved() -> int:
+        return sum(where[c.key] != first[c.key] for c in movable)
+
+    def room_to_move(xs) -> bool:
+        """May these candidates move without more than MAX_MOVES moved in all?"""
+        return moved() + sum(where[x.key] == first[x.key] for x in xs) <= MAX_MOVES
 
     def move(c: Candidate, mb: int, host: bool) -> None:
         nonlocal gpu_used
@@ -175,21 +215,22 @@ def select(cands: list[Candidate], b: Budget) -> dict[int, tuple[int, bool]]:
                 return False
         return True
 
-    # greedy first choice: over budget, the most expensive come back to the GPU
+    # greedy first choice: well over budget (by HYSTERESIS), the most expensive come back to
+    # the GPU until within the budget
     for mb, ld in enumerate(loads):
-        if ld.host_cost <= budget and ld.host_blocks <= b.staging_blocks:
+        if ld.host_cost <= budget * (1 + HYSTERESIS) and ld.host_blocks <= b.staging_blocks:
             continue
         for c in sorted((c for c in movable if where[c.key] == (mb, True)),
                         key=lambda c: -c.ctx):
             if ld.host_cost <= budget and ld.host_blocks <= b.staging_blocks:
                 break
-            if fits(c, mb, False):
+            if fits(c, mb, False) and room_to_move([c]):
                 move(c, mb, False)
     # short of GPU blocks: the cheapest residents to the host, as many as the budget takes
     if b.short > 0:
         for c in sorted((c for c in movable if not where[c.key][1]), key=lambda c: c.ctx):
             mb = where[c.key][0]
-            if fits(c, mb, True):
+            if fits(c, mb, True) and room_to_move([c]):
                 move(c, mb, True)
     # local refinement: single moves that lower the slowest step (then evenness)
     best = _objective(loads, b.model)
@@ -200,11 +241,15 @@ def select(cands: list[Candidate], b: Budget) -> dict[int, tuple[int, bool]]:
         for c in sorted(movable, key=lambda c: -steps[where[c.key][0]]):
             mb, host = where[c.key]
             tries = [[(c, m, host)] for m in order if m != mb]
-            if host:                # back to the GPU, alone or exchanged with a cheaper one
+            if host and (loads[mb].host_cost > budget * (1 + HYSTERESIS)
+                         or loads[mb].host_blocks > b.staging_blocks):
+                # well over budget: back to the GPU, alone or exchanged with a cheaper one
                 tries.append([(c, mb, False)])
                 tries += [[(c, mb, False), (r, mb, True)] for r in movable
                           if where[r.key] == (mb, False) and r.ctx < c.ctx]
             for moves in tries:
+                if not room_to_move([x for x, _, _ in moves]):
+                    continue
                 undo = []
                 for x, m, h in moves:
                     if not fits(x, m, h):

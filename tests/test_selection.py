@@ -102,3 +102,50 @@ def test_the_scheduler_moves_sequences_and_keeps_every_context():
         got["to_gpu"] += sch.num_to_gpu
         got["moved"] += sch.num_moved
     assert all(got.values()), got
+
+
+# ---- no churn ---------------------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(cand_lists, st.integers(0, 300), st.integers(0, 80), st.integers(0, 50))
+def test_no_churn_repeated_calls_settle_and_moves_are_bounded(raw, room, staging, short):
+    """Called again and again on the choice it made (nothing grows, nothing finishes), the
+    selection moves at most MAX_MOVES sequences a call and settles: within a few calls a call
+    moves nothing, and the next one neither (no back and forth). Recently moved sequences
+    stay put, even when the GPU is short."""
+    from pipemax.selection import MAX_MOVES
+
+    cands = [Candidate(i, mb, ctx, host, movable) for i, (mb, ctx, host, movable)
+             in enumerate(raw)]
+    b = budget(gpu_room=room, staging_blocks=staging, short=0)
+    calls = 0
+    while True:
+        where = select(cands, b)
+        n = sum(where[c.key] != (c.mb, c.on_host) for c in cands)
+        assert n <= MAX_MOVES
+        if n == 0:
+            break
+        calls += 1
+        assert calls <= 2 + len(cands) // MAX_MOVES, "the selection does not settle"
+        cands = [Candidate(c.key, where[c.key][0], c.ctx, where[c.key][1], c.movable)
+                 for c in cands]
+    assert select(cands, b) == where
+    settled = [Candidate(c.key, c.mb, c.ctx, c.on_host, c.movable, recent=True) for c in cands]
+    assert select(settled, budget(gpu_room=room, staging_blocks=staging, short=short)) == {
+        c.key: (c.mb, c.on_host) for c in cands}
+
+
+def test_a_host_sequence_a_little_over_budget_stays_on_the_host():
+    # one micro-batch: a host sequence whose cost is just past the budget (by less than
+    # HYSTERESIS) stays; well past it, it comes back to the GPU
+    from pipemax.selection import HYSTERESIS
+
+    def case(ctx_host):
+        cands = [Candidate(0, 0, ctx_host, True), Candidate(1, 0, 40, False)]
+        b = budget(num_micro_batches=1, gpu_room=1000, staging_blocks=1000)
+        limit = b.prefetch_tokens(_loads(cands, {c.key: (0, c.on_host) for c in cands}, b))
+        return b.cost(ctx_host) / limit, select(cands, b)[0]
+
+    over, where = case(116)
+    assert 1 < over < 1 + HYSTERESIS and where == (0, True)
+    over, where = case(124)
+    assert over > 1 + HYSTERESIS and where == (0, False)
