@@ -255,12 +255,16 @@ class Scheduler:
             seq.blocks.clear()
             seq.placement = Placement.RESIDENT
         else:
-            if self.caching:
-                for k in seq.block_keys[seq.num_registered:]:
-                    if self.computing.get(k) is seq:
-                        del self.computing[k]
-                seq.num_registered = 0
-            self.blocks.release(seq.blocks)
+            self._release_resident(seq)
+
+    def _release_resident(self, seq: Sequence) -> None:
+        """Let go of resident ``seq``'s GPU blocks; the keys it was computing are nobody's."""
+        if self.caching:
+            for k in seq.block_keys[seq.num_registered:]:
+                if self.computing.get(k) is seq:
+                    del self.computing[k]
+            seq.num_registered = 0
+        self.blocks.release(seq.blocks)
 
     def finish(self, seq: Sequence) -> None:
         self._release(seq)
@@ -473,12 +477,7 @@ class Scheduler:
         if start is None:
             return False
         self._copies_out.extend(zip(s.blocks[:computed], range(start, start + computed)))
-        if self.caching:
-            for k in s.block_keys[s.num_registered:]:
-                if self.computing.get(k) is s:
-                    del self.computing[k]
-            s.num_registered = 0
-        self.blocks.release(s.blocks)
+        self._release_resident(s)
         s.blocks = list(range(start, start + self._extent(s)))
         s.placement = Placement.HOST
         s.staged_blocks = 0
