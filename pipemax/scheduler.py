@@ -70,7 +70,7 @@ import numpy as np
 from pipemax.block_manager import BlockManager, ExtentAllocator
 from pipemax.placement import Admission, Placement, Room, place, swaps
 from pipemax.prefix_cache import HostTier, extend_keys, shareable_blocks
-from pipemax.selection import Budget, Candidate, StepModel, _loads, select
+from pipemax.selection import Budget, Candidate, StepModel, micro_batch_loads, select
 from pipemax.sequence import Sequence
 
 MAX_WAITING_PASSED = 256     # waiting sequences an admission may pass (they wait for a prefix)
@@ -462,7 +462,7 @@ class Scheduler:
                 done = self._move(s, to_mb)
             if done:
                 self._moved_at[c.key] = self._tick
-        loads = _loads(cands, {id(s): (s.mb, s.placement is not P.RESIDENT)
+        loads = micro_batch_loads(cands, {id(s): (s.mb, s.placement is not P.RESIDENT)
                                for r in self.running for s in r}, b)
         self._budget_left = b.admission_tokens(loads, mb) - loads[mb].host_cost
 

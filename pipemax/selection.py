@@ -143,10 +143,10 @@ class Load:
 def step_seconds(cands: list[Candidate], where: dict[int, tuple[int, bool]],
                  b: Budget) -> list[float]:
     """Each micro-batch's step time with the sequences ``where`` says."""
-    return [ld.step(b.model) for ld in _loads(cands, where, b)]
+    return [ld.step(b.model) for ld in micro_batch_loads(cands, where, b)]
 
 
-def _loads(cands, where, b: Budget) -> list[Load]:
+def micro_batch_loads(cands, where, b: Budget) -> list[Load]:
     loads = [Load() for _ in range(b.num_micro_batches)]
     for c in cands:
         mb, host = where[c.key]
@@ -177,7 +177,7 @@ def select(cands: list[Candidate], b: Budget) -> dict[int, tuple[int, bool]]:
     if not movable or b.staging_blocks <= 0:
         return first
     where = dict(first)
-    loads = _loads(cands, where, b)
+    loads = micro_batch_loads(cands, where, b)
     budget = b.prefetch_tokens(loads)
     gpu_used = sum(b.blocks(c.ctx) for c in movable if not c.on_host)
     gpu_limit = max(b.gpu_room, gpu_used)      # never more than now when already over
@@ -270,6 +270,6 @@ def select(cands: list[Candidate], b: Budget) -> dict[int, tuple[int, bool]]:
             break
         for x, m, h in found:
             move(x, m, h)
-    if _objective(loads, b.model)[0] > _objective(_loads(cands, first, b), b.model)[0] + 1e-12:
+    if _objective(loads, b.model)[0] > _objective(micro_batch_loads(cands, first, b), b.model)[0] + 1e-12:
         return first
     return where

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
-from pipemax.selection import Budget, Candidate, StepModel, _loads, select, step_seconds
+from pipemax.selection import Budget, Candidate, StepModel, micro_batch_loads, select, step_seconds
 
 MODEL = StepModel(fixed=1.0, per_seq=0.01, per_token=0.001, per_host_token=0.01)
 
@@ -32,7 +32,7 @@ def test_limits_hold_and_never_worse_than_first_come(raw, room, staging, short, 
     for c in cands:
         if not c.movable:
             assert where[c.key] == first[c.key]
-    before, after = _loads(cands, first, b), _loads(cands, where, b)
+    before, after = micro_batch_loads(cands, first, b), micro_batch_loads(cands, where, b)
     limit = b.prefetch_tokens(before)
     for mb, (x, y) in enumerate(zip(before, after)):
         went_up = any(where[c.key] == (mb, True) and first[c.key] != (mb, True) for c in cands)
@@ -49,7 +49,7 @@ def test_over_budget_the_longest_comes_back_to_the_gpu():
     cands = [Candidate(0, 0, 100, True), Candidate(1, 0, 20, True), Candidate(2, 0, 24, True),
              Candidate(3, 0, 40, False)]
     b = budget(num_micro_batches=1, gpu_room=1000)
-    limit = b.prefetch_tokens(_loads(cands, {c.key: (0, c.on_host) for c in cands}, b))
+    limit = b.prefetch_tokens(micro_batch_loads(cands, {c.key: (0, c.on_host) for c in cands}, b))
     assert b.cost(100) + b.cost(20) + b.cost(24) > limit >= b.cost(20) + b.cost(24)
     where = select(cands, b)
     assert where[0] == (0, False) and where[1] == (0, True) and where[2] == (0, True)
@@ -61,7 +61,7 @@ def test_short_of_gpu_blocks_the_cheapest_go_to_the_host():
     where = select(cands, b)
     host = sorted(c.ctx for c in cands if where[c.key][1])
     assert host and host == sorted(c.ctx for c in cands)[:len(host)], "cheapest first"
-    loads = _loads(cands, where, b)
+    loads = micro_batch_loads(cands, where, b)
     assert loads[0].host_cost <= b.prefetch_tokens(loads)
     # one more would not fit the budget
     nxt = sorted(c.ctx for c in cands)[len(host)] if len(host) < len(cands) else None
@@ -142,7 +142,7 @@ def test_a_host_sequence_a_little_over_budget_stays_on_the_host():
     def case(ctx_host):
         cands = [Candidate(0, 0, ctx_host, True), Candidate(1, 0, 40, False)]
         b = budget(num_micro_batches=1, gpu_room=1000, staging_blocks=1000)
-        limit = b.prefetch_tokens(_loads(cands, {c.key: (0, c.on_host) for c in cands}, b))
+        limit = b.prefetch_tokens(micro_batch_loads(cands, {c.key: (0, c.on_host) for c in cands}, b))
         return b.cost(ctx_host) / limit, select(cands, b)[0]
 
     over, where = case(116)
