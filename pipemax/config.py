@@ -139,6 +139,12 @@ class RunConfig:
     offload_overlap: bool = flag(True, "off: the plain schedule (copy, then compute), the "
                                        "reference", choices=("on", "off"), default="on",
                                  convert=_on)
+    # the driver sends each step's copies to stages 1.. as it sends the step (ipc/protocol.py)
+    prefetch_plans: bool = flag(True, "with KV offload over 2+ stages: every stage learns a "
+                                      "step's copies when the driver sends the step, and "
+                                      "prefetches them while its previous step computes "
+                                      "(off: only once the step's activations arrive)",
+                                choices=("on", "off"), default="on", convert=_on)
     # decode steps replayed from CUDA graphs
     cuda_graphs: bool = flag(False, "replay decode steps from CUDA graphs (auto: on CUDA; on "
                                     "the CPU 'on' runs the same padded path eagerly, for tests)",

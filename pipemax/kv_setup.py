@@ -112,5 +112,5 @@ def setup(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload,
         pipeline.extra_checks.append(pool.check)
         pool.start(pipeline.check)
     pipeline.alloc(p.resident_blocks, p.staging_blocks, H, pool.names if pool else [],
-                   cfg.offload_overlap)
+                   cfg.offload_overlap, sched.num_micro_batches)
     return p, pool, sched

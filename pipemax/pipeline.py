@@ -1,8 +1,11 @@
 """The stage processes and the rings between them, seen from the driver.
 
     driver ─ring0─► stage 0 ─ring1─► stage 1 ─► … ─► stage S-1 ─ringS─► driver
+       └──plan1──────────────────► stage 1       (with KV offload over 2+ stages: each
+       └──plan2─────────────────────────────► …   step's copies, sent with the step)
 
-Every shared-memory object is named ``/pipemax-<run id>-ring<i>`` (see ipc/names.py), so
+Every shared-memory object is named ``/pipemax-<run id>-ring<i>`` or ``-plan<i>`` (see
+ipc/names.py), so
 ``close()`` (called from the launcher's ``finally``) and the next start's stale-run sweep can
 remove all of them. A stage that dies is noticed within one ring wait slice: the driver's
 waits check every stage process and raise ``StageFailed`` naming it.
@@ -45,6 +48,15 @@ def ring_capacity(cfg: RunConfig, model: ModelConfig, max_model_len: int) -> int
     return 2 * one + (1 << 20)
 
 
+def plan_ring_capacity(cfg: RunConfig, max_model_len: int, micro_batches: int) -> int:
+    """Room for the copy plans of every step in flight and two more (a stage drains its
+    ring each step: what it holds is the steps sent that it has not handled yet)."""
+    seqs = cfg.max_seqs_per_mb
+    tables = seqs * (-(-max_model_len // cfg.block_size)) * 4
+    one = tables + 4 * tables + seqs * 4 * 8 + (16 << 10)   # + swaps, per-sequence rows, meta
+    return (micro_batches + 2) * one + (1 << 20)
+
+
 def stage_threads(device: str, threads: int | None, stages: int, cpus: int) -> int:
     """Torch threads of each stage process. A CPU stage computes: the cores are shared among
     the stages. A CUDA stage only copies messages in and out of the rings; more threads than a
@@ -69,6 +81,7 @@ class Pipeline:
         self.extra_checks: list[Callable[[], bool]] = []   # e.g. the KV pool's liveness
         self.ranges = split_layers(model, cfg.gpus)
         self.rings: list[Ring] = []
+        self.plan_rings: list[Ring] = []   # driver -> stage 1.., the copy plans (may be none)
         self.procs: list[mp.Process] = []
         self.to_first: Ring | None = None
         self.from_last: Ring | None = None
@@ -110,11 +123,20 @@ class Pipeline:
         return meta["reports"]
 
     def alloc(self, resident: int, staging: int, host_blocks: int, host_segments: list[str],
-              overlap: bool) -> None:
-        """Stages allocate their KV caches (and map their host KV segments)."""
+              overlap: bool, micro_batches: int = 1) -> None:
+        """Stages allocate their KV caches (and map their host KV segments, and the rings of
+        copy plans when offloaded KV is prefetched ahead over several stages)."""
+        cfg = self.cfg
+        names: list[str | None] = [None] * cfg.gpus
+        if staging and overlap and cfg.prefetch_plans and cfg.gpus > 1:
+            cap = plan_ring_capacity(cfg, self.max_model_len, micro_batches)
+            for i in range(1, cfg.gpus):
+                names[i] = shm_name(self.run_id, f"plan{i}")
+                self.plan_rings.append(Ring.create(names[i], cap))
         self.to_first.write({"op": P.OP_ALLOC, "resident_blocks": resident,
                              "staging_blocks": staging, "host_blocks": host_blocks,
-                             "host_segments": host_segments, "overlap": overlap, "acks": []},
+                             "host_segments": host_segments, "overlap": overlap,
+                             "plan_rings": names, "acks": []},
                             timeout=30.0, alive=self.check)
         self.recv(expect=P.OP_ALLOC)
 
@@ -163,10 +185,11 @@ class Pipeline:
         try:
             self.stop()
         finally:
-            for r in self.rings:
+            for r in self.rings + self.plan_rings:
                 r.close()
                 r.unlink()
             self.rings.clear()
+            self.plan_rings.clear()
             cleanup_run(self.run_id)
 
     # ---- steps ----------------------------------------------------------------------------
@@ -187,6 +210,11 @@ class Pipeline:
         }
         self.to_first.write({"op": P.OP_STEP, "mb": plan.mb, "step": step, "num_top": num_top,
                              "sent": time.monotonic()}, tensors, timeout=None, alive=self.check)
+        if self.plan_rings and (plan.offloaded.any() or len(plan.swap_out) or len(plan.swap_in)):
+            copies = {k: tensors[k] for k in P.PLAN_TENSORS}
+            for r in self.plan_rings:
+                r.write({"op": P.OP_PLAN, "mb": plan.mb, "step": step}, copies, timeout=None,
+                        alive=self.check)
 
     def recv(self, expect: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
         self.check()    # also between messages: a dead helper process (the pool) stops the run

@@ -35,10 +35,12 @@ def offload_summary(finals: list[dict], sched: Scheduler) -> str:
         return streamed
     gib = lambda x: x / 2**30
     peak = max((f.get("peak_staging_blocks", 0) for f in finals), default=0)
+    planned = _bytes(finals, "prefetched_from_plans")
+    ahead = (f", {planned} prefetches issued from the driver's copy plans" if planned else "")
     return (f"; KV offload: {sched.num_offloaded_admitted} sequences offloaded, "
             f"{gib(_bytes(finals, 'bytes_prefetched')):.2f} GiB prefetched, "
             f"{gib(_bytes(finals, 'bytes_offloaded')):.2f} GiB offloaded, peak staging "
-            f"{peak} blocks per buffer" + streamed)
+            f"{peak} blocks per buffer" + ahead + streamed)
 
 
 def preemption_summary(finals: list[dict], sched: Scheduler) -> str:

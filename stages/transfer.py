@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipemax.ipc.ring import Ring, RingTimeout
+
 
 def staged(a, device: torch.device) -> torch.Tensor:
     """A numpy array or CPU tensor as a CPU tensor that ``device`` can copy from asynchronously
@@ -33,6 +35,19 @@ def host_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
     out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     out.copy_(t)
     return out
+
+
+def take(ring: Ring, alive, timeout: float | None, pin: bool) -> tuple[dict, dict] | None:
+    """The next message of ``ring``, copied out so that its slot is released at once
+    (page-locked copies if ``pin``, so they go on to the GPU without a host sync); None if
+    none came within ``timeout`` (0: only if already there; None: wait for it)."""
+    try:
+        with ring.read(timeout=timeout, alive=alive) as msg:
+            return dict(msg.meta), {k: host_copy(v, pin) for k, v in msg.tensors.items()}
+    except RingTimeout:
+        if timeout is None:
+            raise
+        return None
 
 
 class Outbound:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from pipemax.ipc import protocol as P
-from pipemax.ipc.ring import PeerGone, Ring, RingTimeout
+from pipemax.ipc.ring import PeerGone, Ring
 from pipemax.model_config import ModelConfig
 from pipemax.stages.attention import build_layout, decode_path
 from pipemax.stages.timetable import Staging, staging_for, swap_runs
@@ -33,11 +33,12 @@ from pipemax.stages.kv_cache import KVCache, kv_budget_bytes
 from pipemax.stages.decode_graph import DecodeGraphs
 from pipemax.stages.measure import measure
 from pipemax.stages.offload import HostPool, Offloader
+from pipemax.stages.plan_inbox import PlanInbox
 from pipemax.stages.kv_quant import KVQuant, kv_dtype
 from pipemax.stages.loader import build_stage_model, load_kv_scales
 from pipemax.stages.gpu_clock import GpuClock
 from pipemax.stages.sampler import sample
-from pipemax.stages.transfer import Outbound, host_copy, to_device
+from pipemax.stages.transfer import Outbound, take, to_device
 
 GiB = 1 << 30
 
@@ -115,6 +116,8 @@ class Stage:
         self.handoff_s = self.handoff_max_s = 0.0
         self.handoffs = 0
         self._staged: dict[int, Staging] = {}  # staging of steps prefetched, not yet offloaded
+        self.plans: PlanInbox | None = None    # the driver's copy plans (stages 1..)
+        self.prefetched_from_plans = 0         # prefetches issued ahead from a plan
         self.clock = GpuClock(self.device)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         emb = self.model.embed_tokens
@@ -164,6 +167,7 @@ class Stage:
                 "bytes_swapped_out": off.bytes_swapped_out if off else 0,
                 "bytes_swapped_in": off.bytes_swapped_in if off else 0,
                 "transfer_hidden_share": off.hidden_share() if off else None,
+                "prefetched_from_plans": self.prefetched_from_plans,
                 "prefetch_seconds": off.copy_s if off else 0.0,
                 "compute_stall_seconds": off.stall_s if off else 0.0,
                 "peak_staging_blocks": self.peak_staging, "resident_blocks": self.resident,
@@ -172,9 +176,10 @@ class Stage:
                 "handoff_max_s": self.handoff_max_s,
                 "alloc_retries": int(retries)}
 
-    def alloc(self, meta: dict) -> None:
+    def alloc(self, meta: dict, alive) -> None:
         """KV memory: R resident blocks, plus two staging buffers of S blocks when offloading;
-        the host pool mapped when there is one (offloaded or streamed sequences)."""
+        the host pool mapped when there is one (offloaded or streamed sequences); the ring of
+        the driver's copy plans when it sends them to this stage."""
         s = self.spec
         self.resident = int(meta["resident_blocks"])
         self.staging_blocks = int(meta["staging_blocks"])
@@ -193,10 +198,15 @@ class Stage:
             self.host_kv = self.host.device_view(self.device)
         if self.staging_blocks:       # streamed sequences alone need no copies, no timetable
             self.offloader = Offloader(self.kv.data, self.host, bool(meta["overlap"]))
+        rings = meta.get("plan_rings") or []
+        if s.index < len(rings) and rings[s.index]:
+            self.plans = PlanInbox(Ring.attach(rings[s.index]), alive)
 
     def close(self) -> None:
         if self.offloader is not None:
             self.offloader.synchronize()
+        if self.plans is not None:
+            self.plans.close()
         self.host_kv = None
         if self.host is not None:
             self.host.close()
@@ -225,7 +235,7 @@ class Stage:
         """The next message is already here: start moving its KV before this step computes,
         if the timetable allows it now."""
         off = self.offloader
-        if off is None or meta.get("op") != P.OP_STEP:
+        if off is None or meta.get("op") not in (P.OP_STEP, P.OP_PLAN):
             return
         k, mb = int(meta["step"]), int(meta["mb"])
         if off.tt.prefetch_ready(k, mb):
@@ -233,17 +243,22 @@ class Stage:
 
     @torch.inference_mode()
     def step(self, meta: dict, t: dict, ahead: tuple[dict, dict] | None = None) -> Outbound:
-        """Launch one step; ``ahead`` is the next message if already here (its prefetch goes
-        first). Returns the outputs on their way to the host."""
+        """Launch one step; ``ahead`` is the next message if already here, else the next
+        step's plan may be (stages/plan_inbox.py): its prefetch goes first. Returns the
+        outputs on their way to the host."""
         s = self.spec
         k, mb = int(meta["step"]), int(meta["mb"])
         off = self.offloader
         st = self.staging(meta, t)
         clock = self.clock.start()
+        planned = self.plans.take(k + 1) if self.plans is not None else None  # drained each step
         if off is not None:
             off.prefetch(k, mb, st)
-            if off.overlap and ahead is not None:
-                self.prefetch_ahead(*ahead)
+            if off.overlap and (ahead or planned) is not None:
+                early = k + 1 in off.prefetched
+                self.prefetch_ahead(*(ahead or planned))
+                if ahead is None and not early and k + 1 in off.prefetched:
+                    self.prefetched_from_plans += 1
             if not off.overlap:
                 off.synchronize()
             off.before_compute(k)
@@ -288,19 +303,6 @@ class Stage:
         return res
 
 
-def _take(ring: Ring, alive, timeout: float | None, pin: bool) -> tuple[dict, dict] | None:
-    """The next message, copied out of the ring so its slot is released at once (page-locked
-    copies on CUDA, so they go on to the GPU without a host sync); None if none came within
-    ``timeout`` (0: only if already there)."""
-    try:
-        with ring.read(timeout=timeout, alive=alive) as msg:
-            return dict(msg.meta), {k: host_copy(v, pin) for k, v in msg.tensors.items()}
-    except RingTimeout:
-        if timeout is None:
-            raise
-        return None
-
-
 def serve(spec: StageSpec) -> int:
     """Run the stage until STOP; returns the process exit code.
 
@@ -333,20 +335,20 @@ def serve(spec: StageSpec) -> int:
         while True:
             t0 = time.perf_counter()
             if nxt is None and unsent is not None:
-                nxt = _take(rin, parent_alive, 0, pin)
+                nxt = take(rin, parent_alive, 0, pin)
             waited = 0.0
             if nxt is None:
                 send(unsent)
                 unsent = None
                 w0, m0 = time.perf_counter(), time.monotonic()
-                nxt = _take(rin, parent_alive, None, pin)
+                nxt = take(rin, parent_alive, None, pin)
                 waited = time.perf_counter() - w0
                 stage.handed_off(nxt[0], m0)
             (meta, tensors), nxt = nxt, None
             op = meta.get("op")
             if op == P.OP_STEP:
                 if stage.offloader is not None and stage.offloader.overlap:
-                    nxt = _take(rin, parent_alive, 0, pin)
+                    nxt = take(rin, parent_alive, 0, pin)
                 out = stage.step(meta, tensors, ahead=nxt)
                 send(unsent)
                 unsent = out
@@ -360,7 +362,7 @@ def serve(spec: StageSpec) -> int:
             if op == P.OP_HELLO:
                 meta["reports"] = list(meta.get("reports", [])) + [stage.report()]
             elif op == P.OP_ALLOC:
-                stage.alloc(meta)
+                stage.alloc(meta, parent_alive)
                 meta["acks"] = list(meta.get("acks", [])) + [spec.index]
             elif op == P.OP_STOP:
                 meta["finals"] = list(meta.get("finals", [])) + [stage.final_report()]

@@ -87,6 +87,36 @@ def test_overlapped_and_plain_schedules_agree(tmp_path, model_dir):
     assert got[0] == got[1]
 
 
+def test_copy_plans_prefetch_ahead_and_change_no_token(tmp_path, model_dir):
+    """With the driver's copy plans (``--prefetch-plans on``, the default) stages after the
+    first issue prefetches from them, before the step's activations arrive; greedy tokens are
+    transformers' either way, and seeded sampled ones are the same with plans on and off."""
+    ids = prompts(20, seed=11)
+    rows = rows_for(ids)
+    for i, r in enumerate(rows):
+        if i % 3 == 0:
+            r["body"].update(temperature=0.9, top_p=0.9, seed=7 + i)
+    ref = hf_greedy(model_dir, ids, MAX_NEW)
+    stages = 3                                   # a middle stage and the last
+    got = {}
+    for plans in ("on", "off"):
+        toks, st, _ = run(tmp_path, model_dir, rows, f"plans-{plans}", "--gpus", str(stages),
+                          "--kv-offload", "on", "--micro-batches", "4",
+                          "--prefetch-plans", plans, *SMALL)
+        assert st["offloaded_admitted"] > 0
+        ahead = [f["prefetched_from_plans"] for f in st["finals"]]
+        assert ahead[0] == 0                     # stage 0 learns steps from the driver's ring
+        if plans == "on":
+            assert sum(ahead[1:]) > 0, ahead
+        else:
+            assert ahead == [0] * stages
+        for i in range(len(ids)):
+            if i % 3:
+                assert toks[f"r{i}"] == ref[i], f"prompt {i} (plans {plans}, {stages} stages)"
+        got[plans] = toks
+    assert got["on"] == got["off"]
+
+
 def test_single_micro_batch_with_offload(tmp_path, model_dir):
     """M = 1: the next step's prefetch must wait for this step's own offload."""
     ids = prompts(16, seed=9)

@@ -77,6 +77,29 @@ def test_a_prefetch_longer_than_the_compute_stalls_the_step():
     assert p.shares()[0]["h2d"] == pytest.approx(1.0, abs=0.05)
 
 
+@pytest.mark.parametrize("stages", [2, 4, 8])
+def test_copy_plans_hide_a_prefetch_that_only_the_message_would_expose(stages):
+    """A prefetch almost as long as the compute: learnt from the step's message, a later stage
+    can issue it only once the activations arrive, and every step pays compute + copy; learnt
+    from the driver's plan, it is issued while the previous step computes, and hides."""
+    works = [StageWork(1.0, prefetch_s=0.9)] * stages
+    late, done_late = closed_loop(works, stages + 1, 40 * stages, PipelineSim(stages, plans=False))
+    early, done = closed_loop(works, stages + 1, 40 * stages, PipelineSim(stages, plans=True))
+    period = lambda d: (d[-1] - d[-21]) / 20
+    assert period(done_late) == pytest.approx(1.9, rel=0.02)
+    assert period(done) == pytest.approx(1.0, rel=0.02)
+    assert all(s["stall"] > 0.4 for s in late.shares())
+    assert all(s["stall"] < 0.05 for s in early.shares())
+
+
+def test_a_prefetch_waits_for_its_step_to_be_known():
+    """One stage, one micro-batch: the next step is submitted only when the last is back, so
+    its copy cannot start earlier, with plans or without."""
+    for plans in (False, True):
+        p, done = closed_loop([StageWork(1.0, prefetch_s=0.5)], 1, 10, PipelineSim(1, plans))
+        assert done[-1] - done[-2] == pytest.approx(1.5)
+
+
 def test_a_staging_buffer_is_reused_only_after_its_offload():
     # prefetch k waits for offload k-2: with slow offloads the copies cannot run ahead
     p, done = closed_loop([StageWork(1.0, prefetch_s=0.1, offload_s=3.0)], 3, 30)

@@ -2,20 +2,28 @@
 
 Pure arithmetic, no scheduler and no cost model (tools/simulate.py brings both). A step is
 given as one ``StageWork`` per stage. Stages take steps in the order they were submitted (the
-rings are FIFO); step k starts on stage s when
+rings are FIFO). On each stage, the host side and the GPU side of step k are followed as
+stages/worker.py runs them:
 
-    its message is there      (stage s-1 finished it, plus the hand-off; stage 0: submitted)
-    the stage is free         (its previous step ended)
-    its prefetch has landed   (host -> GPU copy of its offloaded KV, on the stage's own copy
-                               stream: it starts once the message is there, the previous
-                               prefetch is done and staging buffer k % 2 is free again, i.e.
-                               the offload of the stage's step k-2 has finished)
+    launch(k)   the host launches step k when its message is there (stage s-1 finished it,
+                plus the hand-off; stage 0: submitted) and it has handed on step k-2's
+                outputs; if the message was not there by then, it first waits for step k-1's
+                outputs, so it launches at max(message, end of k-1)
+    issue(k)    its prefetch (host -> GPU copy of its offloaded KV, on the stage's copy
+                stream) is issued ahead, at launch(k-1), if step k was known by then: its
+                message already there, or, with ``plans`` (the driver's copy plans,
+                ``--prefetch-plans``), sent by the driver, whose plan reaches every stage at
+                once; else at launch(k)
+    copy(k)     starts at issue(k) once the copy stream is free and staging buffer k % 2 is
+                free again (the offload of step k-2 has finished)
+    start(k)    the GPU computes step k once launched, the stage is free (step k-1 ended) and
+                its prefetch has landed
 
 and then occupies the stage for ``compute_s + streamed_s`` (a streamed sequence's attention
 reads the host pool in place: part of the compute). Its offload (GPU -> host, the KV the step
 wrote) runs on a second copy stream after the compute. So a prefetch hides under the previous
-step and stalls this one only when it takes longer; a stage idles (a bubble) when no step is
-there for it. Every stage's time splits into busy, bubble and stall.
+step when it was issued in time and stalls this one when it takes longer; a stage idles (a
+bubble) when no step is there for it. Every stage's time splits into busy, bubble and stall.
 """
 from __future__ import annotations
 
@@ -37,6 +45,8 @@ class StageClock:
     h2d_free: float = 0.0       # its prefetch stream is free
     d2h_free: float = 0.0
     offload_ends: list[float] = field(default_factory=lambda: [0.0, 0.0])  # steps k-2, k-1
+    ends: list[float] = field(default_factory=lambda: [0.0, 0.0])  # compute, steps k-2, k-1
+    launch: float = 0.0         # the host launched its last step
     steps: int = 0
     busy_s: float = 0.0
     bubble_s: float = 0.0       # idle, no step there
@@ -46,9 +56,10 @@ class StageClock:
 
 
 class PipelineSim:
-    def __init__(self, num_stages: int):
+    def __init__(self, num_stages: int, plans: bool = True):
         if num_stages < 1:
             raise ValueError("a pipeline has at least one stage")
+        self.plans = plans           # every stage knows a step when it is submitted
         self.stages = [StageClock() for _ in range(num_stages)]
         self.end = 0.0               # the last result back at the driver
 
@@ -58,17 +69,22 @@ class PipelineSim:
             raise ValueError(f"{len(work)} stage works for {len(self.stages)} stages")
         arrive = t
         for st, w in zip(self.stages, work):
-            copied = arrive
+            launch = st.ends[0] if arrive <= st.ends[0] else max(arrive, st.ends[1])
+            known = t if self.plans else arrive
+            issue = st.launch if st.steps and known <= st.launch else launch
+            copied = launch
             if w.prefetch_s > 0:
-                copied = max(arrive, st.h2d_free, st.offload_ends[0]) + w.prefetch_s
+                copied = max(issue, st.h2d_free, st.offload_ends[0]) + w.prefetch_s
                 st.h2d_free = copied
-            start = max(arrive, st.free, copied)
+            start = max(launch, st.free, copied)
+            st.launch = launch
             st.bubble_s += max(0.0, min(arrive, start) - st.free)
             st.stall_s += max(0.0, start - max(arrive, st.free))
             end = start + w.compute_s + w.streamed_s
             st.busy_s += end - start
             st.h2d_s += w.prefetch_s + w.streamed_s
             st.free = end
+            st.ends = [st.ends[1], end]
             off_end = end
             if w.offload_s > 0:
                 off_end = max(end, st.d2h_free) + w.offload_s

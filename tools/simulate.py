@@ -212,9 +212,9 @@ class StepCost:
 class SimPipeline:
     """The engine's pipeline (send_step / recv), with simulated time instead of stages."""
 
-    def __init__(self, cost: StepCost, num_stages: int, handoff_s: float):
+    def __init__(self, cost: StepCost, num_stages: int, handoff_s: float, plans: bool = True):
         self.cost = cost
-        self.pipe = PipelineSim(num_stages)
+        self.pipe = PipelineSim(num_stages, plans)
         self.handoff_s = handoff_s
         self.now = 0.0
         self.inflight: list[tuple[float, int, int, int]] = []
@@ -250,7 +250,8 @@ def simulate(cfg: RunConfig, model: ModelConfig, reports: list[dict], lines: lis
     figs = kv_setup.figures(cfg, reports)
     esize = 4 if cfg.dtype == "float32" else 2
     cost = StepCost(model, shapes, figs, hw, esize, sched_cfg, calibrate or {})
-    pipe = SimPipeline(cost, len(shapes), hw.handoff_ms / 1e3)
+    pipe = SimPipeline(cost, len(shapes), hw.handoff_ms / 1e3,
+                       plans=cfg.prefetch_plans and cfg.offload_overlap)
     sched = Scheduler(sched_cfg)
     pipe.sched = sched
     results = []
@@ -376,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-caching", choices=("on", "off"), default="on")
     p.add_argument("--prefix-cache-host", choices=("on", "off"), default="off",
                    help="the host pool as the prefix cache's second tier (with KV offload)")
+    p.add_argument("--prefetch-plans", choices=("on", "off"), default="on",
+                   help="stages learn a step's copies from the driver when it is sent (off: "
+                        "when its activations arrive)")
     p.add_argument("--workload", default="fixed:512/256")
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -450,7 +454,8 @@ def main(argv=None) -> int:
                         kv_offload=a.kv_offload, host_kv_gb=a.host_kv_gb,
                         offload_policy=a.offload_policy,
                         prefix_caching=a.prefix_caching == "on",
-                        prefix_cache_host=a.prefix_cache_host == "on")
+                        prefix_cache_host=a.prefix_cache_host == "on",
+                        prefetch_plans=a.prefetch_plans == "on")
         max_len = min(model.max_position_embeddings, a.max_model_len or 1 << 62)
         lines = [json.dumps(r, separators=(",", ":")).encode()
                  for r in requests(a.workload, a.num_requests, model.vocab_size, a.seed)]
