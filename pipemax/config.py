@@ -110,8 +110,12 @@ class RunConfig:
     max_num_seqs: int = flag(1024, "most sequences in flight in all (the planner may choose "
                                    "fewer)", type=int)
     micro_batches: int | None = flag(None, "default: stages + 1", type=int)
-    max_num_batched_tokens: int = flag(2048, "tokens per micro-batch step (prompts longer than "
-                                             "this are chunked)", type=int)
+    # None: 2048 on one stage; over several, 512 (pipemax/planner.py pipeline_step_tokens)
+    max_num_batched_tokens: int | None = flag(
+        None, "tokens per micro-batch step, at most (prompts longer than this are chunked; "
+              "default: 2048 on one stage; over several, 512, and each step's tokens are kept "
+              "near where the GPU turns compute-bound, so that no micro-batch's step holds "
+              "up the pipeline)", type=int)
     max_model_len: int | None = flag(None, type=int)
     seed: int = flag(0, type=int)
     # torch threads per stage (None: pipeline.stage_threads)
@@ -214,7 +218,7 @@ class RunConfig:
         if self.dtype not in DTYPES[1:]:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.micro_batches is not None and not 1 <= self.micro_batches <= 512:
             raise ConfigError("--micro-batches must be between 1 and 512")
@@ -285,6 +289,14 @@ class RunConfig:
     def kv_esize(self) -> int:
         """Bytes of one K or V element in the cache (and the host pool, and over PCIe)."""
         return 1 if self.kv_cache_dtype == "fp8" else 4 if self.dtype == "float32" else 2
+
+    @property
+    def step_tokens(self) -> int:
+        """The most tokens one step computes (``--max-num-batched-tokens``, or its default):
+        what each stage's workspace and the rings are sized for."""
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return 2048 if self.gpus == 1 else 512
 
     @property
     def num_micro_batches(self) -> int:

@@ -5,7 +5,8 @@ from pipemax.config import RunConfig
 from pipemax.kv_pool import KVPool, check_host_memory, default_host_bytes
 from pipemax.model_config import ModelConfig
 from pipemax.pipeline import Pipeline
-from pipemax.planner import CPU_FIGURES, DeviceFigures, Plan, StageShape, Workload, plan
+from pipemax.planner import (CPU_FIGURES, DeviceFigures, Plan, StageShape, Workload, plan,
+                             pipeline_step_tokens)
 from pipemax.scheduler import SchedulerConfig
 from pipemax.selection import StepModel
 
@@ -70,7 +71,8 @@ def layout(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload
     p = plan(model, shapes, figures(cfg, reports), esize, wl, mode=cfg.kv_offload,
              micro_batches=cfg.num_micro_batches, max_seqs=cfg.max_num_seqs,
              block_size=cfg.block_size, host_blocks=host_avail, kv_esize=cfg.kv_esize)
-    sched = SchedulerConfig(p.micro_batches, p.seqs_per_mb, cfg.max_num_batched_tokens,
+    sched = SchedulerConfig(p.micro_batches, p.seqs_per_mb,
+                            step_tokens(cfg, shapes, reports, p.seqs_per_mb, wl),
                             cfg.block_size, p.resident_blocks, p.staging_blocks, p.host_blocks,
                             prefix_caching=cfg.prefix_caching,
                             swap_blocks_per_step=p.seqs_per_mb * -(-max_model_len // cfg.block_size)
@@ -79,6 +81,17 @@ def layout(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload
                             step_model=step_model(cfg, model, reports, h2d_gbs),
                             host_cache_blocks=host_cache_blocks(cfg, p, host_avail, wl))
     return p, sched
+
+
+def step_tokens(cfg: RunConfig, shapes: list[StageShape], reports: list[dict],
+                seqs_per_mb: int, wl: Workload) -> int:
+    """The scheduler's tokens per step: as given, or 2,048 on one stage, or over several the
+    planner's (``pipeline_step_tokens``, within the 512 the stages' workspace is sized for)."""
+    if cfg.max_num_batched_tokens is not None or cfg.gpus == 1:
+        return cfg.step_tokens
+    esize = 4 if cfg.dtype == "float32" else 2
+    return pipeline_step_tokens(shapes, figures(cfg, reports), esize, cfg.step_tokens,
+                                cfg.block_size, seqs_per_mb, wl)
 
 
 def host_cache_blocks(cfg: RunConfig, p: Plan, host_avail: int, wl: Workload) -> int:

@@ -37,8 +37,8 @@ class StageFailed(RuntimeError):
 
 def ring_capacity(cfg: RunConfig, model: ModelConfig, max_model_len: int) -> int:
     esize = 4 if cfg.dtype == "float32" else 2
-    hidden = cfg.max_num_batched_tokens * model.hidden_size * esize
-    tokens = cfg.max_num_batched_tokens * 8
+    hidden = cfg.step_tokens * model.hidden_size * esize
+    tokens = cfg.step_tokens * 8
     seqs = cfg.max_seqs_per_mb
     tables = seqs * (-(-max_model_len // cfg.block_size)) * 4
     per_seq = seqs * (5 * 4 + 8 * 3 + 2 * 20 * 8)
@@ -107,7 +107,7 @@ class Pipeline:
                 device_sharers=shares[i],
                 ring_in=names[i], ring_out=names[i + 1], block_size=cfg.block_size,
                 max_blocks_useful=max_blocks_useful, memory_gb=cfg.gpu_memory_gb,
-                kv_cache_gb=cfg.kv_cache_gb, max_tokens_per_step=cfg.max_num_batched_tokens,
+                kv_cache_gb=cfg.kv_cache_gb, max_tokens_per_step=cfg.step_tokens,
                 max_seqs_per_step=cfg.max_seqs_per_mb, max_model_len=self.max_model_len,
                 parent_pid=os.getpid(), threads=threads, seed=cfg.seed,
                 decode_graphs=cfg.cuda_graphs, kv_cache_dtype=cfg.kv_cache_dtype,

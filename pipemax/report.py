@@ -84,6 +84,7 @@ def figures(stats: Stats, rt, finals: list[dict]) -> dict:
             "bytes_swapped_in": _bytes(finals, "bytes_swapped_in"),
             "micro_batches": sched_cfg.num_micro_batches,
             "max_seqs_per_mb": sched_cfg.max_seqs_per_mb,
+            "max_tokens_per_step": sched_cfg.max_tokens_per_step,
             "plan": json.loads(rt.kv_plan.to_json()),
             "kv_cache_dtype": rt.cfg.kv_dtype_name,
             "kv_scales": rt.cfg.kv_scales if rt.cfg.kv_cache_dtype == "fp8" else None,

@@ -97,7 +97,8 @@ class Runtime:
         paths = sorted({r["decode_attention"] for r in self.reports})
         cuda = cfg.device == "cuda"
         self.log(f"loaded in {time.monotonic() - self.t0:.1f} s; plan: "
-                 f"{self.kv_plan.describe(prediction=cuda)}; weights {weights_name(cfg)}; "
+                 f"{self.kv_plan.describe(prediction=cuda)}; steps of at most "
+                 f"{self.sched_cfg.max_tokens_per_step} tokens; weights {weights_name(cfg)}; "
                  f"KV cache {cfg.kv_dtype_name}"
                  + (f" (scales: {cfg.kv_scales})" if cfg.kv_cache_dtype == "fp8" else "")
                  + f"{'; ' + figures_line(cfg, self.reports) if cuda else ''}; decode "

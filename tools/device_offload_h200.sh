@@ -5,7 +5,10 @@
 # per system and way:
 #   CASE SYSTEM real|sim tok/s=.. steps=.. kinds=.. preempt=.. offl=.. pcie_gb=..
 #   bash tools/device_offload_h200.sh [CASE ...]   (default: both cases; about 7 minutes)
-# Cases: chat_24gb (llama3-8b chat mix x 200), fixed_24gb (llama3-8b 1024/1024 x 64).
+# Cases: chat_24gb (llama3-8b chat mix x 200), fixed_24gb (llama3-8b 1024/1024 x 64),
+# plans_3stages (the chat mix x 200 over 3 stages sharing the GPU's 24 GB, offload on with the
+# driver's copy plans and without, and off; no simulator line: the simulator gives every stage
+# a GPU of its own).
 # Swap vs recompute: with offload off a preemption recomputes (recomputed= tokens), with it on
 # the preempted sequence's KV is swapped to the host pool (swapped=); the lines show both.
 set -uo pipefail
@@ -44,20 +47,25 @@ PY
 one() {  # case, system, then the flags shared by the run and the simulator
     local case=$1 system=$2; shift 2
     local wl=$OUT/$case.requests.jsonl
-    timeout 240 python3 -m pipemax.launch --device cuda --gpus 1 --model llama3-8b \
+    timeout 240 python3 -m pipemax.launch --device cuda --gpus "$GPUS" --model llama3-8b \
         --load-format dummy --input "$wl" --output "$OUT/$case.$system.out.jsonl" --quiet \
-        --stats-json "$OUT/$case.$system.stats.json" --gpu-memory-gb 24 --micro-batches 4 \
-        --no-socket "$@" >"$OUT/$case.$system.log" 2>&1 || echo "$case $system real failed"
+        --stats-json "$OUT/$case.$system.stats.json" --gpu-memory-gb 24 --micro-batches "$MB" \
+        --no-socket $STAGE_DEVICES "$@" >"$OUT/$case.$system.log" 2>&1 \
+        || echo "$case $system real failed"
     line "$case" "$system" real "$OUT/$case.$system.stats.json"
+    grep -o "[0-9]* prefetches issued from the driver's copy plans" "$OUT/$case.$system.log"
+    [ "$GPUS" = 1 ] || return 0
     python3 -m tools.simulate --json --calibrate "$CAL" --model llama3-8b --gpu-memory-gb 24 \
         --micro-batches 4 --workload "$WL" --num-requests "$N" "$@" \
         > "$OUT/$case.$system.sim.json" 2>"$OUT/$case.$system.sim.err" \
         && line "$case" "$system" sim "$OUT/$case.$system.sim.json"
 }
 run_case() {
+    GPUS=1; MB=4; STAGE_DEVICES=
     case $1 in
     chat_24gb) WL=chat; N=200 ;;
     fixed_24gb) WL=fixed:1024/1024; N=64 ;;
+    plans_3stages) WL=chat; N=200; GPUS=3; STAGE_DEVICES="--stage-devices 0,0,0" ;;
     *) echo "unknown case $1"; return 1 ;;
     esac
     python3 - "$WL" "$N" "$OUT/$1.requests.jsonl" <<'PY'
@@ -69,6 +77,12 @@ with open(path, "w") as f:
     for r in requests(spec, n, BUILTIN_MODELS["llama3-8b"].vocab_size, 0):
         f.write(json.dumps(r) + "\n")
 PY
+    if [ "$1" = plans_3stages ]; then
+        one "$1" resident --kv-offload off
+        one "$1" offload-plans --kv-offload on --prefetch-plans on
+        one "$1" offload-noplans --kv-offload on --prefetch-plans off
+        return
+    fi
     one "$1" resident --kv-offload off
     one "$1" offload-fc --kv-offload on --offload-policy first-come
     one "$1" offload-sel --kv-offload on --offload-policy selection

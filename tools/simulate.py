@@ -129,7 +129,7 @@ def stage_reports(cfg: RunConfig, model: ModelConfig, hw: Hardware, max_len: int
         if cfg.quantization == "fp8":                                 # linear weights: 1 byte
             read -= (b - a) * model.layer_linear_params() * (esize - 1)
         weights = read + (model.embed_params() * esize if i == 0 else 0)
-        spec = SimpleNamespace(model=model, max_tokens_per_step=cfg.max_num_batched_tokens,
+        spec = SimpleNamespace(model=model, max_tokens_per_step=cfg.step_tokens,
                                max_model_len=max_len, max_seqs_per_step=cfg.max_seqs_per_mb,
                                is_last=last, quantization=cfg.quantization,
                                kv_cache_dtype=cfg.kv_cache_dtype)
@@ -291,6 +291,7 @@ def simulate(cfg: RunConfig, model: ModelConfig, reports: list[dict], lines: lis
             "plan": json.loads(plan.to_json()), "plan_text": plan.describe(),
             "micro_batches": sched_cfg.num_micro_batches,
             "max_seqs_per_mb": sched_cfg.max_seqs_per_mb,
+            "max_tokens_per_step": sched_cfg.max_tokens_per_step,
             "num_blocks": sched_cfg.num_blocks, "stages": reports}
 
 
@@ -371,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: half the preset's host memory")
     p.add_argument("--micro-batches", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=1024)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="default: the run's (2048 on one stage; over several at most 512, steps kept "
+                        "near the GPU's compute-bound point)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--prefix-caching", choices=("on", "off"), default="on")
@@ -416,7 +419,7 @@ def report(r: dict, a, hw: Hardware) -> str:
     return "\n".join([
         f"{a.gpus} x {a.preset} ({hw.memory_gb if not a.gpu_memory_gb else a.gpu_memory_gb:g}"
         f" GiB), {a.model}, {a.workload} x {a.num_requests}, --kv-offload {a.kv_offload}",
-        f"plan: {r['plan_text']}",
+        f"plan: {r['plan_text']}; steps of at most {r['max_tokens_per_step']} tokens",
         f"output {r['output_tok_s']:.0f} tok/s, total {r['total_tok_s']:.0f} tok/s, "
         f"{r['seconds']:.1f} s; {r['requests_ok']} requests ok, {r['requests_error']} failed",
         f"steps {r['steps']}: {kinds}; preemptions {r['preemptions']}",
