@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from pipemax.stages import triton_decode, triton_fused
 from pipemax.stages.kv_quant import FP8, KVQuant, dequantize, quantize
@@ -264,7 +263,9 @@ def _prefill(q, k, v, kv: torch.Tensor, layer: int, g: Group, scale: float,
             if quant is not None:
                 K = dequantize(K, quant.scale[layer, 0], q.dtype)
                 V = dequantize(V, quant.scale[layer, 1], q.dtype)
-            mask = causal_lower_right(m, c)
+            # causal, aligned to the context's end (as torch's causal_lower_right, whose
+            # module costs every stage process 2.4 s of imports: it loads torch._dynamo)
+            mask = torch.ones(m, c, dtype=torch.bool, device=q.device).tril(c - m)
         # [1, H, len, D]: the fused kernels want a batch dimension
         K = K.repeat_interleave(H // KVH, dim=1).transpose(0, 1)[None]
         V = V.repeat_interleave(H // KVH, dim=1).transpose(0, 1)[None]
