@@ -68,11 +68,12 @@ def layout(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload
     esize = 4 if cfg.dtype == "float32" else 2
     per_block = sum(s.block_bytes for s in shapes)          # one block id, on every stage
     host_avail = host_bytes // per_block if cfg.kv_offload != "off" else 0
-    p = plan(model, shapes, figures(cfg, reports), esize, wl, mode=cfg.kv_offload,
+    figs = figures(cfg, reports)
+    p = plan(model, shapes, figs, esize, wl, mode=cfg.kv_offload,
              micro_batches=cfg.num_micro_batches, max_seqs=cfg.max_num_seqs,
              block_size=cfg.block_size, host_blocks=host_avail, kv_esize=cfg.kv_esize)
     sched = SchedulerConfig(p.micro_batches, p.seqs_per_mb,
-                            step_tokens(cfg, shapes, reports, p.seqs_per_mb, wl),
+                            step_tokens(cfg, shapes, figs, esize, p.seqs_per_mb, wl),
                             cfg.block_size, p.resident_blocks, p.staging_blocks, p.host_blocks,
                             prefix_caching=cfg.prefix_caching,
                             swap_blocks_per_step=p.seqs_per_mb * -(-max_model_len // cfg.block_size)
@@ -83,15 +84,14 @@ def layout(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload
     return p, sched
 
 
-def step_tokens(cfg: RunConfig, shapes: list[StageShape], reports: list[dict],
+def step_tokens(cfg: RunConfig, shapes: list[StageShape], figs: DeviceFigures, esize: int,
                 seqs_per_mb: int, wl: Workload) -> int:
     """The scheduler's tokens per step: as given, or 2,048 on one stage, or over several the
     planner's (``pipeline_step_tokens``, within the 512 the stages' workspace is sized for)."""
     if cfg.max_num_batched_tokens is not None or cfg.gpus == 1:
         return cfg.step_tokens
-    esize = 4 if cfg.dtype == "float32" else 2
-    return pipeline_step_tokens(shapes, figures(cfg, reports), esize, cfg.step_tokens,
-                                cfg.block_size, seqs_per_mb, wl)
+    return pipeline_step_tokens(shapes, figs, esize, cfg.step_tokens, cfg.block_size,
+                                seqs_per_mb, wl)
 
 
 def host_cache_blocks(cfg: RunConfig, p: Plan, host_avail: int, wl: Workload) -> int:

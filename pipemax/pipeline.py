@@ -39,21 +39,22 @@ def ring_capacity(cfg: RunConfig, model: ModelConfig, max_model_len: int) -> int
     esize = 4 if cfg.dtype == "float32" else 2
     hidden = cfg.step_tokens * model.hidden_size * esize
     tokens = cfg.step_tokens * 8
-    seqs = cfg.max_seqs_per_mb
-    tables = seqs * (-(-max_model_len // cfg.block_size)) * 4
-    per_seq = seqs * (5 * 4 + 8 * 3 + 2 * 20 * 8)
-    swaps = 4 * tables   # a step's swap copies: int32 (from, to) pairs out and in, each at
-    # most a micro-batch's block tables (SchedulerConfig.swap_blocks_per_step)
-    one = hidden + tokens + tables + swaps + per_seq + (64 << 10)
+    per_seq = cfg.max_seqs_per_mb * (5 * 4 + 8 * 3 + 2 * 20 * 8)
+    one = hidden + tokens + _copy_bytes(cfg, max_model_len) + per_seq + (64 << 10)
     return 2 * one + (1 << 20)
+
+
+def _copy_bytes(cfg: RunConfig, max_model_len: int) -> int:
+    """A step's block tables (int32) and its swap copies: int32 (from, to) pairs out and in,
+    each at most a micro-batch's block tables (SchedulerConfig.swap_blocks_per_step)."""
+    tables = cfg.max_seqs_per_mb * (-(-max_model_len // cfg.block_size)) * 4
+    return tables + 4 * tables
 
 
 def plan_ring_capacity(cfg: RunConfig, max_model_len: int, micro_batches: int) -> int:
     """Room for the copy plans of every step in flight and two more (a stage drains its
     ring each step: what it holds is the steps sent that it has not handled yet)."""
-    seqs = cfg.max_seqs_per_mb
-    tables = seqs * (-(-max_model_len // cfg.block_size)) * 4
-    one = tables + 4 * tables + seqs * 4 * 8 + (16 << 10)   # + swaps, per-sequence rows, meta
+    one = _copy_bytes(cfg, max_model_len) + cfg.max_seqs_per_mb * 4 * 8 + (16 << 10)
     return (micro_batches + 2) * one + (1 << 20)
 
 
@@ -123,7 +124,7 @@ class Pipeline:
         return meta["reports"]
 
     def alloc(self, resident: int, staging: int, host_blocks: int, host_segments: list[str],
-              overlap: bool, micro_batches: int = 1) -> None:
+              overlap: bool, micro_batches: int) -> None:
         """Stages allocate their KV caches (and map their host KV segments, and the rings of
         copy plans when offloaded KV is prefetched ahead over several stages)."""
         cfg = self.cfg
