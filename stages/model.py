@@ -25,7 +25,9 @@ QUANTIZATIONS = ("none", "fp8")
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    # on the CPU even inside a meta-device model: ops on meta tensors import torch._dynamo
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu")
+                                    .float() / d))
     rs = cfg.rope_scaling_dict
     kind = rs.get("rope_type", rs.get("type")) if rs else None
     if kind == "linear":
@@ -129,8 +131,10 @@ class StageModel(nn.Module):
         self.quantization = quantization
         self.layer_start, self.layer_end = layer_start, layer_end
         self.is_first, self.is_last = is_first, is_last
-        self.embed_tokens = (nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-                             if is_first else None)
+        # the weight given, so nn.Embedding skips its normal_ init: the loader overwrites it,
+        # and that init imports torch._dynamo (about 2.5 s of every process that builds one)
+        self.embed_tokens = (nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype)) if is_first else None)
         self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, quantization)
                                     for _ in range(layer_end - layer_start))
         if is_last:

@@ -5,10 +5,12 @@
 # per system and way:
 #   CASE SYSTEM real|sim tok/s=.. steps=.. kinds=.. preempt=.. offl=.. pcie_gb=..
 #   bash tools/device_offload_h200.sh [CASE ...]   (default: both cases; about 7 minutes)
+#   NOSIM=1 bash tools/device_offload_h200.sh ...  (the runs alone; the simulator can run elsewhere)
 # Cases: chat_24gb (llama3-8b chat mix x 200), fixed_24gb (llama3-8b 1024/1024 x 64),
-# plans_3stages (the chat mix x 200 over 3 stages sharing the GPU's 24 GB, offload on with the
-# driver's copy plans and without, and off; no simulator line: the simulator gives every stage
-# a GPU of its own).
+# plans_3stages (the chat mix x 200 over 3 stages sharing the GPU, 9 GB each: about a third of
+# the weights and of the one-stage 24 GB case's KV room per stage; offload on with the driver's
+# copy plans and without, and off; no simulator line: the simulator gives every stage a GPU of
+# its own).
 # Swap vs recompute: with offload off a preemption recomputes (recomputed= tokens), with it on
 # the preempted sequence's KV is swapped to the host pool (swapped=); the lines show both.
 set -uo pipefail
@@ -47,25 +49,26 @@ PY
 one() {  # case, system, then the flags shared by the run and the simulator
     local case=$1 system=$2; shift 2
     local wl=$OUT/$case.requests.jsonl
+    rm -f "$OUT/$case.$system.out.jsonl"     # a fresh run, never a resumed one
     timeout 240 python3 -m pipemax.launch --device cuda --gpus "$GPUS" --model llama3-8b \
         --load-format dummy --input "$wl" --output "$OUT/$case.$system.out.jsonl" --quiet \
-        --stats-json "$OUT/$case.$system.stats.json" --gpu-memory-gb 24 --micro-batches "$MB" \
+        --stats-json "$OUT/$case.$system.stats.json" --gpu-memory-gb "$MEM" --micro-batches "$MB" \
         --no-socket $STAGE_DEVICES "$@" >"$OUT/$case.$system.log" 2>&1 \
         || echo "$case $system real failed"
     line "$case" "$system" real "$OUT/$case.$system.stats.json"
     grep -o "[0-9]* prefetches issued from the driver's copy plans" "$OUT/$case.$system.log"
-    [ "$GPUS" = 1 ] || return 0
-    python3 -m tools.simulate --json --calibrate "$CAL" --model llama3-8b --gpu-memory-gb 24 \
+    [ "$GPUS" = 1 ] && [ -z "${NOSIM:-}" ] || return 0
+    python3 -m tools.simulate --json --calibrate "$CAL" --model llama3-8b --gpu-memory-gb "$MEM" \
         --micro-batches 4 --workload "$WL" --num-requests "$N" "$@" \
         > "$OUT/$case.$system.sim.json" 2>"$OUT/$case.$system.sim.err" \
         && line "$case" "$system" sim "$OUT/$case.$system.sim.json"
 }
 run_case() {
-    GPUS=1; MB=4; STAGE_DEVICES=
+    GPUS=1; MB=4; STAGE_DEVICES=; MEM=24
     case $1 in
     chat_24gb) WL=chat; N=200 ;;
     fixed_24gb) WL=fixed:1024/1024; N=64 ;;
-    plans_3stages) WL=chat; N=200; GPUS=3; STAGE_DEVICES="--stage-devices 0,0,0" ;;
+    plans_3stages) WL=chat; N=200; GPUS=3; MEM=9; STAGE_DEVICES="--stage-devices 0,0,0" ;;
     *) echo "unknown case $1"; return 1 ;;
     esac
     python3 - "$WL" "$N" "$OUT/$1.requests.jsonl" <<'PY'
