@@ -17,6 +17,7 @@ set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/posix_ipc*.whl 2>/dev/null || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+trap 'pkill -TERM -P $$; wait; exit 143' TERM INT   # timeout passes the TERM on to its run
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 CAL="decode=0.771,mixed=0.723,prompt=0.723,layer_us=74"
 line() {  # case, system, way, json file (a stats JSON or a simulator object)
@@ -50,11 +51,13 @@ one() {  # case, system, then the flags shared by the run and the simulator
     local case=$1 system=$2; shift 2
     local wl=$OUT/$case.requests.jsonl
     rm -f "$OUT/$case.$system.out.jsonl"     # a fresh run, never a resumed one
+    # in the background and waited for, so that a TERM to this script (a caller's time
+    # limit) reaches the run at once (the trap below) instead of leaving it on the GPU
     timeout 240 python3 -m pipemax.launch --device cuda --gpus "$GPUS" --model llama3-8b \
         --load-format dummy --input "$wl" --output "$OUT/$case.$system.out.jsonl" --quiet \
         --stats-json "$OUT/$case.$system.stats.json" --gpu-memory-gb "$MEM" --micro-batches "$MB" \
-        --no-socket $STAGE_DEVICES "$@" >"$OUT/$case.$system.log" 2>&1 \
-        || echo "$case $system real failed"
+        --no-socket $STAGE_DEVICES "$@" >"$OUT/$case.$system.log" 2>&1 &
+    wait $! || echo "$case $system real failed"
     line "$case" "$system" real "$OUT/$case.$system.stats.json"
     grep -o "[0-9]* prefetches issued from the driver's copy plans" "$OUT/$case.$system.log"
     [ "$GPUS" = 1 ] && [ -z "${NOSIM:-}" ] || return 0
