@@ -37,6 +37,8 @@ def offload_summary(finals: list[dict], sched: Scheduler) -> str:
     peak = max((f.get("peak_staging_blocks", 0) for f in finals), default=0)
     planned = _bytes(finals, "prefetched_from_plans")
     ahead = (f", {planned} prefetches issued from the driver's copy plans" if planned else "")
+    early = _bytes(finals, "taken_early")
+    ahead += f", {early} steps taken while the one before computed" if early else ""
     return (f"; KV offload: {sched.num_offloaded_admitted} sequences offloaded, "
             f"{gib(_bytes(finals, 'bytes_prefetched')):.2f} GiB prefetched, "
             f"{gib(_bytes(finals, 'bytes_offloaded')):.2f} GiB offloaded, peak staging "

@@ -50,6 +50,18 @@ def take(ring: Ring, alive, timeout: float | None, pin: bool) -> tuple[dict, dic
         return None
 
 
+def take_while(ring: Ring, alive, pin: bool, busy, poll_s: float) -> tuple[dict, dict] | None:
+    """The next message of ``ring`` if it comes while ``busy()`` (the step in flight is still
+    computing), waiting for it in bounded slices of ``poll_s``; None once ``busy()`` is false.
+    A stage takes step k+1 this way while step k computes, so that k+1's prefetch is issued
+    under k's compute instead of after it."""
+    while busy():
+        msg = take(ring, alive, poll_s, pin)
+        if msg is not None:
+            return msg
+    return None
+
+
 class Outbound:
     """A step's outputs on their way to the host: ``ready()`` waits, then gives CPU tensors."""
 
@@ -69,6 +81,10 @@ class Outbound:
         if self.event is not None:
             self.event.record()
         self.tensors = out
+
+    def done(self) -> bool:
+        """Whether ``ready()`` would return without waiting."""
+        return self.event is None or self.event.query()
 
     def ready(self) -> tuple[dict, dict[str, torch.Tensor]]:
         if self.event is not None:

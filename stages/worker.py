@@ -38,7 +38,9 @@ from pipemax.stages.kv_quant import KVQuant, kv_dtype
 from pipemax.stages.loader import build_stage_model, load_kv_scales
 from pipemax.stages.gpu_clock import GpuClock
 from pipemax.stages.sampler import sample
-from pipemax.stages.transfer import Outbound, take, to_device
+from pipemax.stages.transfer import Outbound, take, take_while, to_device
+
+POLL_S = 2e-4      # the slices in which a stage waits for the next step while one computes
 
 GiB = 1 << 30
 
@@ -118,6 +120,7 @@ class Stage:
         self._staged: dict[int, Staging] = {}  # staging of steps prefetched, not yet offloaded
         self.plans: PlanInbox | None = None    # the driver's copy plans (stages 1..)
         self.prefetched_from_plans = 0         # prefetches issued ahead from a plan
+        self.taken_early = 0                   # steps taken while the one before computed
         self.clock = GpuClock(self.device)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         emb = self.model.embed_tokens
@@ -168,6 +171,7 @@ class Stage:
                 "bytes_swapped_in": off.bytes_swapped_in if off else 0,
                 "transfer_hidden_share": off.hidden_share() if off else None,
                 "prefetched_from_plans": self.prefetched_from_plans,
+                "taken_early": self.taken_early,
                 "prefetch_seconds": off.copy_s if off else 0.0,
                 "compute_stall_seconds": off.stall_s if off else 0.0,
                 "peak_staging_blocks": self.peak_staging, "resident_blocks": self.resident,
@@ -210,6 +214,12 @@ class Stage:
         self.host_kv = None
         if self.host is not None:
             self.host.close()
+
+    def takes_next_early(self) -> bool:
+        """Whether to wait for the next step's message while a step computes (stages/
+        transfer.py ``take_while``): with overlapped offload, so that its prefetch is issued
+        under that compute. The first stage learns a step from its message alone."""
+        return self.offloader is not None and self.offloader.overlap
 
     def staging(self, meta: dict, t: dict) -> Staging | None:
         """How this step's offloaded sequences use the staging buffer, and its swap copies
@@ -309,7 +319,9 @@ def serve(spec: StageSpec) -> int:
     One step of look-ahead: step k's outputs travel to the host while step k+1 is launched, and
     are written to the ring after it, so the GPU is not left idle while the host reads the
     next message and prepares it. When the next message is not there yet, the outputs are
-    written first (the driver may be waiting for them to send more)."""
+    written first (the driver may be waiting for them to send more); with overlapped offload
+    the stage first waits for the message until step k's outputs are ready, so that a step
+    arriving while k computes has its prefetch issued under k's compute."""
     for sig in (signal.SIGINT, signal.SIGTERM):      # Ctrl-C, or a SIGTERM to the process
         signal.signal(sig, signal.SIG_IGN)           # group: the launcher drains or stops us
     if spec.threads:
@@ -336,6 +348,11 @@ def serve(spec: StageSpec) -> int:
             t0 = time.perf_counter()
             if nxt is None and unsent is not None:
                 nxt = take(rin, parent_alive, 0, pin)
+                if nxt is None and stage.takes_next_early():
+                    computing = unsent
+                    nxt = take_while(rin, parent_alive, pin, lambda: not computing.done(),
+                                     POLL_S)
+                    stage.taken_early += nxt is not None
             waited = 0.0
             if nxt is None:
                 send(unsent)

@@ -92,11 +92,28 @@ def test_copy_plans_hide_a_prefetch_that_only_the_message_would_expose(stages):
     assert all(s["stall"] < 0.05 for s in early.shares())
 
 
+@pytest.mark.parametrize("stages", [1, 2, 8])
+def test_taking_the_next_step_early_hides_the_first_stages_prefetch(stages):
+    """The first stage learns a step from its message alone. With one micro-batch more than
+    stages, the next one arrives while the step before it computes: a stage that takes it only
+    once that step's outputs are ready pays compute + copy; one that takes it early (the
+    worker with overlapped offload, stages/transfer.py take_while) hides the copy."""
+    works = [StageWork(1.0, prefetch_s=0.9, handoff_s=0.01)] * stages
+    late, done_late = closed_loop(works, stages + 1, 60 * stages, PipelineSim(stages))
+    early, done = closed_loop(works, stages + 1, 60 * stages, PipelineSim(stages, early=True))
+    period = lambda d: (d[-1] - d[-21]) / 20
+    assert period(done_late) > 1.15
+    assert period(done) == pytest.approx(1.0, rel=0.02)
+    assert late.shares()[0]["stall"] > 0.1
+    assert all(s["stall"] < 0.02 for s in early.shares())
+
+
 def test_a_prefetch_waits_for_its_step_to_be_known():
     """One stage, one micro-batch: the next step is submitted only when the last is back, so
     its copy cannot start earlier, with plans or without."""
-    for plans in (False, True):
-        p, done = closed_loop([StageWork(1.0, prefetch_s=0.5)], 1, 10, PipelineSim(1, plans))
+    for plans, early in ((False, False), (True, False), (True, True)):
+        p, done = closed_loop([StageWork(1.0, prefetch_s=0.5)], 1, 10,
+                              PipelineSim(1, plans, early))
         assert done[-1] - done[-2] == pytest.approx(1.5)
 
 

@@ -1,8 +1,15 @@
-"""Host <-> device copies of a step's inputs and outputs (stages/transfer.py), on the CPU."""
+"""Host <-> device copies of a step's inputs and outputs (stages/transfer.py), on the CPU, and
+taking the next step's message while one computes."""
+import threading
+import time
+
 import numpy as np
+import pytest
 import torch
 
-from pipemax.stages.transfer import Outbound, host_copy, staged, to_device
+from pipemax.ipc import names
+from pipemax.ipc.ring import Ring
+from pipemax.stages.transfer import Outbound, host_copy, staged, take, take_while, to_device
 
 
 def test_inputs_reach_the_device_with_their_values():
@@ -24,3 +31,55 @@ def test_outbound_gives_the_step_outputs():
     ids = torch.tensor([5, 7])
     m, t = Outbound(meta, {"token_ids": ids}).ready()
     assert m == meta and t["token_ids"].tolist() == [5, 7]
+
+
+def test_an_outbound_on_the_cpu_is_done_at_once():
+    assert Outbound({"op": 1}, {"token_ids": torch.tensor([1])}).done()
+
+
+@pytest.fixture
+def ring(run_id):
+    name = names.shm_name(run_id, "early")
+    w = Ring.create(name, 1 << 16)
+    r = Ring.attach(name)
+    yield w, r
+    r.close()
+    w.close()
+    w.unlink()
+
+
+def test_the_next_step_is_taken_while_one_computes(ring):
+    """take_while: a message written while the step in flight is busy is returned as soon as
+    it is there (no waiting for the step to end); its tensors outlive the ring slot."""
+    w, r = ring
+    polls = []
+
+    def busy():                       # the step in flight never ends by itself here
+        polls.append(time.monotonic())
+        return len(polls) < 10_000
+    writer = threading.Timer(0.05, lambda: w.write({"op": 1, "step": 7},
+                                                   {"x": torch.arange(3)}))
+    writer.start()
+    t0 = time.monotonic()
+    got = take_while(r, lambda: True, False, busy, 2e-4)
+    writer.join()
+    assert got is not None and got[0]["step"] == 7 and got[1]["x"].tolist() == [0, 1, 2]
+    assert 0.04 < time.monotonic() - t0 < 2.0
+    assert len(polls) < 10_000 and len(polls) > 2       # waited in slices, stopped on arrival
+
+
+def test_nothing_is_taken_once_the_step_has_ended(ring):
+    """No message: take_while returns None when the step in flight ends, after waiting in
+    bounded slices (each poll at least a slice apart: no spinning), and leaves the ring's
+    next message for the blocking read."""
+    w, r = ring
+    polls = []
+
+    def busy():
+        polls.append(time.monotonic())
+        return len(polls) <= 5
+    assert take_while(r, lambda: True, False, busy, 0.01) is None
+    assert len(polls) == 6
+    assert all(b - a >= 0.009 for a, b in zip(polls, polls[1:]))
+    w.write({"op": 1, "step": 8}, None)
+    assert take(r, lambda: True, 1.0, False)[0]["step"] == 8

@@ -8,7 +8,9 @@ stages/worker.py runs them:
     launch(k)   the host launches step k when its message is there (stage s-1 finished it,
                 plus the hand-off; stage 0: submitted) and it has handed on step k-2's
                 outputs; if the message was not there by then, it first waits for step k-1's
-                outputs, so it launches at max(message, end of k-1)
+                outputs, so it launches at max(message, end of k-1); with ``early`` (a stage
+                that offloads, with the copies overlapped) it waits for the message while
+                step k-1 computes and launches at max(message, end of k-2)
     issue(k)    its prefetch (host -> GPU copy of its offloaded KV, on the stage's copy
                 stream) is issued ahead, at launch(k-1), if step k was known by then: its
                 message already there, or, with ``plans`` (the driver's copy plans,
@@ -56,10 +58,11 @@ class StageClock:
 
 
 class PipelineSim:
-    def __init__(self, num_stages: int, plans: bool = True):
+    def __init__(self, num_stages: int, plans: bool = True, early: bool = False):
         if num_stages < 1:
             raise ValueError("a pipeline has at least one stage")
         self.plans = plans           # every stage knows a step when it is submitted
+        self.early = early           # a message is taken while the step before it computes
         self.stages = [StageClock() for _ in range(num_stages)]
         self.end = 0.0               # the last result back at the driver
 
@@ -69,7 +72,8 @@ class PipelineSim:
             raise ValueError(f"{len(work)} stage works for {len(self.stages)} stages")
         arrive = t
         for st, w in zip(self.stages, work):
-            launch = st.ends[0] if arrive <= st.ends[0] else max(arrive, st.ends[1])
+            launch = (st.ends[0] if arrive <= st.ends[0] else arrive if self.early
+                      else max(arrive, st.ends[1]))
             known = t if self.plans else arrive
             issue = st.launch if st.steps and known <= st.launch else launch
             copied = launch

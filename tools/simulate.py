@@ -212,9 +212,10 @@ class StepCost:
 class SimPipeline:
     """The engine's pipeline (send_step / recv), with simulated time instead of stages."""
 
-    def __init__(self, cost: StepCost, num_stages: int, handoff_s: float, plans: bool = True):
+    def __init__(self, cost: StepCost, num_stages: int, handoff_s: float, plans: bool = True,
+                 early: bool = False):
         self.cost = cost
-        self.pipe = PipelineSim(num_stages, plans)
+        self.pipe = PipelineSim(num_stages, plans, early)
         self.handoff_s = handoff_s
         self.now = 0.0
         self.inflight: list[tuple[float, int, int, int]] = []
@@ -251,7 +252,8 @@ def simulate(cfg: RunConfig, model: ModelConfig, reports: list[dict], lines: lis
     esize = 4 if cfg.dtype == "float32" else 2
     cost = StepCost(model, shapes, figs, hw, esize, sched_cfg, calibrate or {})
     pipe = SimPipeline(cost, len(shapes), hw.handoff_ms / 1e3,
-                       plans=cfg.prefetch_plans and cfg.offload_overlap)
+                       plans=cfg.prefetch_plans and cfg.offload_overlap,
+                       early=cfg.offload_overlap and plan.staging_blocks > 0)
     sched = Scheduler(sched_cfg)
     pipe.sched = sched
     results = []
