@@ -130,11 +130,11 @@ class RunConfig:
     kv_offload: str = flag("auto", "keep waiting micro-batches' KV in host memory (auto: when "
                                    "it wins)", choices=("auto", "on", "off"))
     # which running sequences keep their KV in the host pool (pipemax/selection.py)
-    offload_policy: str = flag("first-come", "with KV offload: first-come (a sequence goes to "
-                                             "the host when the GPU cannot hold it) or "
-                                             "selection (the paper's: the cheapest within the "
-                                             "prefetch budget, re-chosen as contexts grow, "
-                                             "micro-batches balanced)",
+    offload_policy: str = flag("selection", "with KV offload: selection (the paper's: the "
+                                            "cheapest within the prefetch budget, re-chosen as "
+                                            "contexts grow, micro-batches balanced) or "
+                                            "first-come (a sequence goes to the host when the "
+                                            "GPU cannot hold it)",
                                choices=OFFLOAD_POLICIES)
     # host KV pool size (default: a safe share of the host)
     host_kv_gb: float | None = flag(None, "host KV pool, all stages together (default: half "

@@ -1,6 +1,6 @@
 """The host KV pool process: owns the pinned host KV memory of every stage.
 
-    launcher ──ring pool-in──► KV pool process ──ring pool-out──► launcher
+    launcher ──its stdin (a pipe)──► KV pool process ──its stdout (a pipe)──► launcher
                                      │ creates, owns, removes
                                      ▼
           /dev/shm/pipemax-<run>-hostkv<s>: host[H, L_s, 2, block_size, kv_heads, head_dim]
@@ -9,25 +9,34 @@
 
 The pool creates one segment per stage (sized by the plan, checked against /dev/shm, host
 memory and ``ulimit -l`` before anything starts), answers STATS with what it holds, and on
-STOP (or when the launcher dies) removes its segments. Which host block holds which tokens is
-decided by the driver's extent allocator (pipemax/block_manager.py), so the hot path never
-waits on this process: stages copy directly to and from the memory it owns.
+STOP, or when its stdin closes (the launcher is gone, however it died), removes its segments.
+Which host block holds which tokens is decided by the driver's extent allocator
+(pipemax/block_manager.py), so the hot path never waits on this process: stages copy directly
+to and from the memory it owns.
 
-Ops (msgpack meta on the rings): READY {segments}  STATS -> {bytes, segments}  STOP -> {}.
+It is a program of its own (``python -m pipemax.kv_pool SEGMENTS``), not a spawned copy of
+the launcher: it needs neither torch nor the launcher's modules, so it is ready within a
+fraction of a second of being asked for (the plan needs the stages' reports first, so its
+start is on the run's critical path).
+
+Ops (msgpack maps, one after another on each pipe): READY {segments}  STATS -> {bytes,
+segments}  STOP -> {}.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
+import json
 import os
 import resource
+import select
 import signal
+import subprocess
 import sys
-from dataclasses import dataclass
+import time
 
+import msgpack
 import posix_ipc
 
 from pipemax.ipc.names import shm_name
-from pipemax.ipc.ring import PeerGone, Ring
 
 OP_READY, OP_STATS, OP_STOP = 1, 2, 3
 GiB = 1 << 30
@@ -35,14 +44,6 @@ GiB = 1 << 30
 
 class HostMemoryError(ValueError):
     """The host cannot hold the pool; one line with the figures."""
-
-
-@dataclass(frozen=True)
-class PoolSpec:
-    segments: tuple[tuple[str, int], ...]   # (shm name, bytes) per stage
-    ring_in: str
-    ring_out: str
-    parent_pid: int
 
 
 def mem_available() -> int:
@@ -89,29 +90,34 @@ def default_host_bytes(pinned: bool) -> int:
 
 
 # ---- the process ---------------------------------------------------------------------------
-def serve(spec: PoolSpec) -> int:
+def serve(segments: list[tuple[str, int]], rfd: int = 0, wfd: int = 1) -> int:
+    """Create the segments, say READY, answer until STOP or the end of ``rfd``; returns the
+    exit code (0: STOP, 3: the launcher went away). The segments are removed either way."""
     for sig in (signal.SIGINT, signal.SIGTERM):      # the launcher stops us (as the stages)
         signal.signal(sig, signal.SIG_IGN)
-    alive = lambda: os.getppid() == spec.parent_pid
-    rin, rout = Ring.attach(spec.ring_in), Ring.attach(spec.ring_out)
+    send = lambda m: os.write(wfd, msgpack.packb(m))
     made = []
     try:
-        for name, size in spec.segments:
+        for name, size in segments:
             shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=size)
             shm.close_fd()
             made.append(name)
-        rout.write({"op": OP_READY, "segments": made}, timeout=30.0, alive=alive)
+        send({"op": OP_READY, "segments": made})
+        unpacker = msgpack.Unpacker(raw=False)
         while True:
-            with rin.read(timeout=None, alive=alive) as m:
-                op = m.meta.get("op")
-            if op == OP_STATS:
-                rout.write({"op": OP_STATS, "segments": made,
-                            "bytes": sum(s for _, s in spec.segments)}, timeout=30.0,
-                           alive=alive)
-            elif op == OP_STOP:
-                rout.write({"op": OP_STOP}, timeout=5.0, alive=alive)
-                return 0
-    except PeerGone:
+            data = os.read(rfd, 1 << 12)
+            if not data:
+                return 3
+            unpacker.feed(data)
+            for m in unpacker:
+                op = m.get("op") if isinstance(m, dict) else None
+                if op == OP_STATS:
+                    send({"op": OP_STATS, "segments": made,
+                          "bytes": sum(s for _, s in segments)})
+                elif op == OP_STOP:
+                    send({"op": OP_STOP})
+                    return 0
+    except BrokenPipeError:
         return 3
     finally:
         for name in made:
@@ -119,14 +125,6 @@ def serve(spec: PoolSpec) -> int:
                 posix_ipc.unlink_shared_memory(name)
             except posix_ipc.ExistentialError:
                 pass
-        rin.close()
-        rout.close()
-
-
-def main(spec: PoolSpec) -> None:
-    code = serve(spec)
-    sys.stdout.flush()
-    os._exit(code)
 
 
 class KVPool:
@@ -136,54 +134,88 @@ class KVPool:
         self.run_id = run_id
         self.segments = tuple((shm_name(run_id, f"hostkv{i}"), int(b))
                               for i, b in enumerate(segment_bytes))
-        self.proc: mp.Process | None = None
-        self.rings: list[Ring] = []
+        self.proc: subprocess.Popen | None = None
+        self._unpacker = msgpack.Unpacker(raw=False)
 
     @property
     def names(self) -> list[str]:
         return [n for n, _ in self.segments]
 
     def start(self, check) -> None:
-        names = [shm_name(self.run_id, "pool-in"), shm_name(self.run_id, "pool-out")]
-        self.rings = [Ring.create(n, 1 << 16) for n in names]
-        spec = PoolSpec(self.segments, names[0], names[1], os.getpid())
-        self.proc = mp.get_context("spawn").Process(target=main, args=(spec,),
-                                                    name="pipemax-kvpool")
-        self.proc.start()
-        with self.rings[1].read(timeout=60.0, alive=check) as m:
-            if m.meta.get("op") != OP_READY:
+        """Start the process and wait (at most 60 s, ``check()`` between slices) for READY;
+        on any failure the process is stopped and the segments removed."""
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pipemax.kv_pool", json.dumps(self.segments)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            if self._recv(60.0, check).get("op") != OP_READY:
                 raise RuntimeError("KV pool process did not start")
+        except BaseException:
+            self.close()
+            raise
+
+    def _recv(self, timeout: float, check) -> dict:
+        """The pool's next message, waiting in slices of at most 0.5 s (``check()`` between
+        them, which raises if the run is failing); RuntimeError if the pool exits first or
+        nothing comes within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while True:
+            for m in self._unpacker:
+                return m
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"KV pool process (pid {self.proc.pid}) did not answer "
+                                   f"within {timeout:.0f} s")
+            if select.select([fd], [], [], min(0.5, left))[0]:
+                data = os.read(fd, 1 << 12)
+                if not data:
+                    code = self.proc.wait(timeout=5.0)
+                    raise RuntimeError(f"KV pool process (pid {self.proc.pid}) exited with "
+                                       f"code {code}")
+                self._unpacker.feed(data)
+            check()
+
+    def _send(self, m: dict) -> None:
+        self.proc.stdin.write(msgpack.packb(m))
+        self.proc.stdin.flush()
 
     def check(self) -> bool:
-        if self.proc is not None and self.proc.exitcode is not None:
+        code = self.proc.poll() if self.proc is not None else None
+        if code is not None:
             from pipemax.pipeline import StageFailed
-            raise StageFailed(f"KV pool process (pid {self.proc.pid}) exited with code "
-                              f"{self.proc.exitcode}")
+            raise StageFailed(f"KV pool process (pid {self.proc.pid}) exited with code {code}")
         return True
 
     def stats(self, check) -> dict:
-        self.rings[0].write({"op": OP_STATS}, timeout=5.0, alive=check)
-        with self.rings[1].read(timeout=5.0, alive=check) as m:
-            return dict(m.meta)
+        self._send({"op": OP_STATS})
+        return dict(self._recv(5.0, check))
 
     def close(self) -> None:
         try:
-            if self.proc is not None and self.proc.exitcode is None:
+            if self.proc is not None and self.proc.poll() is None:
                 try:
-                    self.rings[0].write({"op": OP_STOP}, timeout=2.0)
-                    self.proc.join(timeout=5.0)
+                    self._send({"op": OP_STOP})
+                    self.proc.wait(timeout=5.0)
                 except Exception:
                     pass
-                if self.proc.exitcode is None:
+                if self.proc.poll() is None:
                     self.proc.kill()
-                    self.proc.join(timeout=3.0)
+                    self.proc.wait(timeout=3.0)
         finally:
-            for r in self.rings:
-                r.close()
-                r.unlink()
-            self.rings.clear()
+            if self.proc is not None:
+                for f in (self.proc.stdin, self.proc.stdout):
+                    try:
+                        f.close()
+                    except OSError:
+                        pass
             for name, _ in self.segments:
                 try:
                     posix_ipc.unlink_shared_memory(name)
                 except posix_ipc.ExistentialError:
                     pass
+
+
+if __name__ == "__main__":
+    sys.exit(serve([(str(n), int(b)) for n, b in json.loads(sys.argv[1])]))

@@ -88,7 +88,7 @@ class SchedulerConfig:
     host_blocks: int = 0
     prefix_caching: bool = False
     swap_blocks_per_step: int | None = None   # most blocks a step's swap copies move each way
-    offload_policy: str = "first-come"        # or "selection" (pipemax/selection.py)
+    offload_policy: str = "selection"         # or "first-come" (pipemax/selection.py)
     step_model: StepModel | None = None       # the selection's cost model (None: nominal)
     host_cache_blocks: int = 0    # host tier of the prefix cache: host ids after host_blocks
 

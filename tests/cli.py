@@ -45,7 +45,7 @@ def read_results(path: Path) -> dict[str, dict]:
 
 def spawned_children(launcher: int, n: int, timeout: float = 60) -> list[int]:
     """The launcher's spawned processes (stages, then the KV pool), once there are ``n``,
-    in pid order (spawn order); the multiprocessing resource tracker is not one of them."""
+    in pid order (start order); the multiprocessing resource tracker is not one of them."""
     import time
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -53,7 +53,8 @@ def spawned_children(launcher: int, n: int, timeout: float = 60) -> list[int]:
         for task in Path(f"/proc/{launcher}/task").iterdir():
             for c in (task / "children").read_text().split():
                 try:
-                    if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes():
+                    cmd = Path(f"/proc/{c}/cmdline").read_bytes()
+                    if b"spawn_main" in cmd or b"pipemax.kv_pool" in cmd:
                         pids.append(int(c))
                 except OSError:
                     pass

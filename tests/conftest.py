@@ -1,6 +1,8 @@
+import fcntl
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,8 +29,42 @@ def _ours() -> set[str]:
     return out
 
 
+def _locked(path: Path, mode: int):
+    f = open(path, "a+")
+    fcntl.flock(f, mode)
+    return f
+
+
 @pytest.fixture(autouse=True)
-def no_shm_left_behind():
+def side_by_side(request):
+    """Under pytest-xdist tests run side by side, but a test marked ``alone`` runs with no
+    other: it kills a driver, whose shared memory stays in /dev/shm until the next start
+    removes it as a dead run's, and any other test's check below, or any other pipemax start,
+    would take it for its own. Every test holds a shared lock, an ``alone`` test the
+    exclusive one, taken through a turnstile so that it does not wait behind a stream of
+    shared holders. One process alone (no xdist) takes no locks."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:
+        yield
+        return
+    base = Path(tempfile.gettempdir()) / f"pipemax-tests-{run}"
+    alone = request.node.get_closest_marker("alone") is not None
+    gate = _locked(base.with_suffix(".gate"), fcntl.LOCK_EX)
+    try:
+        held = _locked(base.with_suffix(".lock"), fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+    finally:
+        if not alone:
+            gate.close()
+    try:
+        yield
+    finally:
+        held.close()
+        if alone:
+            gate.close()
+
+
+@pytest.fixture(autouse=True)
+def no_shm_left_behind(side_by_side):
     """Every test must leave /dev/shm as it found it."""
     before = _ours()
     yield

@@ -220,6 +220,7 @@ def test_sigterm_drains_the_running_requests_then_exits_0(tmp_path, model_dir):
         assert not Path(f"/proc/{pid}").exists()
 
 
+@pytest.mark.alone
 def test_killed_driver_leaves_stale_objects_that_the_next_start_removes(tmp_path, model_dir):
     proc, out = _long_run(tmp_path, model_dir, stages=2)
     try:

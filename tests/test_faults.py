@@ -67,6 +67,7 @@ def _finish_and_check(inp: Path, out: Path, sock: Path, first: dict) -> None:
     return p
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("victim", ["stage", "driver", "shutdown"])
 def test_stop_at_a_random_moment_then_restart_completes_exactly_once(tmp_path, victim):
     seed = int(time.time() * 1000) % 100000

@@ -63,7 +63,8 @@ def test_offload_modes_match_transformers(tmp_path, model_dir, stages, mode):
         # the GPU-resident KV cannot hold half of the work's KV: the rest ran from the pool
         total_tokens = sum(len(x) + MAX_NEW for x in ids)
         assert st["plan"]["resident_blocks"] * 4 < total_tokens / 2
-        assert st["offloaded_admitted"] >= len(ids) // 3
+        # admitted to the host pool, or (the selection) moved there as contexts grew
+        assert st["offloaded_admitted"] + st["moved_to_host"] >= len(ids) // 3
         assert st["bytes_prefetched"] > 0 and st["bytes_offloaded"] > 0
         assert all(f["peak_staging_blocks"] > 0 for f in st["finals"])
         assert "KV offload:" in p.stderr and "prefetched" in p.stderr

@@ -440,7 +440,8 @@ def test_a_preempted_sequence_finds_its_own_blocks_cached():
 MAX_NEW = 40
 BS = ["--block-size", "4"]
 TINY_KV = ["--kv-cache-gb", "0.00012"]     # 41 blocks of 4: preemptions, offload
-OFFLOAD = ["--kv-cache-gb", "0.0006", "--kv-offload", "on", "--prefix-cache-host", "on"]
+OFFLOAD = ["--kv-cache-gb", "0.0006", "--kv-offload", "on", "--prefix-cache-host", "on",
+           "--offload-policy", "first-come"]     # admitted to the host as they come
 
 
 @pytest.fixture(scope="module")

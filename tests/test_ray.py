@@ -92,6 +92,7 @@ def test_two_replicas_answer_every_line_once(local_ray, requests_file, single, t
     assert sorted(p.name for p in out.iterdir()) == before
 
 
+@pytest.mark.alone
 def test_a_killed_replica_is_retried_and_a_rerun_completes(local_ray, requests_file, single,
                                                            tmp_path):
     out = tmp_path / "out"

@@ -131,7 +131,8 @@ def test_swapped_sequences_keep_their_kv(seed):
     """Resident blocks for about two sequences per micro-batch, a staging buffer, a host
     pool: preempted sequences swap out and resume, both offloaded and resident again, and
     every context holds its own tokens."""
-    cfg = SchedulerConfig(2, 4, 16, 4, 24, staging_blocks=12, host_blocks=120)
+    cfg = SchedulerConfig(2, 4, 16, 4, 24, staging_blocks=12, host_blocks=120,
+                          offload_policy="first-come")
     sch = drive(cfg, np.random.default_rng(seed))
     assert sch.num_swapped_out > 0 and sch.blocks_swapped_out > 0
     assert sch.preempted == {"swapped": sch.num_swapped_out, "recomputed": 0}  # room for all
@@ -142,7 +143,8 @@ def test_both_ways_back():
     """Over a few seeds, swapped sequences come back both as offloaded and as resident."""
     got = {"resident": 0, "offloaded": 0}
     for seed in range(6):
-        cfg = SchedulerConfig(2, 4, 16, 4, 24, staging_blocks=8, host_blocks=120)
+        cfg = SchedulerConfig(2, 4, 16, 4, 24, staging_blocks=8, host_blocks=120,
+                              offload_policy="first-come")
         sch = drive(cfg, np.random.default_rng(seed))
         for k in got:
             got[k] += sch.resumed[k]
@@ -154,7 +156,8 @@ def test_both_ways_back():
 def test_a_full_host_pool_falls_back_to_recompute(seed):
     """A host pool with room for little more than the offloaded sequences: some preempted
     sequences swap, the others are recomputed, and none is lost or corrupted."""
-    cfg = SchedulerConfig(2, 4, 16, 4, 24, staging_blocks=12, host_blocks=24)
+    cfg = SchedulerConfig(2, 4, 16, 4, 24, staging_blocks=12, host_blocks=24,
+                          offload_policy="first-come")
     sch = drive(cfg, np.random.default_rng(seed))
     assert sch.preempted["swapped"] > 0 and sch.preempted["recomputed"] > 0, sch.preempted
     assert sch.tokens_recomputed > 0
@@ -251,7 +254,7 @@ def run(tmp_path, model_dir, ids, *flags):
 def test_swapped_sequences_give_transformers_tokens(tmp_path, model_dir, work, stages, overlap):
     ids, ref = work
     toks, st, log = run(tmp_path, model_dir, ids, "--gpus", str(stages), "--kv-offload", "on",
-                        "--offload-overlap", overlap)
+                        "--offload-overlap", overlap, "--offload-policy", "first-come")
     assert toks == ref
     assert st["swapped_out"] > 0 and st["blocks_swapped_out"] > 0
     per_block = sum(r["block_bytes"] for r in st["stages"])      # one block id, every stage
