@@ -84,6 +84,26 @@ def run_id():
     assert names.run_objects(rid) == []
 
 
+@pytest.fixture
+def ring_pair(run_id):
+    """``ring_pair(name, capacity)``: a ring of the test's run created (the writer) and
+    attached (the reader); both closed and the ring removed after the test."""
+    from pipemax.ipc import names
+    from pipemax.ipc.ring import Ring
+    made = []
+
+    def make(name: str, capacity: int):
+        w = Ring.create(names.shm_name(run_id, name), capacity)
+        r = Ring.attach(w.name)
+        made.append((w, r))
+        return w, r
+    yield make
+    for w, r in made:
+        r.close()
+        w.close()
+        w.unlink()
+
+
 from pipemax.tiny import default_cache_dir  # noqa: E402  (after the path is set)
 
 _USER_CACHE = default_cache_dir()

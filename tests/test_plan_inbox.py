@@ -6,21 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipemax.ipc import names
 from pipemax.ipc import protocol as P
-from pipemax.ipc.ring import Ring
 from pipemax.stages.plan_inbox import PlanInbox
 
 
 @pytest.fixture
-def rings(run_id):
-    name = names.shm_name(run_id, "plan1")
-    w = Ring.create(name, 1 << 20)
-    r = Ring.attach(name)
-    yield w, r
-    r.close()
-    w.close()
-    w.unlink()
+def rings(ring_pair):
+    return ring_pair("plan1", 1 << 20)
 
 
 def plan(step: int) -> tuple[dict, dict]:

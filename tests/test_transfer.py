@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipemax.ipc import names
-from pipemax.ipc.ring import Ring
 from pipemax.stages.transfer import Outbound, host_copy, staged, take, take_while, to_device
 
 
@@ -38,14 +36,8 @@ def test_an_outbound_on_the_cpu_is_done_at_once():
 
 
 @pytest.fixture
-def ring(run_id):
-    name = names.shm_name(run_id, "early")
-    w = Ring.create(name, 1 << 16)
-    r = Ring.attach(name)
-    yield w, r
-    r.close()
-    w.close()
-    w.unlink()
+def ring(ring_pair):
+    return ring_pair("early", 1 << 16)
 
 
 def test_the_next_step_is_taken_while_one_computes(ring):
