@@ -59,7 +59,7 @@ one() {  # case, system, then the flags shared by the run and the simulator
         --no-socket $STAGE_DEVICES "$@" >"$OUT/$case.$system.log" 2>&1 &
     wait $! || echo "$case $system real failed"
     line "$case" "$system" real "$OUT/$case.$system.stats.json"
-    grep -o "[0-9]* prefetches issued from the driver's copy plans" "$OUT/$case.$system.log"
+    grep -o "[0-9]* prefetches issued from the driver's copy plans\|[0-9]* steps taken while the one before computed" "$OUT/$case.$system.log"
     [ "$GPUS" = 1 ] && [ -z "${NOSIM:-}" ] || return 0
     python3 -m tools.simulate --json --calibrate "$CAL" --model llama3-8b --gpu-memory-gb "$MEM" \
         --micro-batches 4 --workload "$WL" --num-requests "$N" "$@" \
