@@ -47,8 +47,8 @@ def test_the_pool_removes_its_segments_when_the_launcher_is_gone(run_id):
 
 
 def test_a_pool_that_cannot_start_is_cleaned_up(run_id):
-    """A segment that already exists: the pool exits before READY, start raises naming it,
-    and nothing of the pool's is left (the existing segment is the test's)."""
+    """A segment name already taken: the pool exits before READY, start raises naming it,
+    and close() leaves none of the run's segments in /dev/shm."""
     taken = names.shm_name(run_id, "hostkv0")
     posix_ipc.SharedMemory(taken, posix_ipc.O_CREX, size=4096).close_fd()
     pool = KVPool(run_id, [1 << 16])
