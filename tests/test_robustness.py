@@ -237,12 +237,14 @@ def test_a_full_filesystem_stops_the_run_with_one_line(tmp_path):
 
 def test_a_job_whose_input_went_away_fails_alone(tmp_path):
     sock = str(tmp_path / "svc.sock")
-    a = write_jsonl(tmp_path / "a.jsonl", _long_rows(40, 32))
+    # job a runs long enough (960 steps at 4 sequences, seconds under load) that
+    # b's input is removed while b is still queued behind it
+    a = write_jsonl(tmp_path / "a.jsonl", _long_rows(40, 96))
     b = write_jsonl(tmp_path / "b.jsonl", _long_rows(5, 2))
     c = write_jsonl(tmp_path / "c.jsonl", _long_rows(5, 2))
     proc = _start(["--gpus", "2", "--serve", "--socket", sock, "--max-num-seqs", "4"])
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         while not os.path.exists(sock):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
@@ -252,9 +254,9 @@ def test_a_job_whose_input_went_away_fails_alone(tmp_path):
         b.unlink()                                   # between submit and its start
         assert sub(c, tmp_path / "c.out")["ok"]
         while True:
-            jobs = request(sock, {"cmd": "jobs"})["jobs"]
-            if all(j["state"] not in ("queued", "running") for j in jobs):
-                break
+            jobs = request(sock, {"cmd": "jobs"})["jobs"]   # a snapshot of a step boundary:
+            if len(jobs) == 3 and all(j["state"] not in ("queued", "running") for j in jobs):
+                break                                       # c may not be in it yet
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)
         assert [j["state"] for j in jobs] == ["done", "failed", "done"], jobs
