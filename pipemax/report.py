@@ -24,7 +24,8 @@ def handoff_summary(finals: list[dict]) -> str:
     return f"; ring hand-offs {mean * 1e3:.2f} ms mean, {worst * 1e3:.1f} ms max ({n})"
 
 
-def _bytes(finals: list[dict], key: str) -> int:
+def _total(finals: list[dict], key: str) -> int:
+    """A counter of the stages' final reports, added over the stages."""
     return sum(f.get(key, 0) for f in finals)
 
 
@@ -35,13 +36,13 @@ def offload_summary(finals: list[dict], sched: Scheduler) -> str:
         return streamed
     gib = lambda x: x / 2**30
     peak = max((f.get("peak_staging_blocks", 0) for f in finals), default=0)
-    planned = _bytes(finals, "prefetched_from_plans")
+    planned = _total(finals, "prefetched_from_plans")
     ahead = (f", {planned} prefetches issued from the driver's copy plans" if planned else "")
-    early = _bytes(finals, "taken_early")
+    early = _total(finals, "taken_early")
     ahead += f", {early} steps taken while the one before computed" if early else ""
     return (f"; KV offload: {sched.num_offloaded_admitted} sequences offloaded, "
-            f"{gib(_bytes(finals, 'bytes_prefetched')):.2f} GiB prefetched, "
-            f"{gib(_bytes(finals, 'bytes_offloaded')):.2f} GiB offloaded, peak staging "
+            f"{gib(_total(finals, 'bytes_prefetched')):.2f} GiB prefetched, "
+            f"{gib(_total(finals, 'bytes_offloaded')):.2f} GiB offloaded, peak staging "
             f"{peak} blocks per buffer" + ahead + streamed)
 
 
@@ -50,7 +51,7 @@ def preemption_summary(finals: list[dict], sched: Scheduler) -> str:
     recomputation), and the tokens recomputed for the others."""
     if not sched.num_preemptions:
         return ""
-    mib = lambda key: sum(f.get(key, 0) for f in finals) / 2**20
+    mib = lambda key: _total(finals, key) / 2**20
     swapped = (f"{sched.num_swapped_out} swapped to the host pool ({mib('bytes_swapped_out'):.1f} "
                f"MiB out, {mib('bytes_swapped_in'):.1f} MiB back in), "
                if sched.num_swapped_out else "")
@@ -82,8 +83,8 @@ def figures(stats: Stats, rt, finals: list[dict]) -> dict:
             "blocks_swapped_in": sched.blocks_swapped_in,
             "tokens_recomputed": sched.tokens_recomputed,
             # the stages' swap copies: preempted sequences' and the host tier's blocks
-            "bytes_swapped_out": _bytes(finals, "bytes_swapped_out"),
-            "bytes_swapped_in": _bytes(finals, "bytes_swapped_in"),
+            "bytes_swapped_out": _total(finals, "bytes_swapped_out"),
+            "bytes_swapped_in": _total(finals, "bytes_swapped_in"),
             "micro_batches": sched_cfg.num_micro_batches,
             "max_seqs_per_mb": sched_cfg.max_seqs_per_mb,
             "max_tokens_per_step": sched_cfg.max_tokens_per_step,
@@ -94,8 +95,8 @@ def figures(stats: Stats, rt, finals: list[dict]) -> dict:
             "streamed_admitted": sched.num_streamed_admitted,
             "offload_policy": sched_cfg.offload_policy, "moved_to_host": sched.num_to_host,
             "moved_to_gpu": sched.num_to_gpu, "moved_between_micro_batches": sched.num_moved,
-            "bytes_prefetched": _bytes(finals, "bytes_prefetched"),
-            "bytes_offloaded": _bytes(finals, "bytes_offloaded"),
+            "bytes_prefetched": _total(finals, "bytes_prefetched"),
+            "bytes_offloaded": _total(finals, "bytes_offloaded"),
             "offloaded_cached": sched.num_offloaded_cached,
             "host_cache_blocks": sched_cfg.host_cache_blocks,
             "host_cache_blocks_out": sched.tier_blocks_out,
