@@ -28,6 +28,10 @@ OP_STOP = 4
 OP_ERROR = 5
 OP_PLAN = 6
 
+# a stage's exit code when it left because a neighbour (a ring's other end) went away: it
+# follows another process's death, so the driver names that one instead (pipeline.check)
+EXIT_PEER_GONE = 3
+
 # tensors every stage forwards unchanged with a STEP
 STEP_META_TENSORS = ("q_lens", "ctx_lens", "block_tables", "offloaded", "streamed", "swap_out",
                      "swap_in", "gpu_prefix", "sample_rows", "temperature", "top_p", "top_k",

@@ -31,6 +31,11 @@ from pipemax.scheduler import StepPlan
 from pipemax.stages.worker import StageSpec, main as stage_main
 
 
+# how long the driver waits for the process whose death made a stage leave (PeerGone) to be
+# reaped, so that the error names the first to die and not the one that followed it
+PEER_GRACE_S = 2.0
+
+
 class StageFailed(RuntimeError):
     """A stage process died or reported an error; the message names it."""
 
@@ -146,11 +151,24 @@ class Pipeline:
         self.interrupted()
         for extra in self.extra_checks:
             extra()
-        for i, p in enumerate(self.procs):
-            if p.exitcode is not None:
-                raise StageFailed(f"stage {i} (pid {p.pid}) exited with code {p.exitcode}"
-                                  + (" (killed by a signal)" if p.exitcode < 0 else ""))
+        dead = self._dead()
+        if dead and all(code == P.EXIT_PEER_GONE for _, code in dead):
+            # a stage that left because its neighbour went away: the neighbour may not be
+            # reaped yet (a killed process's threads take a moment to exit), so wait for it
+            deadline = time.monotonic() + PEER_GRACE_S
+            while time.monotonic() < deadline and all(c == P.EXIT_PEER_GONE for _, c in dead):
+                time.sleep(0.02)
+                dead = self._dead()
+        if dead:
+            i, code = next(((i, c) for i, c in dead if c != P.EXIT_PEER_GONE), dead[0])
+            pid = self.procs[i].pid
+            raise StageFailed(f"stage {i} (pid {pid}) exited with code {code}"
+                              + (" (killed by a signal)" if code < 0 else ""))
         return True
+
+    def _dead(self) -> list[tuple[int, int]]:
+        """(stage, exit code) of every stage process that has exited."""
+        return [(i, p.exitcode) for i, p in enumerate(self.procs) if p.exitcode is not None]
 
     def stop(self, timeout: float = 10.0) -> list[dict]:
         """Ask every stage to exit, then make sure they are gone. Returns the stages' final
@@ -226,7 +244,7 @@ class Pipeline:
         except PeerGone:
             # a stage that went away usually follows another that died: name the first one
             # (a killed process can take a moment to be reaped)
-            deadline = time.monotonic() + 2.0
+            deadline = time.monotonic() + PEER_GRACE_S
             while time.monotonic() < deadline:
                 self.check()
                 time.sleep(0.02)

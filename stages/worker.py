@@ -393,7 +393,7 @@ def serve(spec: StageSpec) -> int:
             if op == P.OP_ERROR:
                 return 1
     except PeerGone:
-        return 3
+        return P.EXIT_PEER_GONE
     except Exception as e:  # report to the driver, through the rest of the pipeline
         msg = f"{type(e).__name__}: {e}"
         traceback.print_exc(file=sys.stderr)
