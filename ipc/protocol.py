@@ -11,7 +11,8 @@ computes, before the step's activations reach it (stages/plan_inbox.py).
     HELLO   reports: [stage report, ...]      -            each stage appends its report
     ALLOC   resident_blocks, staging_blocks,  -            each stage allocates its KV cache
             host_blocks, host_segments,                    (and maps its host KV segment)
-            overlap, plan_rings: [name|None per stage], acks: [stage, ...]
+            overlap, swap_blocks,
+            plan_rings: [name|None per stage], acks: [stage, ...]
     STEP    mb, step, num_top                 q_lens, ctx_lens, block_tables, offloaded,
                                               streamed, swap_out, swap_in, tokens|hidden,
                                               sample_rows, temperature, top_p, top_k, u

@@ -18,6 +18,7 @@ from pipemax.model_config import (BUILTIN_MODELS, ModelConfig, ModelConfigError,
                                   builtin_config)
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+KV_OFFLOAD = ("auto", "on", "off", "swap")
 KV_CACHE_DTYPES = ("auto", "fp8")          # auto: the model's --dtype; fp8: e4m3 with scales
 KV_SCALES = ("auto", "checkpoint", "prompt", "one")   # see stages/kv_quant.py
 QUANTIZATIONS = ("none", "fp8")
@@ -128,7 +129,10 @@ class RunConfig:
     # write the run's figures here (for tools/bench.py)
     stats_json: str | None = flag(None, "write the run's figures to this file")
     kv_offload: str = flag("auto", "keep waiting micro-batches' KV in host memory (auto: when "
-                                   "it wins)", choices=("auto", "on", "off"))
+                                   "it wins); swap: offload off, but preempted sequences "
+                                   "wait in host memory instead of being recomputed (auto "
+                                   "when memory bounds the batch)",
+                           choices=KV_OFFLOAD)
     # which running sequences keep their KV in the host pool (pipemax/selection.py)
     offload_policy: str = flag("selection", "with KV offload: selection (the paper's: the "
                                             "cheapest within the prefetch budget, re-chosen as "
@@ -226,8 +230,9 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-        if self.kv_offload not in ("auto", "on", "off"):
-            raise ConfigError(f"--kv-offload must be auto, on or off, got {self.kv_offload!r}")
+        if self.kv_offload not in KV_OFFLOAD:
+            raise ConfigError(f"--kv-offload must be auto, on, off or swap, got "
+                              f"{self.kv_offload!r}")
         if self.offload_policy not in OFFLOAD_POLICIES:
             raise ConfigError(f"--offload-policy must be first-come or selection, got "
                               f"{self.offload_policy!r}")

@@ -80,7 +80,8 @@ def layout(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload
                             if max_model_len else None,
                             offload_policy=cfg.offload_policy,
                             step_model=step_model(cfg, model, reports, h2d_gbs),
-                            host_cache_blocks=host_cache_blocks(cfg, p, host_avail, wl))
+                            host_cache_blocks=host_cache_blocks(cfg, p, host_avail, wl),
+                            swap_blocks=p.swap_blocks)
     return p, sched
 
 
@@ -125,5 +126,5 @@ def setup(cfg: RunConfig, model: ModelConfig, reports: list[dict], wl: Workload,
         pipeline.extra_checks.append(pool.check)
         pool.start(pipeline.check)
     pipeline.alloc(p.resident_blocks, p.staging_blocks, H, pool.names if pool else [],
-                   cfg.offload_overlap, sched.num_micro_batches)
+                   cfg.offload_overlap, sched.num_micro_batches, sched.swap_blocks)
     return p, pool, sched

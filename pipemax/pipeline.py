@@ -129,9 +129,11 @@ class Pipeline:
         return meta["reports"]
 
     def alloc(self, resident: int, staging: int, host_blocks: int, host_segments: list[str],
-              overlap: bool, micro_batches: int) -> None:
+              overlap: bool, micro_batches: int, swap_blocks: int = 0) -> None:
         """Stages allocate their KV caches (and map their host KV segments, and the rings of
-        copy plans when offloaded KV is prefetched ahead over several stages)."""
+        copy plans when offloaded KV is prefetched ahead over several stages). ``swap_blocks``:
+        of the host blocks, those kept for preempted sequences with offload off (swap-only:
+        the stages copy them out and back)."""
         cfg = self.cfg
         names: list[str | None] = [None] * cfg.gpus
         if staging and overlap and cfg.prefetch_plans and cfg.gpus > 1:
@@ -142,6 +144,7 @@ class Pipeline:
         self.to_first.write({"op": P.OP_ALLOC, "resident_blocks": resident,
                              "staging_blocks": staging, "host_blocks": host_blocks,
                              "host_segments": host_segments, "overlap": overlap,
+                             "swap_blocks": swap_blocks,
                              "plan_rings": names, "acks": []},
                             timeout=30.0, alive=self.check)
         self.recv(expect=P.OP_ALLOC)

@@ -20,10 +20,12 @@ the blocks of its whole length, prompt and every token it may sample):
 
 *Preemption.* When a micro-batch's resident sequences outgrow the GPU's blocks, the newest is
 preempted. ``swaps`` says whether its KV goes to the host pool instead of being dropped: when
-KV offload is on (a host pool and staging buffers exist) and it has computed KV to keep. The
+KV offload is on (a host pool and staging buffers exist), or swap-only (offload off with a
+host pool kept for swaps, ``swap_share``), and it has computed KV to keep. The
 scheduler then moves its computed blocks into a host extent of its whole length (the step
 message carries the copies; each stage copies its own layers, stages/timetable.py orders
-them), or recomputes it as before when the pool has no free extent for it. A swapped
+them), or recomputes it as before when the pool has no free extent for it. A preempted
+offloaded sequence swaps too, with nothing to copy: its extent holds its KV already. A swapped
 sequence waits at the front of the queue and comes back through ``place`` like any other,
 without recomputation: ``RESIDENT`` copies its KV back into GPU blocks, ``HOST`` keeps its
 extent and stages it for each step like any offloaded sequence (its first chunk is then its
@@ -68,6 +70,7 @@ class Room:
     resident_blocks: int
     staging_blocks: int = 0
     host_blocks: int = 0
+    swap_blocks: int = 0    # of the host pool, kept for preempted sequences with offload off
 
     def fits_gpu(self, extent: int) -> bool:
         """Could a sequence of ``extent`` blocks finish on the GPU, resident or staged? (A
@@ -117,10 +120,19 @@ def place(a: Admission, room: Room) -> Placement | None:
 
 def swaps(room: Room, computed_blocks: int) -> bool:
     """Does a preempted resident sequence holding ``computed_blocks`` blocks of computed KV
-    go to the host pool (True), or is it recomputed later (False)? Only with KV offload on
-    (a host pool and staging buffers), so that it can come back staged as well as resident;
-    and only if there is KV to keep. (The scheduler still needs a free host extent.)"""
-    return room.host_blocks > 0 and room.staging_blocks > 0 and computed_blocks > 0
+    go to the host pool (True), or is it recomputed later (False)? With KV offload on (a host
+    pool and staging buffers: it may come back staged as well as resident), or swap-only (a
+    host pool kept for swaps, no staging: it comes back resident); and only if there is KV
+    to keep. (The scheduler still needs a free host extent.)"""
+    return (room.host_blocks > 0 and (room.staging_blocks > 0 or room.swap_blocks > 0)
+            and computed_blocks > 0)
+
+
+def swap_share(host_avail: int, resident_blocks: int) -> int:
+    """Host blocks a swap-only plan keeps for preempted sequences: as many as the GPU's
+    resident blocks (all of the GPU's KV could be swapped out at once), within what the host
+    has."""
+    return min(host_avail, resident_blocks)
 
 
 def offload_share(host_avail: int, micro_batches: int, staging_blocks: int) -> int:

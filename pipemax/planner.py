@@ -34,7 +34,7 @@ import dataclasses
 from dataclasses import asdict, dataclass
 
 from pipemax.model_config import ModelConfig
-from pipemax.placement import Room, offload_share, stream_share
+from pipemax.placement import Room, offload_share, stream_share, swap_share
 
 
 @dataclass(frozen=True)
@@ -119,11 +119,14 @@ class Plan:
     streamed: int = 0           # sampled requests too long for the GPU, served streamed
     stream_blocks: int = 0      # host blocks kept for streamed sequences
     cached_prompt: float = 0.0  # mean prompt tokens per request counted as cached
+    kv_bound: bool = False      # the batch is as large as the GPU's KV blocks allow
+    swap_blocks: int = 0        # host blocks kept for preempted sequences (swap-only)
 
     def describe(self, prediction: bool = True) -> str:
         """The plan in one line; ``prediction=False`` leaves out the predicted figures (a run
         on nominal figures, the CPU's)."""
-        kind = "offload on" if self.offload else "offload off"
+        kind = ("offload on" if self.offload else
+                "offload off, swap" if self.swap_blocks else "offload off")
         return (f"{kind}: {self.micro_batches} micro-batches x {self.seqs_per_mb} sequences "
                 f"({self.offloaded_per_mb} offloaded each), resident {self.resident_blocks} "
                 f"blocks, staging 2 x {self.staging_blocks}, host {self.host_blocks}"
@@ -132,6 +135,8 @@ class Plan:
                    f"{self.predicted_step_ms:.2f} ms, prefetch {self.prefetch_ms:.2f} ms, "
                    f"{self.bound}-bound; the other choice {self.other_tok_s:.0f})"
                    if prediction else "")
+                + (f"; preempted sequences wait in {self.swap_blocks} host blocks, not "
+                   "recomputed" if self.swap_blocks else "")
                 + (f"; {self.cached_prompt:.0f} prompt tokens per request from the prefix "
                    "cache" if self.cached_prompt else "")
                 + (f"; {self.streamed} of the sampled requests are too long for the GPU and "
@@ -215,7 +220,7 @@ def _predict(cfg, stages, figs, esize, wl, M, B, n_off, kv_esize=None):
 def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize: int,
          wl: Workload, *, mode: str, micro_batches: int, max_seqs: int, block_size: int,
          host_blocks: int, kv_esize: int | None = None) -> Plan:
-    """Choose the plan that maximises predicted tokens/s (mode: auto | on | off).
+    """Choose the plan that maximises predicted tokens/s (mode: auto | on | off | swap).
     ``esize``: bytes per weight element; ``kv_esize``: per KV cache element (default the same;
     1 for an fp8 cache, whose blocks, in ``stages``, are half as large too).
 
@@ -225,7 +230,15 @@ def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize:
     the scheduler admits by) from host blocks kept for them, one at a time per micro-batch;
     those the host cannot hold either get error lines instead of the whole run being refused.
     The plan's ``host_blocks`` is the host pool to start. PlanError when not even those that
-    fit the GPU can run."""
+    fit the GPU can run.
+
+    *Swap-only* (mode ``swap``; ``auto`` when it chooses offload off for a batch that the
+    GPU's KV blocks bound, so that sequences outgrowing them are preempted) is the off plan
+    with a host pool kept for preempted sequences (``placement.swap_share``): their KV waits
+    there and comes back into GPU blocks, instead of being recomputed. Its prediction is the
+    off plan's (the cost model has no preemptions: it costs copies where off recomputes). A
+    plan with offload keeps the same share beside its offloaded sequences' extents, so that
+    its preempted resident sequences swap too."""
     kw = dict(mode=mode, micro_batches=micro_batches, max_seqs=max_seqs,
               block_size=block_size, host_blocks=host_blocks, kv_esize=kv_esize)
     try:
@@ -255,8 +268,18 @@ def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize:
                                             p.micro_batches)
     if refused is not None and streamed + too_long == len(wl.samples) and not streamed:
         raise refused
+    swap = 0
+    if p.offload or mode == "swap" or mode == "auto" and p.kv_bound:
+        swap = swap_share(spare - keep, p.resident_blocks)
+        need = math.ceil(min(wl.max_total, limit) / block_size)   # the longest one it holds
+        if swap < need:
+            if mode == "swap":
+                raise PlanError(f"swap-only needs a host pool of at least {need} blocks (the "
+                                f"longest request the GPU holds, {need * block_size} tokens); "
+                                f"the host pool holds {host_blocks} (raise --host-kv-gb)")
+            swap = 0
     return dataclasses.replace(p, too_long=too_long, streamed=streamed, stream_blocks=keep,
-                               host_blocks=p.host_blocks + keep)
+                               host_blocks=p.host_blocks + keep + swap, swap_blocks=swap)
 
 
 def _plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize: int,
@@ -283,18 +306,19 @@ def _plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize
             n_off = min(S // staged, host_blocks // (M * ext), per_mb_cap)
             if n_off == 0:
                 return None
-        n_res = min((R - min(wl.cached_blocks, R // 2)) // own // M, per_mb_cap - n_off)
+        fit = (R - min(wl.cached_blocks, R // 2)) // own // M
+        n_res = min(fit, per_mb_cap - n_off)
         B = n_res + n_off
         if B < 1:
             return None
         tok_s, decode, (step, t_p, bound) = _predict(cfg, stages, figs, esize, wl, M, B, n_off,
                                                      kv_esize)
-        return (tok_s, S, R, B, n_off, step, t_p, bound, decode)
+        return (tok_s, S, R, B, n_off, step, t_p, bound, decode, fit < per_mb_cap - n_off)
 
     off = make(0)
     ons = [p for p in (make(S) for S in _staging_grid(G, longest)) if p is not None]
     best_on = max(ons, key=lambda p: p[0]) if ons else None
-    if mode == "off" or (mode == "auto" and (best_on is None or
+    if mode in ("off", "swap") or (mode == "auto" and (best_on is None or
                                              (off is not None and best_on[0] < 1.05 * off[0]))):
         chosen, other = off, best_on
         if chosen is None:
@@ -308,13 +332,13 @@ def _plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize
                             f"(the longest request, {wl.max_total} tokens) and as many host "
                             f"blocks; the GPU holds {G} blocks per stage and the host pool "
                             f"{host_blocks} (raise --gpu-memory-gb or --host-kv-gb)")
-    tok_s, S, R, B, n_off, step, t_p, bound, decode = chosen
+    tok_s, S, R, B, n_off, step, t_p, bound, decode, kv_bound = chosen
     return Plan(offload=S > 0, micro_batches=M, seqs_per_mb=B, resident_blocks=R,
                 staging_blocks=S, host_blocks=offload_share(host_blocks, M, S),
                 offloaded_per_mb=n_off,
                 predicted_tok_s=tok_s, predicted_step_ms=step * 1e3, prefetch_ms=t_p * 1e3,
                 bound=bound, other_tok_s=other[0] if other else 0.0, decode_tok_s=decode,
-                cached_prompt=wl.cached_prompt)
+                cached_prompt=wl.cached_prompt, kv_bound=kv_bound)
 
 
 def _staging_grid(G: int, longest: int) -> list[int]:

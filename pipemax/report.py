@@ -52,8 +52,10 @@ def preemption_summary(finals: list[dict], sched: Scheduler) -> str:
     if not sched.num_preemptions:
         return ""
     mib = lambda key: _total(finals, key) / 2**20
+    kept = (f", {sched.num_kept_on_host} of them offloaded ones kept where they were"
+            if sched.num_kept_on_host else "")
     swapped = (f"{sched.num_swapped_out} swapped to the host pool ({mib('bytes_swapped_out'):.1f} "
-               f"MiB out, {mib('bytes_swapped_in'):.1f} MiB back in), "
+               f"MiB out, {mib('bytes_swapped_in'):.1f} MiB back in{kept}), "
                if sched.num_swapped_out else "")
     return (f"; {sched.num_preemptions} preemptions: {swapped}{sched.tokens_recomputed} "
             "tokens recomputed")
@@ -79,6 +81,7 @@ def figures(stats: Stats, rt, finals: list[dict]) -> dict:
             "block_size": rt.cfg.block_size, "stages": rt.reports,
             "preemptions": sched.num_preemptions,
             "swapped_out": sched.num_swapped_out,
+            "kept_on_host": sched.num_kept_on_host,
             "blocks_swapped_out": sched.blocks_swapped_out,
             "blocks_swapped_in": sched.blocks_swapped_in,
             "tokens_recomputed": sched.tokens_recomputed,

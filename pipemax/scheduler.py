@@ -19,7 +19,10 @@ offloaded (its extent staged for each step like any offloaded sequence), or resi
 (``StepPlan.swap_in``: host -> GPU into new blocks, before the step computes; its extent is
 freed when that step has come back). Without a host
 pool, or with no free extent in it, it is recomputed as before. Copies of a preemption whose
-planning gave no step ride on the next step planned.
+planning gave no step ride on the next step planned. A preempted *offloaded* sequence (its
+staging buffer outgrown) already has its KV in its extent, written back by its last step's
+offload: it keeps the extent and waits the same way, nothing copied (unless it maps a cached
+GPU prefix, which it lets go of: then it is recomputed).
 
 Where an admitted sequence's KV lives is decided by pipemax/placement.py (``place``), the
 rule the planner sizes memory by; this module carries it out. *Resident*: GPU blocks.
@@ -91,6 +94,7 @@ class SchedulerConfig:
     offload_policy: str = "selection"         # or "first-come" (pipemax/selection.py)
     step_model: StepModel | None = None       # the selection's cost model (None: nominal)
     host_cache_blocks: int = 0    # host tier of the prefix cache: host ids after host_blocks
+    swap_blocks: int = 0          # of host_blocks, kept for preempted sequences (swap-only)
 
     def __post_init__(self):
         for f in ("num_micro_batches", "max_seqs_per_mb", "max_tokens_per_step", "block_size"):
@@ -135,7 +139,7 @@ class Scheduler:
         self.running: list[list[Sequence]] = [[] for _ in range(cfg.num_micro_batches)]
         self.num_preemptions = 0
         self.watermark = max(1, cfg.num_blocks // 100)
-        self.room = Room(cfg.num_blocks, cfg.staging_blocks, cfg.host_blocks)
+        self.room = Room(cfg.num_blocks, cfg.staging_blocks, cfg.host_blocks, cfg.swap_blocks)
         self.offload = cfg.staging_blocks > 0
         self.host = ExtentAllocator(cfg.host_blocks) if cfg.host_blocks > 0 else None
         self.staged = [0] * cfg.num_micro_batches     # staging blocks in use per mb
@@ -144,6 +148,7 @@ class Scheduler:
         self.num_streamed_admitted = 0
         # preemption: swapped to the host pool (placement.swaps) or recomputed
         self.num_swapped_out = 0         # preemptions that kept the KV in the host pool
+        self.num_kept_on_host = 0        # of them offloaded sequences (their extent kept)
         self.blocks_swapped_out = 0
         self.blocks_swapped_in = 0       # (swapped sequences resumed offloaded copy nothing)
         self.tokens_recomputed = 0       # computed tokens whose KV a preemption dropped
@@ -273,6 +278,16 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         computed = self.blocks.blocks_for(seq.num_computed)
         cap = self.cfg.swap_blocks_per_step
+        if (seq.placement is Placement.HOST and not seq.gpu_prefix
+                and swaps(self.room, computed)):
+            # offloaded: its KV is in its extent already (each step's offload wrote it back),
+            # so it keeps the extent and waits, nothing copied and nothing recomputed
+            self.staged[seq.mb] -= seq.staged_blocks
+            seq.staged_blocks = 0
+            self.running[seq.mb].remove(seq)
+            self.num_kept_on_host += 1
+            self._swapped_out(seq, 0)
+            return
         start = (self._host_alloc(self._extent(seq))
                  if seq.placement is Placement.RESIDENT and swaps(self.room, computed)
                  and (cap is None or len(self._copies_out) + computed <= cap) else None)
@@ -281,14 +296,24 @@ class Scheduler:
             self._release(seq)
             seq.blocks = list(range(start, start + self._extent(seq)))
             seq.placement = Placement.HOST      # (its blocks are a host extent)
-            seq.swapped = True
-            self._swapped[id(seq)] = seq
-            self.num_swapped_out += 1
-            self.blocks_swapped_out += computed
-        else:
-            self._release(seq)
-            self.tokens_recomputed += seq.num_computed
-            seq.num_computed = 0
+            self._swapped_out(seq, computed)
+            return
+        self._release(seq)
+        self.tokens_recomputed += seq.num_computed
+        seq.num_computed = 0
+        self._requeue(seq)
+
+    def _swapped_out(self, seq: Sequence, copied: int) -> None:
+        """Preempted ``seq`` waits with its KV in its host extent (``copied`` blocks of it
+        copied there by this step)."""
+        seq.swapped = True
+        self._swapped[id(seq)] = seq
+        self.num_swapped_out += 1
+        self.blocks_swapped_out += copied
+        self._requeue(seq)
+
+    def _requeue(self, seq: Sequence) -> None:
+        """Preempted ``seq`` goes back to the front of the queue."""
         seq.mb = -1
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -343,11 +368,14 @@ class Scheduler:
         s.mb = mb
         if where is Placement.RESIDENT:
             self._swap_in(s, mb)
-        else:                                   # offloaded: its extent, staged from now on
-            assert where is Placement.HOST, "a swapped sequence fits the GPU"
+        elif where is Placement.HOST:           # offloaded: its extent, staged from now on
             grown = self._grow_staged(s, n)
             assert grown, "place() found room for its first step"
             self.num_offloaded_admitted += 1
+        else:           # streamed: its extent read in place (one a staging buffer's size
+            s.placement = where                 # that was offloaded: not fits_gpu)
+            self.streaming[mb] += 1
+            self.num_streamed_admitted += 1
 
     def schedule(self, mb: int) -> StepPlan | None:
         cfg = self.cfg

@@ -132,7 +132,7 @@ class Offloader:
         if st.swap_out:
             self._swap_out(k, st)
         stream = self.h2d if self.cuda else None
-        self._wait(stream, self.tt.prefetch_waits(k))
+        self._wait(stream, self.tt.prefetch_waits(k, st.swap_in + st.prefetch))
         if self.cuda and self._last_swapout is not None:
             stream.wait_event(self._last_swapout)
         start = self._timing_event(stream)
@@ -165,12 +165,13 @@ class Offloader:
             self._last_swapout = self.events[("swapout", k)]
         self.bytes_swapped_out += sum(r.n for r in st.swap_out) * self.block_bytes
 
-    def before_compute(self, k: int) -> None:
-        """Make the compute stream wait until step k's data is on the GPU."""
+    def before_compute(self, k: int, streamed: bool = False) -> None:
+        """Make the compute stream wait until step k's data is on the GPU (and, ``streamed``:
+        in the host extents it reads in place)."""
         if self.cuda:
             compute = torch.cuda.current_stream(self.gpu.device)
             start = self._timing_event(compute)
-            self._wait(compute, self.tt.compute_waits(k))
+            self._wait(compute, self.tt.compute_waits(k, streamed))
             self._spans.append(("stall", start, self._timing_event(compute)))
             self._settle(block=False)
 
@@ -186,7 +187,7 @@ class Offloader:
                 self.host[r.dst:r.dst + r.n].copy_(self.gpu[r.src:r.src + r.n],
                                                    non_blocking=True)
         self._record(("offload", k), stream)
-        self.tt.offloaded(k)
+        self.tt.offloaded(k, st.offload)
         self.bytes_offloaded += st.offload_blocks * self.block_bytes
         self.prefetched.discard(k)
 

@@ -22,10 +22,20 @@ rest of its row (host ids) is staged.
     prefetch(k)  waits for  offload(k-2)           its buffer was last used by step k-2
                             offload(j)             j = the last step of the same micro-batch:
                                                    the host copy must hold what j wrote
+                            offload(k-1)           if it wrote host blocks prefetch(k) reads:
+                                                   a sequence that left step k-1's
+                                                   micro-batch (moved, or preempted with its
+                                                   extent kept) and is in step k's
                             the last swapout       its copies read host extents a swap-out
                                                    wrote, and write GPU blocks it read
-    compute(k)   waits for  prefetch(k), swapout(k) (its blocks may be reused in step k)
+    compute(k)   waits for  prefetch(k), swapout(k) (its blocks may be reused in step k),
+                            offload(k-1) if it reads host extents in place (streamed rows)
     offload(k)   waits for  compute(k)
+
+(offload(k-1) has always been issued when that happens: the driver plans a sequence into
+another micro-batch's step only after the step it left came back, and a stage issues a
+step's offload before it hands the step on. Earlier offloads are covered by offload(k-2):
+offloads run in order on one stream.)
 
 A step may also carry *swap* copies of preempted sequences (pipemax/scheduler.py): swap-out
 (GPU blocks -> host extent, on the offload stream) and swap-in (host extent -> GPU blocks,
@@ -40,6 +50,7 @@ under the whole of step k, host-side preparation included.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -137,6 +148,7 @@ class Timetable:
         self.mb_of: dict[int, int] = {}
         self.open: dict[int, int] = {}           # micro-batch -> its step begun, not offloaded
         self.offloaded_upto = -1                 # offloads are issued in step order
+        self.wrote: dict[int, list[Run]] = {}    # step -> the host blocks its offload wrote
 
     def prefetch_ready(self, k: int, mb: int) -> bool:
         """Whether every copy step k's prefetch must wait for has been issued, so it may be
@@ -149,26 +161,50 @@ class Timetable:
         self.mb_of[k] = mb
         self.open[mb] = k
 
-    def prefetch_waits(self, k: int) -> list[tuple[str, int]]:
+    def prefetch_waits(self, k: int, reads: list[Run] = ()) -> list[tuple[str, int]]:
+        """What prefetch(k) waits for; ``reads``: the runs it copies from the host (their
+        ``src``: host block ids), prefetch and swap-in."""
         waits = [("offload", k - 2)] if k >= 2 else []
         j = self.last_step_of.get(self.mb_of[k])
         if j is not None and j != k - 2:
             waits.append(("offload", j))
+        if j != k - 1 and _overlap(reads, self.wrote.get(k - 1, ())):
+            waits.append(("offload", k - 1))
         return waits
 
     @staticmethod
-    def compute_waits(k: int) -> list[tuple[str, int]]:
-        return [("prefetch", k), ("swapout", k)]
+    def compute_waits(k: int, streamed: bool = False) -> list[tuple[str, int]]:
+        """What compute(k) waits for; ``streamed``: the step reads host extents in place
+        (attention over PCIe), which offload(k-1) may have written (a swapped sequence that
+        comes back streamed; the earlier offloads are behind prefetch(k)'s waits)."""
+        return [("prefetch", k), ("swapout", k)] + ([("offload", k - 1)] if streamed else [])
 
     @staticmethod
     def offload_waits(k: int) -> list[tuple[str, int]]:
         return [("compute", k)]
 
-    def offloaded(self, k: int) -> None:
-        """Offload of step k is issued: later prefetches of its micro-batch wait for it."""
+    def offloaded(self, k: int, writes: list[Run] = ()) -> None:
+        """Offload of step k is issued (``writes``: its runs, ``dst`` host block ids): later
+        prefetches of its micro-batch wait for it, and the next step's if it reads them."""
         mb = self.mb_of[k]
+        self.wrote[k] = list(writes)
+        self.wrote.pop(k - 2, None)
         self.last_step_of[mb] = k
         if self.open.get(mb) == k:
             del self.open[mb]
         self.offloaded_upto = max(self.offloaded_upto, k)
         self.mb_of.pop(k - 3, None)
+
+
+def _overlap(reads, writes) -> bool:
+    """Do any host blocks read (``src`` of ``reads``) lie in those written (``dst`` of
+    ``writes``, disjoint runs: one step's offloads)?"""
+    if not reads or not writes:
+        return False
+    spans = sorted((w.dst, w.dst + w.n) for w in writes)
+    starts = [a for a, _ in spans]
+    for r in reads:
+        i = bisect.bisect_right(starts, r.src + r.n - 1) - 1   # the last span starting in
+        if i >= 0 and spans[i][1] > r.src:                     # or before the read's end
+            return True
+    return False

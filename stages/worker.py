@@ -182,8 +182,9 @@ class Stage:
 
     def alloc(self, meta: dict, alive) -> None:
         """KV memory: R resident blocks, plus two staging buffers of S blocks when offloading;
-        the host pool mapped when there is one (offloaded or streamed sequences); the ring of
-        the driver's copy plans when it sends them to this stage."""
+        the host pool mapped when there is one (offloaded, streamed or swapped sequences); the
+        copies of the timetable when offloading or swapping; the ring of the driver's copy
+        plans when it sends them to this stage."""
         s = self.spec
         self.resident = int(meta["resident_blocks"])
         self.staging_blocks = int(meta["staging_blocks"])
@@ -200,7 +201,8 @@ class Stage:
             self.host = HostPool(meta["host_segments"][s.index], shape, self.kv_dtype,
                                  pin=self.device.type == "cuda")
             self.host_kv = self.host.device_view(self.device)
-        if self.staging_blocks:       # streamed sequences alone need no copies, no timetable
+        # (streamed sequences alone need no copies, no timetable)
+        if self.staging_blocks or int(meta.get("swap_blocks", 0)):
             self.offloader = Offloader(self.kv.data, self.host, bool(meta["overlap"]))
         rings = meta.get("plan_rings") or []
         if s.index < len(rings) and rings[s.index]:
@@ -218,8 +220,9 @@ class Stage:
     def takes_next_early(self) -> bool:
         """Whether to wait for the next step's message while a step computes (stages/
         transfer.py ``take_while``): with overlapped offload, so that its prefetch is issued
-        under that compute. The first stage learns a step from its message alone."""
-        return self.offloader is not None and self.offloader.overlap
+        under that compute. The first stage learns a step from its message alone. (Not with
+        swap-only: its copies are few.)"""
+        return self.offloader is not None and self.offloader.overlap and self.staging_blocks > 0
 
     def staging(self, meta: dict, t: dict) -> Staging | None:
         """How this step's offloaded sequences use the staging buffer, and its swap copies
@@ -271,10 +274,11 @@ class Stage:
                     self.prefetched_from_plans += 1
             if not off.overlap:
                 off.synchronize()
-            off.before_compute(k)
+        streamed = t["streamed"].numpy()
+        if off is not None:
+            off.before_compute(k, bool(streamed.any()))
         table = st.table if st is not None else t["block_tables"].numpy()
         q_lens, ctx = t["q_lens"].numpy(), t["ctx_lens"].numpy()
-        streamed = t["streamed"].numpy()
         d = self.device
         x = to_device(t["tokens"] if s.is_first else t["hidden"], d)
         calibrating = self.quant is not None and self.quant.calibrate   # the first step

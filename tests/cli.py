@@ -74,6 +74,14 @@ def wait_first_result(proc: subprocess.Popen, out: Path, timeout: float = 60) ->
         time.sleep(0.02)
 
 
+def output_of(proc: subprocess.Popen, timeout: float = 30) -> tuple:
+    """A failed assertion's message: the run's (stdout, stderr), killing it first if it is
+    still running (waiting on a live service for its output would never return)."""
+    if proc.poll() is None:
+        proc.kill()
+    return proc.communicate(timeout=timeout)
+
+
 def reap(proc: subprocess.Popen) -> None:
     """Kill a run a test left running (call from ``finally``)."""
     if proc.poll() is None:

@@ -317,6 +317,46 @@ def test_an_engine_that_does_not_answer_gets_queued(tmp_path, monkeypatch):
         srv.close()
 
 
+def test_a_submit_answered_queued_keeps_its_job_when_the_input_goes(tmp_path, monkeypatch):
+    """The engine still loading: a submit is checked when it arrives (a missing input is
+    refused at once) and answered "queued"; its input removed before the engine applies it,
+    the job is still listed and fails alone at its start (it was lost without a word)."""
+    from pipemax.job import JobError
+    from pipemax.ops.service import Service
+    from pipemax.ops.supervisor import Supervisor
+    monkeypatch.setattr(control, "REPLY_TIMEOUT", 0.3)
+    srv = ControlServer(str(tmp_path / "c.sock"))
+    srv.start()
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"custom_id": "a", "prompt": "x"}])
+    sub = {"cmd": "submit", "input": str(inp), "output": str(tmp_path / "out.jsonl")}
+    try:
+        missing = request(srv.path, {**sub, "input": str(tmp_path / "nothing.jsonl")})
+        assert not missing["ok"] and "cannot read input file" in missing["error"], missing
+        r = request(srv.path, sub)
+        assert r["ok"] and r["queued"], r
+        inp.unlink()
+        logged = []
+        sup = Supervisor(interrupts=None, service=Service(lambda: None), log=logged.append)
+        (c,) = srv.pending()
+        sup.apply(c)
+        # refused only when the engine applies it: nobody hears that reply, so it is logged
+        other = write_jsonl(tmp_path / "other.jsonl", [{"custom_id": "b", "prompt": "y"}])
+        r = request(srv.path, {**sub, "input": str(other), "output": str(tmp_path / "o.jsonl")})
+        assert r["ok"] and r["queued"], r
+        sup.draining = True
+        (c,) = srv.pending()
+        sup.apply(c)
+    finally:
+        srv.close()
+    (job,) = sup.service.jobs
+    assert job.state == "queued" and job.input == str(inp)
+    assert logged == [f"job 1 queued: {inp} -> {tmp_path / 'out.jsonl'}",
+                      "control command submit (answered as queued) was refused: the service "
+                      "is draining; it takes no new jobs"]
+    with pytest.raises(JobError, match="No such file"):
+        job.open()
+
+
 def test_peer_of_another_uid_is_refused(shared_dir):
     if not IS_ROOT:
         pytest.skip("needs root to run a client as another user (os.setuid)")
@@ -437,6 +477,8 @@ def test_ctl_client_exit_codes_and_socket_discovery(server, tmp_path, capsys, mo
     time.sleep(0.1)
     assert ctl.main(["status", "--socket", srv.path]) == 0
     assert "phase      running" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "in.jsonl", [{"custom_id": "a", "prompt": "x"}])
     assert ctl.main(["--socket", srv.path, "submit", "in.jsonl", "out.jsonl"]) == 0
     assert eng.applied[-1]["input"] == os.path.abspath("in.jsonl")        # made absolute
     with pytest.raises(SystemExit):

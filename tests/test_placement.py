@@ -109,7 +109,8 @@ def test_a_plans_streamed_requests_are_streamed_by_its_scheduler():
         p = plan(cfg, st, figs, 2, Workload.of(samples), mode=mode, micro_batches=2,
                  max_seqs=64, block_size=16, host_blocks=10**5)
         assert p.streamed == 1 and p.offload == (mode == "on")
-        assert p.host_blocks == offload_share(10**5, 2, p.staging_blocks) + p.stream_blocks
+        assert p.host_blocks == (offload_share(10**5, 2, p.staging_blocks) + p.stream_blocks
+                                 + p.swap_blocks)
         sched = SchedulerConfig(p.micro_batches, p.seqs_per_mb, 2048, 16, p.resident_blocks,
                                 p.staging_blocks, p.host_blocks)
         places = [admitted(sched, a, b) for a, b in samples]

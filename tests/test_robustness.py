@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli import ROOT, read_results, reap, run_cli, spawned_children, wait_first_result, write_jsonl
+from cli import (ROOT, output_of, read_results, reap, run_cli, spawned_children, wait_first_result,
+                 write_jsonl)
 from pipemax.ops.framing import request
 from pipemax.job import JobError, check_paths
 from pipemax.requests import Request, RequestError, SamplingParams, parse_line
@@ -246,7 +247,7 @@ def test_a_job_whose_input_went_away_fails_alone(tmp_path):
     try:
         deadline = time.monotonic() + 240
         while not os.path.exists(sock):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            assert proc.poll() is None and time.monotonic() < deadline, output_of(proc)
             time.sleep(0.05)
         sub = lambda i, o: request(sock, {"cmd": "submit", "input": str(i), "output": str(o)})
         assert sub(a, tmp_path / "a.out")["ok"]
@@ -257,7 +258,7 @@ def test_a_job_whose_input_went_away_fails_alone(tmp_path):
             jobs = request(sock, {"cmd": "jobs"})["jobs"]   # a snapshot of a step boundary:
             if len(jobs) == 3 and all(j["state"] not in ("queued", "running") for j in jobs):
                 break                                       # c may not be in it yet
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            assert proc.poll() is None and time.monotonic() < deadline, output_of(proc)
             time.sleep(0.1)
         assert [j["state"] for j in jobs] == ["done", "failed", "done"], jobs
         assert "No such file" in jobs[1]["message"], jobs[1]

@@ -81,15 +81,18 @@ def drive(cfg: SchedulerConfig, rng, n=40, longest=30) -> Scheduler:
         sch.add(s)
     done = 0
     resumed = {"resident": 0, "offloaded": 0}
-    preempted = {"swapped": 0, "recomputed": 0}     # resident sequences preempted
+    preempted = {"swapped": 0, "recomputed": 0}     # resident and offloaded ones preempted
+    kept = 0                # blocks of preempted offloaded sequences kept in their extents
     for _ in range(5000):
         progressed = False
         for mb in range(cfg.num_micro_batches):
-            before = [(s, s.num_preemptions) for s in sch.running[mb]
-                      if s.placement is P.RESIDENT]
+            before = [(s, s.num_preemptions, s.placement) for s in sch.running[mb]
+                      if s.placement is not P.STREAMED]
             swapped_before = sch.num_swapped_out
             plan = sch.schedule(mb)
-            hit = sum(s.num_preemptions > n for s, n in before)
+            hit = sum(s.num_preemptions > n for s, n, _ in before)
+            kept += sum(sch.blocks.blocks_for(s.num_computed) for s, n, where in before
+                        if s.num_preemptions > n and where is P.HOST)   # (0 if recomputed)
             preempted["swapped"] += sch.num_swapped_out - swapped_before
             preempted["recomputed"] += hit - (sch.num_swapped_out - swapped_before)
             if plan is None:
@@ -122,7 +125,8 @@ def drive(cfg: SchedulerConfig, rng, n=40, longest=30) -> Scheduler:
     assert done == n, "a sequence was lost"
     assert sch.blocks.num_free == cfg.num_blocks and not sch._swapped
     assert sch.host is None or sch.host.used == 0
-    sch.resumed, sch.preempted = resumed, preempted
+    assert kept == 0 or sch.num_kept_on_host > 0
+    sch.resumed, sch.preempted, sch.blocks_kept = resumed, preempted, kept
     return sch
 
 
@@ -139,6 +143,19 @@ def test_swapped_sequences_keep_their_kv(seed):
     assert sch.resumed["offloaded"] > 0 or sch.resumed["resident"] > 0
 
 
+@pytest.mark.parametrize("policy", ["first-come", "selection"])
+@pytest.mark.parametrize("seed", range(3))
+def test_a_preempted_offloaded_sequence_keeps_its_extent(policy, seed):
+    """An offloaded sequence preempted when its staging buffer is outgrown keeps its host
+    extent (its KV is there already): nothing copied, nothing recomputed, and its context
+    holds its own tokens when it comes back, staged or resident."""
+    cfg = SchedulerConfig(2, 4, 16, 4, 24, staging_blocks=12, host_blocks=120,
+                          offload_policy=policy)
+    sch = drive(cfg, np.random.default_rng(seed))
+    assert sch.num_kept_on_host > 0 and sch.blocks_kept > 0
+    assert sch.tokens_recomputed == 0
+
+
 def test_both_ways_back():
     """Over a few seeds, swapped sequences come back both as offloaded and as resident."""
     got = {"resident": 0, "offloaded": 0}
@@ -148,7 +165,8 @@ def test_both_ways_back():
         sch = drive(cfg, np.random.default_rng(seed))
         for k in got:
             got[k] += sch.resumed[k]
-        assert sch.blocks_swapped_in <= sch.blocks_swapped_out
+        # (what comes back resident was copied out, or was an offloaded one's extent)
+        assert sch.blocks_swapped_in <= sch.blocks_swapped_out + sch.blocks_kept
     assert got["resident"] > 0 and got["offloaded"] > 0, got
 
 
@@ -163,6 +181,20 @@ def test_a_full_host_pool_falls_back_to_recompute(seed):
     assert sch.tokens_recomputed > 0
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_swap_only_brings_preempted_sequences_back_resident(seed):
+    """Offload off with a host pool kept for swaps (``--kv-offload swap``): a preempted
+    sequence's KV waits in the host pool and is copied back into GPU blocks; nothing is
+    offloaded or recomputed, and every context holds its own tokens."""
+    cfg = SchedulerConfig(2, 4, 16, 4, 24, host_blocks=120, swap_blocks=120)
+    sch = drive(cfg, np.random.default_rng(seed))
+    assert sch.num_swapped_out > 0 and sch.blocks_swapped_out > 0
+    assert sch.preempted == {"swapped": sch.num_swapped_out, "recomputed": 0}
+    assert sch.resumed["resident"] > 0 and sch.resumed["offloaded"] == 0
+    assert sch.num_offloaded_admitted == 0 and sch.tokens_recomputed == 0
+    assert sch.blocks_swapped_in == sch.blocks_swapped_out
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_without_offload_preemption_recomputes(seed):
     cfg = SchedulerConfig(2, 4, 16, 4, 24)
@@ -174,6 +206,7 @@ def test_without_offload_preemption_recomputes(seed):
 def test_swap_policy():
     assert swaps(Room(10, 8, 100), 3)
     assert not swaps(Room(10, 0, 100), 3)        # a host pool for streaming only
+    assert swaps(Room(10, 0, 100, swap_blocks=60), 3)   # swap-only
     assert not swaps(Room(10, 8, 0), 3)
     assert not swaps(Room(10, 8, 100), 0)         # nothing computed to keep
 
@@ -264,7 +297,28 @@ def test_swapped_sequences_give_transformers_tokens(tmp_path, model_dir, work, s
     assert st["bytes_swapped_in"] == (st["blocks_swapped_in"] + st["host_cache_hits"]) * per_block
     assert st["preemptions"] >= st["swapped_out"]
     assert f"{st['swapped_out']} swapped to the host pool" in log
+    # offloaded sequences outgrow their staging buffer too: preempted, they keep their extent
+    # (here at 2 and 3 stages; at 1 the resident ones are preempted first)
+    assert st["kept_on_host"] > 0 or stages == 1
+    assert (f"{st['kept_on_host']} of them offloaded ones kept where they were" in log) == (
+        st["kept_on_host"] > 0)
     assert f"{st['tokens_recomputed']} tokens recomputed" in log
+
+
+@pytest.mark.parametrize("stages", [1, 3])
+def test_swap_only_gives_transformers_tokens(tmp_path, model_dir, work, stages):
+    """--kv-offload swap: nothing offloaded, but preempted sequences swap out and back in
+    (every stage copying its own layers), with transformers' tokens and nothing recomputed."""
+    ids, ref = work
+    toks, st, log = run(tmp_path, model_dir, ids, "--gpus", str(stages), "--kv-offload", "swap")
+    assert toks == ref
+    assert st["plan"]["swap_blocks"] > 0 and st["plan"]["staging_blocks"] == 0
+    assert st["offloaded_admitted"] == 0 and st["bytes_prefetched"] == 0
+    assert st["swapped_out"] == st["preemptions"] > 0 and st["tokens_recomputed"] == 0
+    per_block = sum(r["block_bytes"] for r in st["stages"])
+    assert st["bytes_swapped_out"] == st["blocks_swapped_out"] * per_block > 0
+    assert st["bytes_swapped_in"] == st["blocks_swapped_in"] * per_block
+    assert "offload off, swap:" in log
 
 
 def test_offload_off_recomputes(tmp_path, model_dir, work):

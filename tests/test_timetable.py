@@ -11,7 +11,7 @@ from pipemax.block_manager import ExtentAllocator
 from pipemax.model_config import builtin_config
 from pipemax.planner import (DeviceFigures, PlanError, StageShape, Workload, plan,
                              prompt_seconds, run_tok_s, stage_step)
-from pipemax.stages.timetable import Run, Timetable, staging_for
+from pipemax.stages.timetable import Run, Timetable, _overlap, staging_for
 
 
 # ---- staging_for ---------------------------------------------------------------------------
@@ -267,7 +267,9 @@ def test_plan_is_made_for_the_requests_that_fit():
     assert p.offload and p.streamed == 1 and p.too_long == 0
     assert p == dataclasses.replace(base, streamed=1, stream_blocks=4 * need,
                                     host_blocks=base.host_blocks + 4 * need)   # the pool
-    assert 0 < base.host_blocks <= 4 * base.staging_blocks    # the offloaded ones' share
+    # the offloaded ones' share, and as many as the resident blocks for the swapped ones
+    assert base.swap_blocks == base.resident_blocks
+    assert 0 < base.host_blocks - base.swap_blocks <= 4 * base.staging_blocks
     assert "1 of the sampled requests are too long for the GPU" in p.describe()
     every = plan(cfg, st, H200, 2, Workload.of([(too_long, 10)] * 3), **kw)
     assert every.streamed == 3 and every.stream_blocks == 4 * need    # no request refused
@@ -297,12 +299,15 @@ def test_a_request_longer_than_the_gpu_streams_unless_offload_is_off(mode):
     base = plan(cfg, st, H200, 2, wl.within(G * 16), **kw, host_blocks=10**6)
     assert not p.offload and not base.offload
     if mode == "auto":
+        # (and, the batch bound by the GPU's blocks, swap-only: host blocks for the preempted)
+        assert base.swap_blocks == base.resident_blocks == base.host_blocks
         assert p == dataclasses.replace(base, streamed=1, stream_blocks=2 * need,
-                                        host_blocks=2 * need)
+                                        host_blocks=base.host_blocks + 2 * need)
     else:
         assert p == dataclasses.replace(base, too_long=1)
     small = plan(cfg, st, H200, 2, wl, **kw, host_blocks=need - 1)
-    assert small.too_long == 1 and small.stream_blocks == 0 and small.host_blocks == 0
+    assert small.too_long == 1 and small.stream_blocks == 0
+    assert small.host_blocks == small.swap_blocks == (base.swap_blocks if mode == "auto" else 0)
     assert "1 of the sampled requests are longer than it can hold" in small.describe()
     every = Workload.of([(too_long, 10)] * 2)
     if mode == "off":
@@ -318,3 +323,31 @@ def test_plan_errors_name_the_figures():
     with pytest.raises(PlanError, match="blocks"):
         plan(cfg, st, H200, 2, wl, mode="on", micro_batches=2, max_seqs=64, block_size=16,
              host_blocks=10)
+
+
+def test_a_sequence_from_the_step_before_waits_for_its_offload():
+    """A sequence that left step k-1's micro-batch (moved, or preempted with its extent
+    kept) and is in step k: prefetch(k) reads host blocks offload(k-1) writes, so it waits
+    for that offload; a step reading other blocks does not."""
+    tt = Timetable()
+    tt.begin(0, 0)
+    tt.offloaded(0, [Run(src=50, dst=10, n=3), Run(src=53, dst=40, n=1)])
+    tt.begin(1, 1)
+    assert ("offload", 0) in tt.prefetch_waits(1, [Run(src=12, dst=60, n=1)])
+    assert ("offload", 0) in tt.prefetch_waits(1, [Run(src=38, dst=60, n=4)])
+    assert ("offload", 0) not in tt.prefetch_waits(1, [Run(src=13, dst=60, n=27)])
+    assert ("offload", 0) not in tt.prefetch_waits(1, [Run(src=0, dst=60, n=10)])
+    assert tt.prefetch_waits(1) == []
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_host_block_overlap_against_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(200, size=12, replace=False))
+    writes = [Run(0, int(a), int(rng.integers(1, b - a + 1)))
+              for a, b in zip(cuts[::2], cuts[1::2])]          # disjoint runs
+    written = {w.dst + i for w in writes for i in range(w.n)}
+    for _ in range(50):
+        a, n = int(rng.integers(0, 200)), int(rng.integers(1, 8))
+        r = [Run(a, 0, n)]
+        assert _overlap(r, writes) == any(a + i in written for i in range(n))

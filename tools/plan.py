@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     host_blocks = int(a.host_gb * GiB // sum(s.block_bytes for s in st))
     M = a.micro_batches or a.gpus + 1
     rows = {}
-    for mode in ("off", "on", "auto"):
+    for mode in ("off", "swap", "on", "auto"):
         try:
             pl = plan(cfg, st, figs, 2, wl, mode=mode, micro_batches=M, max_seqs=a.max_seqs,
                       block_size=a.block_size, host_blocks=host_blocks, kv_esize=kv_esize)

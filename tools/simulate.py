@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from pipemax import kv_setup
-from pipemax.config import ConfigError, RunConfig
+from pipemax.config import KV_OFFLOAD, ConfigError, RunConfig
 from pipemax.engine import Engine
 from pipemax.model_config import BUILTIN_MODELS, ModelConfig, ModelConfigError, apply_overrides
 from pipemax.partition import split_layers
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--gpu-memory-gb", type=float, default=None)
     p.add_argument("--kv-cache-gb", type=float, default=None)
-    p.add_argument("--kv-offload", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--kv-offload", choices=KV_OFFLOAD, default="auto")
     p.add_argument("--offload-policy", choices=("first-come", "selection"),
                    default=RunConfig.offload_policy)
     p.add_argument("--host-kv-gb", type=float, default=None,

@@ -165,11 +165,19 @@ def _show_cancel(a, reply: dict) -> str:
 
 
 def _check_submit(msg: dict) -> str | None:
+    """On the connection's thread, when the command arrives: its paths as they are now (the
+    engine may apply it only after the reply timed out as queued, when the input may be gone;
+    the job's start checks again, and fails the job alone)."""
     for k in ("input", "output"):
         if not isinstance(msg.get(k), str) or not msg[k]:
             return f"submit needs {k} (a path)"
     if msg.get("errors") is not None and not isinstance(msg["errors"], str):
         return "submit: errors must be a path"
+    from pipemax.job import JobError, check_paths      # (the server's side only)
+    try:
+        check_paths(msg["input"], msg["output"], msg.get("errors"))
+    except JobError as e:
+        return str(e)
     return None
 
 
@@ -178,9 +186,8 @@ def _submit(sup, msg: dict) -> dict:
         return refused("submit: this run is a batch; start pipemax with --serve to take jobs")
     if sup.draining or sup.stop_now:
         return refused("the service is draining; it takes no new jobs")
-    from pipemax.job import JobError, check_paths      # (the engine's side only)
-    try:
-        check_paths(msg["input"], msg["output"], msg.get("errors"))
+    from pipemax.job import JobError                    # (the engine's side only)
+    try:           # (the paths were checked when the command arrived: _check_submit)
         job = sup.service.submit(msg["input"], msg["output"], msg.get("errors"))
     except JobError as e:
         return refused(str(e))

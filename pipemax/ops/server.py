@@ -52,6 +52,7 @@ class Command:
         self.cmd: str = msg["cmd"]
         self._event = threading.Event()
         self._reply: dict | None = None
+        self.answered_queued = False      # the connection gave up waiting and said "queued"
 
     def answer(self, ok: bool = True, **fields) -> None:
         if not self._event.is_set():
@@ -272,6 +273,7 @@ class ControlServer:
             return {"ok": False, "error": "too many commands waiting; try again"}
         reply = c.wait(REPLY_TIMEOUT)
         if reply is None:
+            c.answered_queued = True
             return {"ok": True, "queued": True,
                     "message": f"{cmd}: queued; it applies at the engine's next step boundary"}
         return reply

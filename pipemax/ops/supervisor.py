@@ -198,7 +198,11 @@ class Supervisor:
     # ---- commands: the table's handlers (pipemax/ops/commands.py) ------------------------
     def apply(self, c: Command) -> None:
         try:
-            c.answer(**COMMANDS[c.cmd].handle(self, c.msg))
+            reply = COMMANDS[c.cmd].handle(self, c.msg)
+            c.answer(**reply)
+            if c.answered_queued and not reply.get("ok", True):    # nobody hears the reply
+                self.log(f"control command {c.cmd} (answered as queued) was refused: "
+                         f"{reply.get('error')}")
         except Exception as e:  # noqa: BLE001 - a command's failure is the command's reply
             # never let a command stop the run; say what went wrong
             c.answer(False, error=f"{c.cmd} failed: {type(e).__name__}: {e}")
