@@ -4,7 +4,7 @@
 # each beside tools/simulate.py with the same flags (the ratios of docs/benchmarks.md). One line
 # per system and way:
 #   CASE SYSTEM real|sim tok/s=.. steps=.. kinds=.. preempt=.. offl=.. pcie_gb=..
-#   bash tools/device_offload_h200.sh [CASE ...]   (default: both cases; about 7 minutes)
+#   bash tools/device_offload_h200.sh [CASE ...]   (default: both cases; about 11 minutes)
 #   NOSIM=1 bash tools/device_offload_h200.sh ...  (the runs alone; the simulator can run elsewhere)
 # Cases: chat_24gb (llama3-8b chat mix x 200), fixed_24gb (llama3-8b 1024/1024 x 64),
 # plans_3stages (the chat mix x 200 over 3 stages sharing the GPU, 9 GB each: about a third of
@@ -12,7 +12,8 @@
 # copy plans and without, and off; no simulator line: the simulator gives every stage a GPU of
 # its own).
 # Swap vs recompute: with offload off a preemption recomputes (recomputed= tokens), with it on
-# the preempted sequence's KV is swapped to the host pool (swapped=); the lines show both.
+# or swap-only (--kv-offload swap) the preempted sequence's KV is swapped to the host pool
+# (swapped=); the lines show both. The auto line shows what auto chose beside the others.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/posix_ipc*.whl 2>/dev/null || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -90,8 +91,10 @@ PY
         return
     fi
     one "$1" resident --kv-offload off
+    one "$1" swap --kv-offload swap
     one "$1" offload-fc --kv-offload on --offload-policy first-come
     one "$1" offload-sel --kv-offload on --offload-policy selection
+    one "$1" auto --kv-offload auto
 }
 cases=("$@")
 [ ${#cases[@]} -eq 0 ] && cases=(chat_24gb fixed_24gb)
