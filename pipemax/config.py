@@ -23,6 +23,7 @@ KV_CACHE_DTYPES = ("auto", "fp8")          # auto: the model's --dtype; fp8: e4m
 KV_SCALES = ("auto", "checkpoint", "prompt", "one")   # see stages/kv_quant.py
 QUANTIZATIONS = ("none", "fp8")
 OFFLOAD_POLICIES = ("first-come", "selection")
+SCHEDULING_POLICIES = ("longest", "fcfs")
 
 
 class ConfigError(ValueError):
@@ -133,6 +134,11 @@ class RunConfig:
                                    "wait in host memory instead of being recomputed (auto "
                                    "when memory bounds the batch)",
                            choices=KV_OFFLOAD)
+    # the order waiting requests are admitted in (pipemax/lookahead.py)
+    scheduling_policy: str = flag("longest", "longest: the requests with the most tokens to "
+                                             "sample first, from many read ahead (the batch's "
+                                             "end drains faster); fcfs: the input's order",
+                                  choices=SCHEDULING_POLICIES)
     # which running sequences keep their KV in the host pool (pipemax/selection.py)
     offload_policy: str = flag("selection", "with KV offload: selection (the paper's: the "
                                             "cheapest within the prefetch budget, re-chosen as "
@@ -233,6 +239,9 @@ class RunConfig:
         if self.kv_offload not in KV_OFFLOAD:
             raise ConfigError(f"--kv-offload must be auto, on, off or swap, got "
                               f"{self.kv_offload!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ConfigError(f"--scheduling-policy must be longest or fcfs, got "
+                              f"{self.scheduling_policy!r}")
         if self.offload_policy not in OFFLOAD_POLICIES:
             raise ConfigError(f"--offload-policy must be first-come or selection, got "
                               f"{self.offload_policy!r}")

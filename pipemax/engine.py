@@ -3,7 +3,8 @@
     while engine.step(): pass
 
 One step: take in requests (parsed: ``Request`` or ``RequestError``, pipemax/job.py) while the
-queue is short, launch every idle micro-batch, wait for
+queue is short (read ahead into pipemax/lookahead.py and queued in its order: the longest
+first by default), launch every idle micro-batch, wait for
 the next micro-batch to come back from the last stage, and land its tokens (finishing and
 writing the requests that are done). Micro-batches are launched as soon as they come back, so
 with at least as many micro-batches as stages every stage always has work.
@@ -26,6 +27,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from pipemax.lookahead import Lookahead
 from pipemax.pipeline import Pipeline
 from pipemax.requests import Request, RequestError, one_line
 from pipemax.results import error_line, ok_line, response_body
@@ -35,6 +37,8 @@ from pipemax.tokenizer import IncrementalDetokenizer
 
 MAX_TOP_LOGPROBS = 20
 INTAKE_LINES = 4096           # requests taken in per step at most
+LOOKAHEAD = 16                # requests read ahead (longest first), per sequence that runs
+MAX_LOOKAHEAD = 16384         # ... at most (their prompts are held tokenized)
 COUNTS = ("requests_ok", "requests_error", "prompt_tokens", "prompt_tokens_cached",
           "output_tokens", "steps")
 
@@ -87,7 +91,8 @@ class Engine:
     def __init__(self, *, pipeline: Pipeline, sched: Scheduler, tokenizer, eos_ids: tuple,
                  max_model_len: int, model_name: str, seed: int,
                  write: Callable[[dict], None], requests: Iterator[Request | RequestError],
-                 log: Callable[[str], None] | None = None, hooks=None):
+                 log: Callable[[str], None] | None = None, hooks=None,
+                 policy: str = "longest"):
         self.pipeline = pipeline
         self.sched = sched
         self.tokenizer = tokenizer
@@ -102,7 +107,12 @@ class Engine:
         self.inflight: dict[int, tuple[StepPlan, list[Sequence]]] = {}
         self.stats = Stats()
         self.step_no = 0
-        self.queue_target = 2 * sched.cfg.max_seqs_per_mb * sched.cfg.num_micro_batches
+        running = sched.cfg.max_seqs_per_mb * sched.cfg.num_micro_batches
+        self.queue_target = 2 * running
+        # requests read ahead of the waiting queue, handed over in the policy's order
+        self.ahead = Lookahead(policy, max_model_len)
+        self.ahead_target = (min(LOOKAHEAD * running, MAX_LOOKAHEAD) if policy == "longest"
+                             else self.queue_target)
         self.last_log = time.monotonic()
         # control (pipemax/ops/supervisor.py): hooks.at_step(engine) runs at every step
         # boundary and calls the verbs below; without hooks the loop is the plain batch loop
@@ -134,7 +144,8 @@ class Engine:
             if self.sched.has_work():   # nothing can run although work is left: a planning bug
                 raise RuntimeError(f"scheduler stalled with {len(self.sched.waiting)} waiting "
                                    "and nothing in flight")
-            return not (self.lines_done or self.draining)   # more lines than one intake read
+            # more lines than one intake read, or held back in the look-ahead
+            return (not self.lines_done or len(self.ahead) > 0) and not self.draining
         t0 = time.monotonic()
         got = self.pipeline.recv()
         self.stats.driver_wait_s += time.monotonic() - t0
@@ -163,7 +174,7 @@ class Engine:
         with the same output serves them); the running ones finish. Returns how many were
         dropped."""
         self.draining, self.paused = True, False
-        return self.sched.drop_waiting()
+        return self.sched.drop_waiting() + self.ahead.clear()
 
     def cancel(self, ids: list[str]) -> dict[str, str]:
         """Drop the waiting or running requests with these custom_ids (their lines: error
@@ -173,7 +184,10 @@ class Engine:
         results = {}
         for cid in ids:
             s = where.pop(cid, None)
-            if s is None:
+            if s is None and (s := self.ahead.remove(cid)) is not None:
+                self._write_cancelled(s)            # read, not yet queued
+                results[cid] = "cancelled (waiting)"
+            elif s is None:
                 results[cid] = results.get(cid, "not found")
             elif s.mb < 0:
                 self.sched.remove_waiting(s)
@@ -194,10 +208,11 @@ class Engine:
 
     def has_work(self) -> bool:
         """Input left to read, or sequences waiting or running."""
-        return not self.lines_done or self.sched.has_work()
+        return not self.lines_done or len(self.ahead) > 0 or self.sched.has_work()
 
     def queue_sizes(self) -> dict[str, int]:
-        return {"running": self.sched.num_running(), "waiting": len(self.sched.waiting)}
+        return {"running": self.sched.num_running(),
+                "waiting": len(self.sched.waiting) + len(self.ahead)}
 
     def _drop_cancelled(self) -> None:
         for key, s in list(self.cancelling.items()):
@@ -222,20 +237,24 @@ class Engine:
 
     # ---- pieces ---------------------------------------------------------------------------
     def intake(self) -> None:
+        """Read requests into the look-ahead (a bad line's error is written at once), then
+        fill the scheduler's waiting queue from it in the policy's order."""
         for _ in range(INTAKE_LINES):
-            if self.lines_done or len(self.sched.waiting) >= self.queue_target:
-                return
+            if self.lines_done or len(self.ahead) >= self.ahead_target:
+                break
             try:
                 r = next(self.requests)
             except StopIteration:
                 self.lines_done = True
-                return
+                break
             if isinstance(r, Request):
                 r = self.prepare(r)
             if isinstance(r, RequestError):
                 self._write_error(r)
             else:
-                self.sched.add(r)
+                self.ahead.push(r)
+        while len(self.ahead) and len(self.sched.waiting) < self.queue_target:
+            self.sched.add(self.ahead.pop())
 
     def prepare(self, r: Request) -> Sequence | RequestError:
         """The request as a sequence ready to schedule, or its error (any exception here is
@@ -329,6 +348,7 @@ class Engine:
             meta, _ = self.pipeline.recv()
             self.inflight.pop(meta["mb"])
         self.cancelling.clear()
+        self.ahead.clear()
         self.sched.drop_waiting()
         self.sched.drop_running()
 
@@ -362,7 +382,7 @@ class Engine:
         self.last_log = now
         st = self.stats
         self.log(f"done {st.requests_ok + st.requests_error} requests, running "
-                 f"{self.sched.num_running()}, waiting {len(self.sched.waiting)}, "
+                 f"{self.sched.num_running()}, waiting {self.queue_sizes()['waiting']}, "
                  f"{st.output_tokens / max(st.seconds(), 1e-9):.1f} output tok/s")
 
 

@@ -109,7 +109,7 @@ class Runtime:
                                  tokenizer.eos_token_ids if tokenizer else ()),
                              max_model_len=self.max_len, model_name=Path(cfg.model).name,
                              seed=cfg.seed, write=lambda line: None, requests=iter(()),
-                             log=engine_log, hooks=hooks)
+                             log=engine_log, hooks=hooks, policy=cfg.scheduling_policy)
         self.load_s = time.monotonic() - self.t0
         return self.engine
 

@@ -93,3 +93,51 @@ def test_pause_holds_and_drain_drops_the_waiting_queue():
     c = codes(written)
     assert running <= set(c) and all(v is None for v in c.values())
     assert len(c) == 8 - left     # the dropped ones have no line: a restart serves them
+
+
+# ---- the admission order (pipemax/lookahead.py) ----------------------------------------------
+def lengths_engine(max_tokens: list[int], written: list, policy: str) -> Engine:
+    lines = [(i, json.dumps({"custom_id": f"r{i}", "prompt": [3, 4, 5], "max_tokens": m,
+                             "ignore_eos": True}).encode()) for i, m in enumerate(max_tokens)]
+    cfg = SchedulerConfig(num_micro_batches=2, max_seqs_per_mb=2, max_tokens_per_step=64,
+                          block_size=4, num_blocks=64)
+    return Engine(pipeline=EchoPipeline(), sched=Scheduler(cfg), tokenizer=None, eos_ids=(2,),
+                  max_model_len=32, model_name="tiny", seed=0, write=written.append,
+                  requests=Parser(None, max_model_len=32, vocab_size=VOCAB).parse_all(lines),
+                  policy=policy)
+
+
+def test_the_longest_requests_are_admitted_first():
+    """Read ahead, the requests with the most tokens left to sample go first (ties in the
+    input's order; max_tokens beyond the model's length count as that length), and every
+    request still gets its line once; fcfs keeps the input's order."""
+    mt = [2, 9, 4, 40, 9, 1, 6, 3, 5, 7, 2, 8]          # 40: beyond 32 - 3 prompt tokens
+    for policy, order in (("longest", sorted(range(len(mt)), key=lambda i: (-min(mt[i], 29), i))),
+                          ("fcfs", list(range(len(mt))))):
+        written = []
+        e = lengths_engine(mt, written, policy)
+        admitted = []
+        e.sched.add = lambda s, add=e.sched.add: (admitted.append(int(s.req.custom_id[1:])),
+                                                  add(s))[1]
+        e.intake()                # (the queue takes 8: twice the sequences that run)
+        assert admitted == order[:8], policy
+        # longest reads all 12 ahead (16 per sequence that runs); fcfs what the queue takes
+        assert e.queue_sizes()["waiting"] == (len(mt) if policy == "longest" else 8)
+        while e.step():
+            pass
+        assert admitted == order, policy
+        assert set(codes(written)) == {f"r{i}" for i in range(len(mt))}
+        assert e.stats.requests_ok == len(mt) and not e.has_work()
+
+
+def test_drain_and_cancel_reach_the_requests_read_ahead():
+    written = []
+    e = lengths_engine([5] * 12, written, "longest")
+    e.intake()
+    assert len(e.sched.waiting) == 8 and len(e.ahead) == 4
+    assert e.cancel(["r11"]) == {"r11": "cancelled (waiting)"}       # read, not yet queued
+    assert codes(written) == {"r11": "cancelled"}
+    assert e.drain() == 11 and not len(e.ahead) and not e.sched.waiting
+    while e.step():
+        pass
+    assert codes(written) == {"r11": "cancelled"}        # the dropped ones: left for a restart

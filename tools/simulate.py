@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from pipemax import kv_setup
-from pipemax.config import KV_OFFLOAD, ConfigError, RunConfig
+from pipemax.config import KV_OFFLOAD, SCHEDULING_POLICIES, ConfigError, RunConfig
 from pipemax.engine import Engine
 from pipemax.model_config import BUILTIN_MODELS, ModelConfig, ModelConfigError, apply_overrides
 from pipemax.partition import split_layers
@@ -260,7 +260,8 @@ def simulate(cfg: RunConfig, model: ModelConfig, reports: list[dict], lines: lis
     engine = Engine(pipeline=pipe, sched=sched, tokenizer=None,
                     eos_ids=tuple(model.eos_token_ids), max_model_len=max_len,
                     model_name=model.name, seed=cfg.seed, write=results.append,
-                    requests=parser().parse_all(enumerate(lines)))
+                    requests=parser().parse_all(enumerate(lines)),
+                    policy=cfg.scheduling_policy)
     stats = engine.run()
     t = pipe.now
     shares = pipe.pipe.shares(t)
@@ -370,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-offload", choices=KV_OFFLOAD, default="auto")
     p.add_argument("--offload-policy", choices=("first-come", "selection"),
                    default=RunConfig.offload_policy)
+    p.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES,
+                   default=RunConfig.scheduling_policy)
     p.add_argument("--host-kv-gb", type=float, default=None,
                    help="default: half the preset's host memory")
     p.add_argument("--micro-batches", type=int, default=None)
@@ -420,7 +423,8 @@ def report(r: dict, a, hw: Hardware) -> str:
                       for k, v in r["step_kinds"].items())
     return "\n".join([
         f"{a.gpus} x {a.preset} ({hw.memory_gb if not a.gpu_memory_gb else a.gpu_memory_gb:g}"
-        f" GiB), {a.model}, {a.workload} x {a.num_requests}, --kv-offload {a.kv_offload}",
+        f" GiB), {a.model}, {a.workload} x {a.num_requests}, --kv-offload {a.kv_offload}, "
+        f"--scheduling-policy {a.scheduling_policy}",
         f"plan: {r['plan_text']}; steps of at most {r['max_tokens_per_step']} tokens",
         f"output {r['output_tok_s']:.0f} tok/s, total {r['total_tok_s']:.0f} tok/s, "
         f"{r['seconds']:.1f} s; {r['requests_ok']} requests ok, {r['requests_error']} failed",
@@ -458,6 +462,7 @@ def main(argv=None) -> int:
                         max_num_batched_tokens=a.max_num_batched_tokens, seed=a.seed,
                         kv_offload=a.kv_offload, host_kv_gb=a.host_kv_gb,
                         offload_policy=a.offload_policy,
+                        scheduling_policy=a.scheduling_policy,
                         prefix_caching=a.prefix_caching == "on",
                         prefix_cache_host=a.prefix_cache_host == "on",
                         prefetch_plans=a.prefetch_plans == "on")
