@@ -8,8 +8,8 @@ policy's order:
 - ``longest`` (the default): the one with the most tokens left to sample first (its
   ``max_tokens``, within the model's length). A batch ends when its last sequence does; with
   the long ones started first, the sequences left at the end are short ones, and the drain,
-  where the micro-batches run nearly empty, is short. (On 8 x rtx4090, llama3-70b, the chat
-  mix: 1.29x with offload on, 1.15x off; docs/benchmarks.md.)
+  where the micro-batches run nearly empty, is short. (Simulated on 8 x rtx4090, llama3-70b,
+  the chat mix: 1.29x fcfs with offload on, 1.14x with it off; docs/benchmarks.md.)
 - ``fcfs``: the input's order (the window is only what the scheduler's queue takes).
 
 Nothing else changes with the order: a request's seed is drawn when it is read, in the

@@ -431,7 +431,8 @@ def test_a_run_driven_through_the_socket(tmp_path):
         assert st["kv"]["gpu_total"] > 0 and len(st["stages"]) == 2
         time.sleep(1.0)
         assert len(out.read_text().splitlines()) == done  # paused: nothing finishes
-        p = ctl("cancel", *[f"r{i}" for i in range(n)], "nope", sock=sock)
+        # (half: the run reads far ahead, so every line would be found and cancelled)
+        p = ctl("cancel", *[f"r{i}" for i in range(n // 2)], "nope", sock=sock)
         assert p.returncode == 0, p.stderr
         results = dict(l.split(": ", 1) for l in p.stdout.splitlines())
         assert results["nope"] == "not found"
