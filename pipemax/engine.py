@@ -38,7 +38,8 @@ from pipemax.tokenizer import IncrementalDetokenizer
 MAX_TOP_LOGPROBS = 20
 INTAKE_LINES = 4096           # requests taken in per step at most
 LOOKAHEAD = 16                # requests read ahead (longest first), per sequence that runs
-MAX_LOOKAHEAD = 16384         # ... at most (their prompts are held tokenized)
+MAX_LOOKAHEAD = 16384         # ... at most (their prompts are held tokenized,
+MAX_LOOKAHEAD_TOKENS = 4 << 20    # ... and at most this many prompt tokens: ~150 MB)
 COUNTS = ("requests_ok", "requests_error", "prompt_tokens", "prompt_tokens_cached",
           "output_tokens", "steps")
 
@@ -240,7 +241,8 @@ class Engine:
         """Read requests into the look-ahead (a bad line's error is written at once), then
         fill the scheduler's waiting queue from it in the policy's order."""
         for _ in range(INTAKE_LINES):
-            if self.lines_done or len(self.ahead) >= self.ahead_target:
+            if (self.lines_done or len(self.ahead) >= self.ahead_target
+                    or self.ahead.tokens >= MAX_LOOKAHEAD_TOKENS):
                 break
             try:
                 r = next(self.requests)

@@ -41,6 +41,7 @@ class Lookahead:
         self.max_model_len = max_model_len
         self._heap: list[tuple[int, int, Sequence]] = []
         self._n = 0                          # pushes so far: ties go in input order
+        self.tokens = 0                      # prompt tokens held (the driver's memory)
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -49,9 +50,12 @@ class Lookahead:
         key = -output_left(s, self.max_model_len) if self.policy == "longest" else 0
         heapq.heappush(self._heap, (key, self._n, s))
         self._n += 1
+        self.tokens += len(s.token_ids)
 
     def pop(self) -> Sequence:
-        return heapq.heappop(self._heap)[2]
+        s = heapq.heappop(self._heap)[2]
+        self.tokens -= len(s.token_ids)
+        return s
 
     def remove(self, custom_id: str) -> Sequence | None:
         """Take out the request with this custom_id (a cancel), if it is here."""
@@ -60,6 +64,7 @@ class Lookahead:
                 self._heap[i] = self._heap[-1]
                 self._heap.pop()
                 heapq.heapify(self._heap)
+                self.tokens -= len(s.token_ids)
                 return s
         return None
 
@@ -67,4 +72,5 @@ class Lookahead:
         """Drop every request held (a drain, an abandoned job); how many there were."""
         n = len(self._heap)
         self._heap.clear()
+        self.tokens = 0
         return n

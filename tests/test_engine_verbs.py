@@ -141,3 +141,15 @@ def test_drain_and_cancel_reach_the_requests_read_ahead():
     while e.step():
         pass
     assert codes(written) == {"r11": "cancelled"}        # the dropped ones: left for a restart
+
+
+def test_the_look_ahead_stops_at_its_prompt_tokens(monkeypatch):
+    import pipemax.engine as eng
+    monkeypatch.setattr(eng, "MAX_LOOKAHEAD_TOKENS", 9)      # 3 prompts of 3 tokens
+    written = []
+    e = lengths_engine([5] * 20, written, "longest")
+    e.intake()
+    assert len(e.sched.waiting) == 8 and len(e.ahead) == 3 and e.ahead.tokens == 9
+    while e.step():
+        pass
+    assert set(codes(written)) == {f"r{i}" for i in range(20)}

@@ -25,16 +25,17 @@ def test_longest_first_with_ties_in_input_order(seed):
     want = sorted(seqs, key=lambda s: (-min(s.params.max_tokens, 48 - s.num_prompt),
                                        s.req.index))
     assert [s.req.index for s in got] == [s.req.index for s in want]
-    assert not len(la)
+    assert not len(la) and la.tokens == 0
 
 
 def test_fcfs_keeps_the_input_order_and_remove_and_clear():
     la = Lookahead("fcfs", 100)
     for i, m in enumerate([5, 50, 1, 9]):
-        la.push(seq(i, 4, m))
-    assert la.remove("r1").req.index == 1 and la.remove("r1") is None
+        la.push(seq(i, 4 + i, m))
+    assert la.tokens == 4 + 5 + 6 + 7
+    assert la.remove("r1").req.index == 1 and la.remove("r1") is None and la.tokens == 17
     assert [la.pop().req.index for _ in range(2)] == [0, 2]
-    assert la.clear() == 1 and not len(la)
+    assert la.clear() == 1 and not len(la) and la.tokens == 0
     with pytest.raises(ValueError, match="scheduling policy"):
         Lookahead("shortest", 10)
 
