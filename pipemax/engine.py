@@ -241,9 +241,10 @@ class Engine:
         """Read requests into the look-ahead (a bad line's error is written at once), then
         fill the scheduler's waiting queue from it in the policy's order."""
         for _ in range(INTAKE_LINES):
-            if (self.lines_done or len(self.ahead) >= self.ahead_target
-                    or self.ahead.tokens >= MAX_LOOKAHEAD_TOKENS):
-                break
+            short = len(self.sched.waiting) + len(self.ahead) < self.queue_target
+            if self.lines_done or not short and (len(self.ahead) >= self.ahead_target
+                                                 or self.ahead.tokens >= MAX_LOOKAHEAD_TOKENS):
+                break             # (the queue is always filled, whatever the look-ahead holds)
             try:
                 r = next(self.requests)
             except StopIteration:

@@ -144,12 +144,17 @@ def test_drain_and_cancel_reach_the_requests_read_ahead():
 
 
 def test_the_look_ahead_stops_at_its_prompt_tokens(monkeypatch):
+    """Past 9 prompt tokens held (3 prompts) nothing more is read ahead, but the queue is
+    still filled (8: twice the sequences that run); without the bound all 20 are read."""
     import pipemax.engine as eng
-    monkeypatch.setattr(eng, "MAX_LOOKAHEAD_TOKENS", 9)      # 3 prompts of 3 tokens
+    free = lengths_engine([5] * 20, [], "longest")
+    free.intake()
+    assert len(free.sched.waiting) == 8 and len(free.ahead) == 12
+    monkeypatch.setattr(eng, "MAX_LOOKAHEAD_TOKENS", 9)
     written = []
     e = lengths_engine([5] * 20, written, "longest")
     e.intake()
-    assert len(e.sched.waiting) == 8 and len(e.ahead) == 3 and e.ahead.tokens == 9
+    assert len(e.sched.waiting) == 8 and len(e.ahead) == 0
     while e.step():
         pass
     assert set(codes(written)) == {f"r{i}" for i in range(20)}
