@@ -128,11 +128,16 @@ def swaps(room: Room, computed_blocks: int) -> bool:
             and computed_blocks > 0)
 
 
-def swap_share(host_avail: int, resident_blocks: int) -> int:
-    """Host blocks a swap-only plan keeps for preempted sequences: as many as the GPU's
-    resident blocks (all of the GPU's KV could be swapped out at once), within what the host
-    has."""
-    return min(host_avail, resident_blocks)
+SWAPPED_PER_MB = 2      # preempted sequences a plan keeps host room for, per micro-batch
+
+
+def swap_share(host_avail: int, resident_blocks: int, micro_batches: int, extent: int) -> int:
+    """Host blocks a plan keeps for preempted sequences: room for ``SWAPPED_PER_MB`` of the
+    longest ``extent`` per micro-batch (one preemption frees room for the others, and the
+    swapped ones wait only until room frees), at most the GPU's resident blocks, within what
+    the host has. (More at once are recomputed.) Every block is pinned host memory, set up
+    at start: a pool as large as the GPU's KV would cost a whole-GPU run seconds of it."""
+    return min(host_avail, resident_blocks, SWAPPED_PER_MB * micro_batches * extent)
 
 
 def offload_share(host_avail: int, micro_batches: int, staging_blocks: int) -> int:

@@ -270,8 +270,9 @@ def plan(cfg: ModelConfig, stages: list[StageShape], figs: DeviceFigures, esize:
         raise refused
     swap = 0
     if p.offload or mode == "swap" or mode == "auto" and p.kv_bound:
-        swap = swap_share(spare - keep, p.resident_blocks)
-        need = math.ceil(min(wl.max_total, limit) / block_size)   # the longest one it holds
+        held = [a + b for a, b in wl.samples if a + b <= limit]  # the GPU holds: not streamed
+        need = math.ceil((max(held) if held else min(wl.max_total, limit)) / block_size)
+        swap = swap_share(spare - keep, p.resident_blocks, p.micro_batches, need)
         if swap < need:
             if mode == "swap":
                 raise PlanError(f"swap-only needs a host pool of at least {need} blocks (the "

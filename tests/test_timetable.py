@@ -9,6 +9,7 @@ import pytest
 
 from pipemax.block_manager import ExtentAllocator
 from pipemax.model_config import builtin_config
+from pipemax.placement import SWAPPED_PER_MB
 from pipemax.planner import (DeviceFigures, PlanError, StageShape, Workload, plan,
                              prompt_seconds, run_tok_s, stage_step)
 from pipemax.stages.timetable import Run, Timetable, _overlap, staging_for
@@ -267,8 +268,8 @@ def test_plan_is_made_for_the_requests_that_fit():
     assert p.offload and p.streamed == 1 and p.too_long == 0
     assert p == dataclasses.replace(base, streamed=1, stream_blocks=4 * need,
                                     host_blocks=base.host_blocks + 4 * need)   # the pool
-    # the offloaded ones' share, and as many as the resident blocks for the swapped ones
-    assert base.swap_blocks == base.resident_blocks
+    # the offloaded ones' share, and room to swap 2 of the longest per micro-batch
+    assert base.swap_blocks == SWAPPED_PER_MB * 4 * math.ceil(700 / 16) < base.resident_blocks
     assert 0 < base.host_blocks - base.swap_blocks <= 4 * base.staging_blocks
     assert "1 of the sampled requests are too long for the GPU" in p.describe()
     every = plan(cfg, st, H200, 2, Workload.of([(too_long, 10)] * 3), **kw)
@@ -300,7 +301,7 @@ def test_a_request_longer_than_the_gpu_streams_unless_offload_is_off(mode):
     assert not p.offload and not base.offload
     if mode == "auto":
         # (and, the batch bound by the GPU's blocks, swap-only: host blocks for the preempted)
-        assert base.swap_blocks == base.resident_blocks == base.host_blocks
+        assert base.swap_blocks == SWAPPED_PER_MB * 2 * math.ceil(700 / 16) == base.host_blocks
         assert p == dataclasses.replace(base, streamed=1, stream_blocks=2 * need,
                                         host_blocks=base.host_blocks + 2 * need)
     else:
