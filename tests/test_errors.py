@@ -182,6 +182,9 @@ def test_signal_stops_cleanly_keeping_results(tmp_path, model_dir, sigs):
     try:
         pids = spawned_children(proc.pid, 2)
         wait_first_result(proc, out)
+        # the first result's wave finishes within a few steps: after it, the sequences running
+        # have most of their 400 tokens left, so a drain outlasts the 0.2 s between signals
+        time.sleep(0.5)
         for sig in sigs:
             os.kill(proc.pid, sig)
             time.sleep(0.2)
