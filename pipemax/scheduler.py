@@ -253,14 +253,18 @@ class Scheduler:
             if h:
                 self.blocks.release(seq.blocks[:h])
                 seq.gpu_prefix = 0
-            self.staged[seq.mb] -= seq.staged_blocks
+            self._unstage(seq)
             if seq.placement is Placement.STREAMED:
                 self.streaming[seq.mb] -= 1
-            seq.staged_blocks = 0
             seq.blocks.clear()
             seq.placement = Placement.RESIDENT
         else:
             self._release_resident(seq)
+
+    def _unstage(self, seq: Sequence) -> None:
+        """``seq`` no longer takes room in its micro-batch's staging buffer."""
+        self.staged[seq.mb] -= seq.staged_blocks
+        seq.staged_blocks = 0
 
     def _release_resident(self, seq: Sequence) -> None:
         """Let go of resident ``seq``'s GPU blocks; the keys it was computing are nobody's."""
@@ -282,8 +286,7 @@ class Scheduler:
                 and swaps(self.room, computed)):
             # offloaded: its KV is in its extent already (each step's offload wrote it back),
             # so it keeps the extent and waits, nothing copied and nothing recomputed
-            self.staged[seq.mb] -= seq.staged_blocks
-            seq.staged_blocks = 0
+            self._unstage(seq)
             self.running[seq.mb].remove(seq)
             self.num_kept_on_host += 1
             self._swapped_out(seq, 0)
@@ -517,8 +520,7 @@ class Scheduler:
         once this step of ``mb`` has come back), if they are free beyond the watermark."""
         if self.blocks.blocks_for(len(s.token_ids)) + self.watermark > self.blocks.num_free:
             return False
-        self.staged[s.mb] -= s.staged_blocks
-        s.staged_blocks = 0
+        self._unstage(s)
         self._swap_in(s, mb)
         self.num_to_gpu += 1
         return True
